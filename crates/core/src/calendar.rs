@@ -1,0 +1,263 @@
+//! The business calendar: which business date an instant belongs to.
+//!
+//! A business date is the calendar date of the instant in the operator's time zone,
+//! shifted by the operator's day cutoff: with a 04:00 cutoff a night market's 01:30 sale
+//! belongs to the previous date. Business day `D` is the half-open interval
+//! `[day_start(D), day_start(D + 1))`, where `day_start(D)` is the first instant whose
+//! local wall time is `D` at the cutoff (the earlier one when clocks fall back, the end
+//! of the gap when they spring forward). These intervals tile the timeline, so every
+//! instant has exactly one business date, even across DST changes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Days, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// The time zone operators use unless configured otherwise.
+pub const DEFAULT_TIME_ZONE: Tz = Tz::Asia__Shanghai;
+
+/// Errors building a calendar from configuration text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CalendarError {
+    /// Not an IANA time zone name.
+    #[error("unknown time zone {0:?} (expected an IANA name such as Asia/Shanghai)")]
+    UnknownTimeZone(String),
+    /// Not `HH:MM` within a day.
+    #[error("bad day cutoff {0:?} (expected HH:MM, 00:00 to 23:59)")]
+    BadCutoff(String),
+}
+
+/// An operator's business calendar: time zone plus day cutoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusinessCalendar {
+    time_zone: Tz,
+    cutoff: NaiveTime,
+}
+
+impl Default for BusinessCalendar {
+    fn default() -> Self {
+        Self::new(DEFAULT_TIME_ZONE, NaiveTime::MIN)
+    }
+}
+
+impl fmt::Display for BusinessCalendar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} cutoff {}",
+            self.time_zone,
+            self.cutoff.format("%H:%M")
+        )
+    }
+}
+
+impl BusinessCalendar {
+    /// A calendar for `time_zone` whose business day starts at `cutoff` local time.
+    pub fn new(time_zone: Tz, cutoff: NaiveTime) -> Self {
+        Self { time_zone, cutoff }
+    }
+
+    /// Builds a calendar from configuration text: an IANA zone and an `HH:MM` cutoff.
+    pub fn parse(time_zone: &str, cutoff: &str) -> Result<Self, CalendarError> {
+        let tz = Tz::from_str(time_zone)
+            .map_err(|_| CalendarError::UnknownTimeZone(time_zone.to_owned()))?;
+        let cutoff = NaiveTime::parse_from_str(cutoff, "%H:%M")
+            .map_err(|_| CalendarError::BadCutoff(cutoff.to_owned()))?;
+        Ok(Self::new(tz, cutoff))
+    }
+
+    /// The operator's time zone.
+    pub fn time_zone(&self) -> Tz {
+        self.time_zone
+    }
+
+    /// Local wall time at which a business day starts.
+    pub fn cutoff(&self) -> NaiveTime {
+        self.cutoff
+    }
+
+    /// Wall-clock time of an instant in the operator's zone.
+    pub fn local_time<T: TimeZone>(&self, instant: &DateTime<T>) -> NaiveDateTime {
+        instant.with_timezone(&self.time_zone).naive_local()
+    }
+
+    /// The first instant of business date `date`.
+    pub fn day_start(&self, date: NaiveDate) -> DateTime<Utc> {
+        let wall = date.and_time(self.cutoff);
+        match self.time_zone.from_local_datetime(&wall) {
+            LocalResult::Single(t) => t.with_timezone(&Utc),
+            LocalResult::Ambiguous(earlier, _) => earlier.with_timezone(&Utc),
+            // The wall time falls into a gap (clocks sprang forward, or a zone skipped a
+            // whole day): the day starts where local time resumes.
+            LocalResult::None => {
+                let resumed = (1..=48 * 60).find_map(|minutes| {
+                    let later = wall + chrono::Duration::minutes(minutes);
+                    self.time_zone.from_local_datetime(&later).earliest()
+                });
+                let Some(resumed) = resumed.map(|t| t.with_timezone(&Utc)) else {
+                    return wall.and_utc();
+                };
+                // Minute steps may pass a transition that is not on a whole minute
+                // (historic local mean time): take the first second whose wall time has
+                // reached the cutoff.
+                (1..=60)
+                    .rev()
+                    .map(|s| resumed - chrono::Duration::seconds(s))
+                    .find(|t| self.local_time(t) >= wall)
+                    .unwrap_or(resumed)
+            }
+        }
+    }
+
+    /// The business date of an instant.
+    pub fn business_date<T: TimeZone>(&self, instant: &DateTime<T>) -> NaiveDate {
+        let utc = instant.with_timezone(&Utc);
+        let shifted = self.local_time(&utc) - (self.cutoff - NaiveTime::MIN);
+        let guess = shifted.date();
+        // The wall-clock guess is right except around DST changes near the cutoff;
+        // the interval definition settles those.
+        if utc < self.day_start(guess) {
+            guess - Days::new(1)
+        } else if let Some(next) = guess.checked_add_days(Days::new(1))
+            && utc >= self.day_start(next)
+        {
+            next
+        } else {
+            guess
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, FixedOffset};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn at(text: &str) -> DateTime<FixedOffset> {
+        DateTime::parse_from_rfc3339(text).unwrap()
+    }
+
+    fn date(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn default_is_shanghai_midnight() {
+        let cal = BusinessCalendar::default();
+        assert_eq!(
+            cal.business_date(&at("2025-09-30T23:59:59+08:00")),
+            date("2025-09-30")
+        );
+        assert_eq!(
+            cal.business_date(&at("2025-09-30T16:00:00Z")),
+            date("2025-10-01")
+        );
+        assert_eq!(
+            cal.day_start(date("2025-10-01")),
+            at("2025-09-30T16:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_four_o_clock_cutoff_keeps_night_sales_on_the_previous_date() {
+        let cal = BusinessCalendar::parse("Asia/Shanghai", "04:00").unwrap();
+        assert_eq!(
+            cal.business_date(&at("2025-10-02T01:30:00+08:00")),
+            date("2025-10-01")
+        );
+        assert_eq!(
+            cal.business_date(&at("2025-10-02T03:59:59+08:00")),
+            date("2025-10-01")
+        );
+        assert_eq!(
+            cal.business_date(&at("2025-10-02T04:00:00+08:00")),
+            date("2025-10-02")
+        );
+        // The offset the POS reports does not matter, only the instant.
+        assert_eq!(
+            cal.business_date(&at("2025-10-01T17:30:00Z")),
+            date("2025-10-01")
+        );
+    }
+
+    #[test]
+    fn bad_configuration_is_reported() {
+        assert!(matches!(
+            BusinessCalendar::parse("Mars/Olympus", "00:00"),
+            Err(CalendarError::UnknownTimeZone(_))
+        ));
+        assert!(matches!(
+            BusinessCalendar::parse("Asia/Shanghai", "25:00"),
+            Err(CalendarError::BadCutoff(_))
+        ));
+    }
+
+    #[test]
+    fn a_skipped_calendar_day_is_empty() {
+        // Samoa skipped 2011-12-30 when it moved across the date line.
+        let cal = BusinessCalendar::parse("Pacific/Apia", "00:00").unwrap();
+        assert_eq!(
+            cal.day_start(date("2011-12-30")),
+            cal.day_start(date("2011-12-31"))
+        );
+        let just_after = cal.day_start(date("2011-12-31")) + Duration::seconds(1);
+        assert_eq!(cal.business_date(&just_after), date("2011-12-31"));
+    }
+
+    const ZONES: [&str; 7] = [
+        "Asia/Shanghai",
+        "America/New_York",
+        "Europe/London",
+        "Australia/Lord_Howe",
+        "Pacific/Apia",
+        "Asia/Kolkata",
+        "America/Santiago",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The business days tile the timeline: the date found for an instant is the
+        /// one whose interval contains it, and intervals never overlap.
+        #[test]
+        fn every_instant_has_exactly_one_business_date(
+            seconds in 0i64..4_102_444_800, // 1970..2100
+            zone in 0usize..ZONES.len(),
+            cutoff_minutes in 0u32..24 * 60,
+        ) {
+            let cutoff = NaiveTime::from_hms_opt(cutoff_minutes / 60, cutoff_minutes % 60, 0).unwrap();
+            let cal = BusinessCalendar::parse(ZONES[zone], "00:00").unwrap();
+            let cal = BusinessCalendar::new(cal.time_zone(), cutoff);
+            let instant = DateTime::from_timestamp(seconds, 0).unwrap();
+            let d = cal.business_date(&instant);
+            let start = cal.day_start(d);
+            let end = cal.day_start(d + Days::new(1));
+            prop_assert!(start <= instant && instant < end,
+                "{instant} not in [{start}, {end}) of {d} ({cal})");
+            prop_assert!(cal.day_start(d - Days::new(1)) <= start);
+            // The local date is the business date or the one after (cutoff shifts back).
+            let local_date = cal.local_time(&instant).date();
+            // The cutoff only moves dates back: the local date is the business date or
+            // the next one (two after, only where a zone skipped a day).
+            let lag = (local_date - d).num_days();
+            prop_assert!((0..=2).contains(&lag), "local {local_date} vs business {d}");
+        }
+
+        #[test]
+        fn later_instants_never_get_earlier_dates(
+            seconds in 0i64..4_102_444_800,
+            step in 1i64..200_000,
+            zone in 0usize..ZONES.len(),
+            cutoff_minutes in 0u32..24 * 60,
+        ) {
+            let cutoff = NaiveTime::from_hms_opt(cutoff_minutes / 60, cutoff_minutes % 60, 0).unwrap();
+            let cal = BusinessCalendar::new(BusinessCalendar::parse(ZONES[zone], "00:00").unwrap().time_zone(), cutoff);
+            let a = DateTime::from_timestamp(seconds, 0).unwrap();
+            let b = a + Duration::seconds(step);
+            prop_assert!(cal.business_date(&a) <= cal.business_date(&b));
+        }
+    }
+}
