@@ -2,7 +2,9 @@
 
 mod bench;
 mod generate;
+mod ingest;
 mod output;
+mod settings;
 mod validate;
 
 use std::process::ExitCode;
@@ -14,8 +16,17 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "streetflow", version, about, long_about = None)]
 struct Cli {
+    /// Log lines as human-readable text or one JSON object each (on standard error).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -24,16 +35,40 @@ enum Command {
     Gen(generate::GenArgs),
     /// Decode and validate a JSON Lines file; count accepted and rejected lines by reason.
     Validate(validate::ValidateArgs),
+    /// Consume POS events from Kafka into the bronze tables, exactly once.
+    Ingest(ingest::IngestArgs),
+    /// Publish a JSON Lines file to a topic, keyed by merchant, with simulated arrival times.
+    Produce(ingest::ProduceArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // The Delta kernel narrates every snapshot at info; keep its warnings only.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,buoyant_kernel=warn,deltalake_core=warn,deltalake_core::writer::stats=error",
+            )
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Gen(args) => generate::run(&args),
         Command::Validate(args) => validate::run(&args),
+        Command::Ingest(args) => ingest::run_ingest(&args),
+        Command::Produce(args) => ingest::run_produce(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

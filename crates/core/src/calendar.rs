@@ -129,6 +129,83 @@ impl BusinessCalendar {
     }
 }
 
+/// The calendars of every operator: a default plus configured exceptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorCalendars {
+    default: BusinessCalendar,
+    by_operator: std::collections::HashMap<String, BusinessCalendar>,
+}
+
+impl Default for OperatorCalendars {
+    fn default() -> Self {
+        Self::new(BusinessCalendar::default())
+    }
+}
+
+impl OperatorCalendars {
+    /// Every operator uses `default` until [`OperatorCalendars::insert`] says otherwise.
+    pub fn new(default: BusinessCalendar) -> Self {
+        Self {
+            default,
+            by_operator: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Sets one operator's calendar.
+    pub fn insert(&mut self, operator_id: String, calendar: BusinessCalendar) {
+        self.by_operator.insert(operator_id, calendar);
+    }
+
+    /// The calendar of `operator_id`.
+    pub fn for_operator(&self, operator_id: &str) -> &BusinessCalendar {
+        self.by_operator.get(operator_id).unwrap_or(&self.default)
+    }
+
+    /// The calendar of operators without an entry.
+    pub fn default_calendar(&self) -> &BusinessCalendar {
+        &self.default
+    }
+}
+
+/// Business dates for a stream of instants that are mostly in order: remembers the last
+/// business day's interval so most lookups are two comparisons instead of time-zone
+/// arithmetic.
+#[derive(Debug, Clone)]
+pub struct BusinessDateCache {
+    calendar: BusinessCalendar,
+    /// `[start, end)` in UTC microseconds, and its date.
+    current: Option<(i64, i64, NaiveDate)>,
+}
+
+impl BusinessDateCache {
+    /// A cache over `calendar`.
+    pub fn new(calendar: BusinessCalendar) -> Self {
+        Self {
+            calendar,
+            current: None,
+        }
+    }
+
+    /// The business date of an instant given in UTC microseconds.
+    pub fn business_date(&mut self, utc_micros: i64) -> NaiveDate {
+        if let Some((start, end, date)) = self.current
+            && (start..end).contains(&utc_micros)
+        {
+            return date;
+        }
+        let instant = DateTime::from_timestamp_micros(utc_micros).unwrap_or_default();
+        let date = self.calendar.business_date(&instant);
+        let start = self.calendar.day_start(date).timestamp_micros();
+        let end = date
+            .checked_add_days(Days::new(1))
+            .map_or(i64::MAX, |next| {
+                self.calendar.day_start(next).timestamp_micros()
+            });
+        self.current = Some((start, end, date));
+        date
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{Duration, FixedOffset};
@@ -205,6 +282,19 @@ mod tests {
         );
         let just_after = cal.day_start(date("2011-12-31")) + Duration::seconds(1);
         assert_eq!(cal.business_date(&just_after), date("2011-12-31"));
+    }
+
+    #[test]
+    fn the_cache_agrees_with_the_calendar() {
+        let cal = BusinessCalendar::parse("America/New_York", "02:30").unwrap();
+        let mut cache = BusinessDateCache::new(cal);
+        let start = at("2025-03-08T00:00:00Z").timestamp_micros();
+        // Every 7 minutes over a DST change, forwards then backwards.
+        let instants: Vec<i64> = (0..2_000).map(|i| start + i * 7 * 60 * 1_000_000).collect();
+        for &t in instants.iter().chain(instants.iter().rev()) {
+            let expected = cal.business_date(&DateTime::from_timestamp_micros(t).unwrap());
+            assert_eq!(cache.business_date(t), expected);
+        }
     }
 
     const ZONES: [&str; 7] = [

@@ -117,6 +117,21 @@ pub fn decode<'a>(
     validate(&mut raw, ingest_time, options)
 }
 
+/// The `operator_id` of a message, if it has a valid one, even when the message is
+/// otherwise rejected; dead letters are partitioned by it. Slow path: rejects only.
+pub fn operator_hint(message: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        operator_id: Option<Cow<'a, str>>,
+    }
+    let probe: Probe<'_> = serde_json::from_slice(message).ok()?;
+    probe
+        .operator_id
+        .filter(|id| is_operator_id(id))
+        .map(Cow::into_owned)
+}
+
 /// A JSON value as far as the contract cares: scalars kept, containers only noted.
 #[derive(Debug)]
 enum Scalar<'a> {
@@ -547,4 +562,21 @@ fn validate<'a>(
         ref_event_id,
         payer_ref,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_hint_reads_valid_operators_only() {
+        assert_eq!(
+            operator_hint(br#"{"operator_id":"jade-market","amount_fen":"x"}"#).as_deref(),
+            Some("jade-market")
+        );
+        assert_eq!(operator_hint(br#"{"operator_id":"../../etc"}"#), None);
+        assert_eq!(operator_hint(br#"{"operator_id":"jade"#), None);
+        assert_eq!(operator_hint(b"\xff"), None);
+        assert_eq!(operator_hint(br#"[1]"#), None);
+    }
 }

@@ -7,15 +7,22 @@
 
 pub mod calendar;
 pub mod card;
+pub mod config;
 pub mod decode;
 pub mod event;
 pub mod money;
 pub mod reason;
 pub mod registry;
+pub mod tables;
 pub mod time;
 
-pub use calendar::{BusinessCalendar, CalendarError, DEFAULT_TIME_ZONE};
-pub use decode::{DecodeOptions, MAX_FUTURE_SKEW, MAX_MESSAGE_BYTES, Rejection, decode};
+pub use calendar::{
+    BusinessCalendar, BusinessDateCache, CalendarError, DEFAULT_TIME_ZONE, OperatorCalendars,
+};
+pub use config::PipelineConfig;
+pub use decode::{
+    DecodeOptions, MAX_FUTURE_SKEW, MAX_MESSAGE_BYTES, Rejection, decode, operator_hint,
+};
 pub use event::{Channel, Currency, EventKind, Field, PosEvent};
 pub use reason::ReasonCode;
 pub use registry::MerchantRecord;

@@ -1,0 +1,195 @@
+//! `streetflow ingest` and `streetflow produce`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use streetflow_ingest::{
+    IngestOptions, IngestReport, ProduceOptions, create_topic, produce_file, run_worker,
+};
+
+use crate::output::thousands;
+use crate::settings::{load_pipeline, set_override};
+
+/// Options of `streetflow ingest`.
+#[derive(Debug, Args)]
+pub(crate) struct IngestArgs {
+    /// Pipeline file (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic of pos_transaction/v1 events.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Consumer group shared by the workers.
+    #[arg(long)]
+    group: Option<String>,
+    /// Lake root: a directory or an object-store URL.
+    #[arg(long)]
+    lake: Option<String>,
+    /// Pipeline name (prefix of the Delta txn application ids).
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// Also publish dead letters to this topic.
+    #[arg(long)]
+    dlq_topic: Option<String>,
+    /// Flush after this many messages.
+    #[arg(long)]
+    max_records: Option<usize>,
+    /// Flush when the oldest buffered message is this old.
+    #[arg(long)]
+    max_age_ms: Option<u64>,
+    /// Prometheus endpoint, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Stop once every assigned partition is caught up.
+    #[arg(long)]
+    exit_at_end: bool,
+    /// Print the final report as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `streetflow produce`.
+#[derive(Debug, Args)]
+pub(crate) struct ProduceArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    brokers: String,
+    /// Target topic.
+    #[arg(long, default_value = "pos.transactions.v1")]
+    topic: String,
+    /// JSON Lines file to publish, one record per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Create the topic with this many partitions if it does not exist.
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("streetflow-io")
+        .build()
+        .context("starting the async runtime")
+}
+
+fn report_json(report: &IngestReport, seconds: f64) -> serde_json::Value {
+    json!({
+        "consumed": report.consumed,
+        "accepted": report.accepted,
+        "dead_lettered": report.dead_lettered_total(),
+        "dead_lettered_by_reason": report.dead_lettered,
+        "replayed": report.replayed,
+        "dropped_on_rebalance": report.dropped_on_rebalance,
+        "flushes": report.flushes,
+        "fenced": report.fenced,
+        "seconds": seconds,
+    })
+}
+
+pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
+    let mut overrides = json!({});
+    for (path, value) in [
+        ("kafka.brokers", args.brokers.clone().map(Into::into)),
+        ("kafka.topic", args.topic.clone().map(Into::into)),
+        ("kafka.group", args.group.clone().map(Into::into)),
+        ("kafka.dlq_topic", args.dlq_topic.clone().map(Into::into)),
+        ("lake.url", args.lake.clone().map(Into::into)),
+        ("pipeline.name", args.pipeline.clone().map(Into::into)),
+        ("flush.max_records", args.max_records.map(Into::into)),
+        ("flush.max_age_ms", args.max_age_ms.map(Into::into)),
+        ("metrics.addr", args.metrics_addr.clone().map(Into::into)),
+    ] {
+        set_override(&mut overrides, path, value);
+    }
+    let config = load_pipeline(args.config.as_deref(), overrides)?;
+    let runtime = runtime()?;
+    if !config.metrics.addr.is_empty() {
+        let addr: std::net::SocketAddr = config
+            .metrics
+            .addr
+            .parse()
+            .with_context(|| format!("metrics address {:?}", config.metrics.addr))?;
+        let _entered = runtime.enter();
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        streetflow_ingest::metrics::describe();
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let started = Instant::now();
+    let options = IngestOptions {
+        config,
+        exit_at_end: args.exit_at_end,
+        assignment_timeout: Duration::from_secs(30),
+    };
+    let report = run_worker(options, runtime.handle().clone(), stop)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", report_json(&report, seconds));
+    } else {
+        println!(
+            "consumed {} records in {seconds:.1} s: {} to pos_events, {} to dead_letters, {} already in the lake",
+            thousands(report.consumed),
+            thousands(report.accepted),
+            thousands(report.dead_lettered_total()),
+            thousands(report.replayed),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn run_produce(args: &ProduceArgs) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    if let Some(partitions) = args.partitions {
+        create_topic(&args.brokers, &args.topic, partitions, runtime.handle())?;
+    }
+    let started = Instant::now();
+    let report = produce_file(
+        &args.input,
+        &ProduceOptions {
+            brokers: args.brokers.clone(),
+            topic: args.topic.clone(),
+            properties: Vec::new(),
+        },
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            json!({"delivered": report.delivered, "failed": report.failed, "bytes": report.bytes, "unkeyed": report.unkeyed, "seconds": seconds})
+        );
+    } else {
+        println!(
+            "published {} records ({:.1} MB) to {} in {seconds:.1} s ({:.0} records/s); {} failed",
+            thousands(report.delivered),
+            report.bytes as f64 / 1e6,
+            args.topic,
+            report.delivered as f64 / seconds.max(1e-9),
+            report.failed
+        );
+    }
+    anyhow::ensure!(
+        report.failed == 0,
+        "{} records were not delivered",
+        report.failed
+    );
+    Ok(())
+}

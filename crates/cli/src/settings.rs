@@ -1,0 +1,123 @@
+//! Loading a pipeline: embedded defaults < pipeline file < `STREETFLOW__…` environment
+//! variables < command-line flags.
+
+use std::path::Path;
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use streetflow_core::PipelineConfig;
+use streetflow_core::config::DEFAULT_TOML;
+
+/// Loads and validates a pipeline. `overrides` is a JSON object with only the keys the
+/// command line set, e.g. `{"kafka": {"brokers": "…"}}`.
+pub(crate) fn load_pipeline(
+    file: Option<&Path>,
+    overrides: serde_json::Value,
+) -> anyhow::Result<PipelineConfig> {
+    let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+    if let Some(path) = file {
+        anyhow::ensure!(
+            path.exists(),
+            "pipeline file {} does not exist",
+            path.display()
+        );
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let config: PipelineConfig = figment
+        .merge(Env::prefixed("STREETFLOW__").split("__"))
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .with_context(|| match file {
+            Some(path) => format!("reading pipeline {}", path.display()),
+            None => "reading pipeline settings".to_owned(),
+        })?;
+    if let Err(problems) = config.validate() {
+        anyhow::bail!(
+            "invalid pipeline settings:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
+    Ok(config)
+}
+
+/// Sets `value` at a dotted `path` of a JSON object when present.
+pub(crate) fn set_override(
+    target: &mut serde_json::Value,
+    path: &str,
+    value: Option<serde_json::Value>,
+) {
+    let Some(value) = value else { return };
+    let mut node = target;
+    let mut keys = path.split('.').peekable();
+    while let Some(key) = keys.next() {
+        if !node.is_object() {
+            *node = serde_json::json!({});
+        }
+        let Some(map) = node.as_object_mut() else {
+            return;
+        };
+        if keys.peek().is_none() {
+            map.insert(key.to_owned(), value);
+            return;
+        }
+        node = map
+            .entry(key.to_owned())
+            .or_insert_with(|| serde_json::json!({}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pipeline_file_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load_pipeline(Some(&path), serde_json::json!({}))
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "found {seen} pipeline files");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[kafka]\nbrokers = \"file:1\"\ntopic = \"t\"\n").unwrap();
+        let mut overrides = serde_json::json!({});
+        set_override(&mut overrides, "kafka.brokers", Some("flag:2".into()));
+        set_override(&mut overrides, "flush.max_records", Some(5.into()));
+        let config = load_pipeline(Some(&file), overrides).unwrap();
+        assert_eq!(config.kafka.brokers, "flag:2");
+        assert_eq!(config.kafka.topic, "t");
+        assert_eq!(config.flush.max_records, 5);
+        assert_eq!(config.flush.max_age_ms, 5000);
+
+        std::fs::write(&file, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            load_pipeline(Some(&file), serde_json::json!({})).unwrap_err()
+        );
+        assert!(err.contains("brokerz"), "{err}");
+        std::fs::write(
+            &file,
+            "[flush]\nmax_records = 0\n[calendar]\ntime_zone = \"Mars/Base\"\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            load_pipeline(Some(&file), serde_json::json!({})).unwrap_err()
+        );
+        assert!(
+            err.contains("max_records") && err.contains("Mars/Base"),
+            "{err}"
+        );
+    }
+}

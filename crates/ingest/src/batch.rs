@@ -1,0 +1,360 @@
+//! Arrow builders for the bronze tables: one row per accepted event or dead letter.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use streetflow_core::card::mask_card_numbers;
+use streetflow_core::tables::{DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS};
+use streetflow_core::{PosEvent, Rejection};
+use streetflow_lake::arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Int32Builder, Int64Builder,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use streetflow_lake::arrow::error::ArrowError;
+use streetflow_lake::arrow::record_batch::RecordBatch;
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A Kafka record.
+    Kafka {
+        /// Topic.
+        topic: &'a str,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// A line of a file (backfill).
+    File {
+        /// Path as given.
+        path: &'a str,
+        /// 1-based line number.
+        line: i64,
+    },
+}
+
+const EPOCH: NaiveDate = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
+
+fn days_since_epoch(date: NaiveDate) -> i32 {
+    (date - EPOCH).num_days() as i32
+}
+
+fn utc_timestamps() -> TimestampMicrosecondBuilder {
+    TimestampMicrosecondBuilder::new().with_timezone("UTC")
+}
+
+/// Origin columns shared by both tables.
+struct OriginColumns {
+    kafka_topic: StringBuilder,
+    kafka_partition: Int32Builder,
+    kafka_offset: Int64Builder,
+    source_file: StringBuilder,
+    source_line: Int64Builder,
+}
+
+impl OriginColumns {
+    fn new() -> Self {
+        Self {
+            kafka_topic: StringBuilder::new(),
+            kafka_partition: Int32Builder::new(),
+            kafka_offset: Int64Builder::new(),
+            source_file: StringBuilder::new(),
+            source_line: Int64Builder::new(),
+        }
+    }
+
+    fn append(&mut self, origin: &Origin<'_>) {
+        match *origin {
+            Origin::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
+                self.kafka_topic.append_value(topic);
+                self.kafka_partition.append_value(partition);
+                self.kafka_offset.append_value(offset);
+                self.source_file.append_null();
+                self.source_line.append_null();
+            }
+            Origin::File { path, line } => {
+                self.kafka_topic.append_null();
+                self.kafka_partition.append_null();
+                self.kafka_offset.append_null();
+                self.source_file.append_value(path);
+                self.source_line.append_value(line);
+            }
+        }
+    }
+
+    fn finish(&mut self) -> [ArrayRef; 5] {
+        [
+            Arc::new(self.kafka_topic.finish()),
+            Arc::new(self.kafka_partition.finish()),
+            Arc::new(self.kafka_offset.finish()),
+            Arc::new(self.source_file.finish()),
+            Arc::new(self.source_line.finish()),
+        ]
+    }
+}
+
+/// Rows for `pos_events`.
+pub struct EventRows {
+    operator_id: StringBuilder,
+    business_date: Date32Builder,
+    event_id: StringBuilder,
+    merchant_id: StringBuilder,
+    terminal_id: StringBuilder,
+    kind: StringBuilder,
+    amount_fen: Int64Builder,
+    currency: StringBuilder,
+    occurred_at: TimestampMicrosecondBuilder,
+    utc_offset_seconds: Int32Builder,
+    channel: StringBuilder,
+    ref_event_id: StringBuilder,
+    payer_ref: StringBuilder,
+    ingested_at: TimestampMicrosecondBuilder,
+    origin: OriginColumns,
+    rows: usize,
+}
+
+impl Default for EventRows {
+    fn default() -> Self {
+        Self {
+            operator_id: StringBuilder::new(),
+            business_date: Date32Builder::new(),
+            event_id: StringBuilder::new(),
+            merchant_id: StringBuilder::new(),
+            terminal_id: StringBuilder::new(),
+            kind: StringBuilder::new(),
+            amount_fen: Int64Builder::new(),
+            currency: StringBuilder::new(),
+            occurred_at: utc_timestamps(),
+            utc_offset_seconds: Int32Builder::new(),
+            channel: StringBuilder::new(),
+            ref_event_id: StringBuilder::new(),
+            payer_ref: StringBuilder::new(),
+            ingested_at: utc_timestamps(),
+            origin: OriginColumns::new(),
+            rows: 0,
+        }
+    }
+}
+
+impl EventRows {
+    /// Appends one accepted event.
+    pub fn append(
+        &mut self,
+        event: &PosEvent<'_>,
+        business_date: NaiveDate,
+        ingested_at: DateTime<Utc>,
+        origin: &Origin<'_>,
+    ) {
+        self.operator_id.append_value(&event.operator_id);
+        self.business_date
+            .append_value(days_since_epoch(business_date));
+        self.event_id.append_value(&event.event_id);
+        self.merchant_id.append_value(&event.merchant_id);
+        self.terminal_id.append_option(event.terminal_id.as_deref());
+        self.kind.append_value(event.kind.as_str());
+        self.amount_fen.append_value(event.amount_fen);
+        self.currency.append_value(event.currency.as_str());
+        self.occurred_at
+            .append_value(event.occurred_at.timestamp_micros());
+        self.utc_offset_seconds
+            .append_value(event.occurred_at.offset().local_minus_utc());
+        self.channel.append_value(event.channel.as_str());
+        self.ref_event_id
+            .append_option(event.ref_event_id.as_deref());
+        self.payer_ref.append_option(event.payer_ref.as_deref());
+        self.ingested_at
+            .append_value(ingested_at.timestamp_micros());
+        self.origin.append(origin);
+        self.rows += 1;
+    }
+
+    /// Rows appended since the last [`EventRows::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether no row is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The buffered rows as a batch; the builder starts empty again.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        self.rows = 0;
+        let [
+            kafka_topic,
+            kafka_partition,
+            kafka_offset,
+            source_file,
+            source_line,
+        ] = self.origin.finish();
+        RecordBatch::try_new(
+            POS_EVENTS.schema.clone(),
+            vec![
+                Arc::new(self.operator_id.finish()),
+                Arc::new(self.business_date.finish()),
+                Arc::new(self.event_id.finish()),
+                Arc::new(self.merchant_id.finish()),
+                Arc::new(self.terminal_id.finish()),
+                Arc::new(self.kind.finish()),
+                Arc::new(self.amount_fen.finish()),
+                Arc::new(self.currency.finish()),
+                Arc::new(self.occurred_at.finish()),
+                Arc::new(self.utc_offset_seconds.finish()),
+                Arc::new(self.channel.finish()),
+                Arc::new(self.ref_event_id.finish()),
+                Arc::new(self.payer_ref.finish()),
+                Arc::new(self.ingested_at.finish()),
+                kafka_topic,
+                kafka_partition,
+                kafka_offset,
+                source_file,
+                source_line,
+            ],
+        )
+    }
+
+    /// Drops buffered rows.
+    pub fn clear(&mut self) {
+        if self.rows > 0 {
+            // Finishing resets every builder; the batch is discarded.
+            let _ = self.finish();
+        }
+    }
+}
+
+/// Rows for `dead_letters`.
+pub struct DeadLetterRows {
+    operator_id: StringBuilder,
+    ingest_date: Date32Builder,
+    reason: StringBuilder,
+    detail: StringBuilder,
+    payload: BinaryBuilder,
+    payload_bytes: Int64Builder,
+    payload_truncated: BooleanBuilder,
+    message_key: BinaryBuilder,
+    ingested_at: TimestampMicrosecondBuilder,
+    origin: OriginColumns,
+    rows: usize,
+}
+
+impl Default for DeadLetterRows {
+    fn default() -> Self {
+        Self {
+            operator_id: StringBuilder::new(),
+            ingest_date: Date32Builder::new(),
+            reason: StringBuilder::new(),
+            detail: StringBuilder::new(),
+            payload: BinaryBuilder::new(),
+            payload_bytes: Int64Builder::new(),
+            payload_truncated: BooleanBuilder::new(),
+            message_key: BinaryBuilder::new(),
+            ingested_at: utc_timestamps(),
+            origin: OriginColumns::new(),
+            rows: 0,
+        }
+    }
+}
+
+/// One rejected message.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// The message's operator when it names a valid one, else `unknown`.
+    pub operator_id: &'a str,
+    /// Partition date of the dead letter (date of receipt in the default zone).
+    pub ingest_date: NaiveDate,
+    /// Why it was rejected.
+    pub rejection: &'a Rejection,
+    /// The raw message (`None` for a Kafka tombstone).
+    pub payload: Option<&'a [u8]>,
+    /// The Kafka key, if any.
+    pub key: Option<&'a [u8]>,
+    /// When it was received.
+    pub ingested_at: DateTime<Utc>,
+    /// Where it came from.
+    pub origin: Origin<'a>,
+}
+
+impl DeadLetterRows {
+    /// Appends one dead letter; card numbers in the payload are masked and payloads over
+    /// 1 MiB truncated (the original length is kept).
+    pub fn append(&mut self, letter: &DeadLetter<'_>) {
+        self.operator_id.append_value(letter.operator_id);
+        self.ingest_date
+            .append_value(days_since_epoch(letter.ingest_date));
+        self.reason.append_value(letter.rejection.reason.as_str());
+        self.detail.append_value(&letter.rejection.detail);
+        match letter.payload {
+            Some(raw) => {
+                let kept = &raw[..raw.len().min(MAX_DEAD_LETTER_PAYLOAD_BYTES)];
+                self.payload.append_value(mask_card_numbers(kept));
+                self.payload_bytes.append_value(raw.len() as i64);
+                self.payload_truncated.append_value(kept.len() < raw.len());
+            }
+            None => {
+                self.payload.append_null();
+                self.payload_bytes.append_value(0);
+                self.payload_truncated.append_value(false);
+            }
+        }
+        self.message_key
+            .append_option(letter.key.map(|k| mask_card_numbers(k).into_owned()));
+        self.ingested_at
+            .append_value(letter.ingested_at.timestamp_micros());
+        self.origin.append(&letter.origin);
+        self.rows += 1;
+    }
+
+    /// Rows appended since the last [`DeadLetterRows::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether no row is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The buffered rows as a batch; the builder starts empty again.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        self.rows = 0;
+        let [
+            kafka_topic,
+            kafka_partition,
+            kafka_offset,
+            source_file,
+            source_line,
+        ] = self.origin.finish();
+        RecordBatch::try_new(
+            DEAD_LETTERS.schema.clone(),
+            vec![
+                Arc::new(self.operator_id.finish()),
+                Arc::new(self.ingest_date.finish()),
+                Arc::new(self.reason.finish()),
+                Arc::new(self.detail.finish()),
+                Arc::new(self.payload.finish()),
+                Arc::new(self.payload_bytes.finish()),
+                Arc::new(self.payload_truncated.finish()),
+                Arc::new(self.message_key.finish()),
+                Arc::new(self.ingested_at.finish()),
+                kafka_topic,
+                kafka_partition,
+                kafka_offset,
+                source_file,
+                source_line,
+            ],
+        )
+    }
+
+    /// Drops buffered rows.
+    pub fn clear(&mut self) {
+        if self.rows > 0 {
+            let _ = self.finish();
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Errors of the ingest workers.
+
+use rdkafka::error::KafkaError;
+
+/// Result with the ingest [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a worker stopped. Bad messages are never errors: they become dead letters.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Talking to Kafka failed.
+    #[error("Kafka ({context}): {source}")]
+    Kafka {
+        /// What the worker was doing.
+        context: String,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The lake refused an operation.
+    #[error(transparent)]
+    Lake(#[from] streetflow_lake::Error),
+    /// Building a batch failed (a defect: the builders follow the table schema).
+    #[error("building an Arrow batch for {table}: {source}")]
+    Arrow {
+        /// Table.
+        table: &'static str,
+        /// Arrow's error.
+        #[source]
+        source: streetflow_lake::arrow::error::ArrowError,
+    },
+    /// The settings are unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Reading an input file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
+        let context = context.into();
+        move |source| Error::Kafka { context, source }
+    }
+
+    /// Whether restarting the worker may succeed without a person (broker or storage
+    /// outages); configuration and schema problems need a fix first.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kafka { .. } | Error::Io { .. } => true,
+            Error::Lake(e) => e.is_retryable(),
+            Error::Arrow { .. } | Error::Config(_) => false,
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! streetflow's ingest: Kafka → bronze Delta tables, exactly once.
+//!
+//! The entry point is [`run_worker`]: a streaming worker in a consumer group that decodes
+//! each record with the `core` decoder, buffers accepted events and dead letters as Arrow
+//! rows, and commits them to `pos_events` and `dead_letters` together with the Kafka
+//! offsets they cover (Delta `txn` actions). [`produce_file`] publishes a JSON Lines file
+//! with simulated arrival times, for tests, demos and benchmarks.
+
+mod batch;
+mod error;
+mod freeze;
+pub mod metrics;
+mod produce;
+mod worker;
+
+pub use batch::{DeadLetter, DeadLetterRows, EventRows, Origin};
+pub use error::{Error, Result};
+pub use produce::{ProduceOptions, ProduceReport, create_topic, produce_file};
+pub use worker::{IngestOptions, IngestReport, run_worker};

@@ -1,0 +1,49 @@
+//! Metric names, in one place. Labels are low-cardinality (table, reason, partition).
+
+/// Kafka records read (label: none).
+pub const RECORDS_IN: &str = "streetflow_ingest_records_in_total";
+/// Records written to `pos_events`.
+pub const RECORDS_ACCEPTED: &str = "streetflow_ingest_records_accepted_total";
+/// Records written to `dead_letters` (label: `reason`).
+pub const RECORDS_DEAD_LETTERED: &str = "streetflow_ingest_records_dead_lettered_total";
+/// Records skipped because the lake already holds them (replays after a restart).
+pub const RECORDS_REPLAYED: &str = "streetflow_ingest_records_replayed_total";
+/// Flushes that committed.
+pub const FLUSHES: &str = "streetflow_ingest_flushes_total";
+/// Records per flush.
+pub const FLUSH_RECORDS: &str = "streetflow_ingest_flush_records";
+/// Seconds per Delta commit (label: `table`).
+pub const COMMIT_SECONDS: &str = "streetflow_ingest_commit_seconds";
+/// Parquet files committed (label: `table`).
+pub const FILES_WRITTEN: &str = "streetflow_ingest_files_written_total";
+/// Commits refused because another worker owned the partition.
+pub const FENCED: &str = "streetflow_ingest_fenced_total";
+/// Consumer lag per partition, from librdkafka statistics (label: `partition`).
+pub const CONSUMER_LAG: &str = "streetflow_ingest_consumer_lag_records";
+
+/// Registers descriptions with the installed recorder.
+pub fn describe() {
+    metrics::describe_counter!(RECORDS_IN, "Kafka records read");
+    metrics::describe_counter!(RECORDS_ACCEPTED, "records written to pos_events");
+    metrics::describe_counter!(
+        RECORDS_DEAD_LETTERED,
+        "records written to dead_letters, by reason"
+    );
+    metrics::describe_counter!(
+        RECORDS_REPLAYED,
+        "records skipped because the lake already holds them"
+    );
+    metrics::describe_counter!(FLUSHES, "flushes committed");
+    metrics::describe_histogram!(FLUSH_RECORDS, "records per flush");
+    metrics::describe_histogram!(
+        COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Delta commit latency by table"
+    );
+    metrics::describe_counter!(FILES_WRITTEN, "Parquet files committed by table");
+    metrics::describe_counter!(
+        FENCED,
+        "commits refused because another worker owned the partition"
+    );
+    metrics::describe_gauge!(CONSUMER_LAG, "consumer lag in records by partition");
+}

@@ -1,0 +1,68 @@
+//! Errors of the lake.
+
+use deltalake::DeltaTableError;
+
+/// Result with the lake's [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong with a table.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The lake location is not a path or URL streetflow can use.
+    #[error("bad lake location {location:?}: {reason}")]
+    BadLocation {
+        /// As given.
+        location: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The table exists with columns other than the contract's.
+    #[error("table {table} at {url} does not match the streetflow schema: {detail}")]
+    SchemaMismatch {
+        /// Table name.
+        table: String,
+        /// Table location.
+        url: String,
+        /// First difference found.
+        detail: String,
+    },
+    /// A Delta operation failed.
+    #[error("Delta table {table} ({operation}): {source}")]
+    Delta {
+        /// Table name.
+        table: String,
+        /// What was being done.
+        operation: &'static str,
+        /// Underlying error (boxed: Delta's error type is large).
+        #[source]
+        source: Box<DeltaTableError>,
+    },
+}
+
+impl Error {
+    /// Whether trying again later may succeed (storage hiccups, lost races); schema and
+    /// location errors need a person.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Delta { source, .. } => matches!(
+                source.as_ref(),
+                DeltaTableError::ObjectStore { .. }
+                    | DeltaTableError::Io { .. }
+                    | DeltaTableError::Transaction { .. }
+                    | DeltaTableError::VersionAlreadyExists(_)
+            ),
+            Error::BadLocation { .. } | Error::SchemaMismatch { .. } => false,
+        }
+    }
+
+    pub(crate) fn delta<'a>(
+        table: &'a str,
+        operation: &'static str,
+    ) -> impl FnOnce(DeltaTableError) -> Error + 'a {
+        move |source| Error::Delta {
+            table: table.to_owned(),
+            operation,
+            source: Box::new(source),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The lake root and its tables.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use deltalake::arrow::datatypes::Schema as ArrowSchema;
+use deltalake::kernel::StructType;
+use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
+use deltalake::{DeltaTable, DeltaTableError, TableProperty};
+use streetflow_core::tables::TableDef;
+use url::Url;
+
+use crate::error::{Error, Result};
+
+/// Commits between Delta checkpoints: readers replay at most this many JSON commits.
+const CHECKPOINT_INTERVAL: &str = "50";
+
+/// A lake: a root location with one Delta table per directory.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    root: Url,
+    storage_options: HashMap<String, String>,
+}
+
+impl Lake {
+    /// A lake at `location`: a local directory (created if missing) or an object-store
+    /// URL such as `s3://bucket/prefix`.
+    pub fn new(location: &str, storage_options: &BTreeMap<String, String>) -> Result<Self> {
+        let bad = |reason: String| Error::BadLocation {
+            location: location.to_owned(),
+            reason,
+        };
+        let root = if location.contains("://") {
+            let mut url = Url::parse(location).map_err(|e| bad(e.to_string()))?;
+            if !url.path().ends_with('/') {
+                url.set_path(&format!("{}/", url.path()));
+            }
+            url
+        } else {
+            let path = Path::new(location);
+            std::fs::create_dir_all(path)
+                .map_err(|e| bad(format!("cannot create directory: {e}")))?;
+            let absolute = path
+                .canonicalize()
+                .map_err(|e| bad(format!("cannot resolve path: {e}")))?;
+            Url::from_directory_path(&absolute)
+                .map_err(|()| bad("not an absolute path".to_owned()))?
+        };
+        Ok(Self {
+            root,
+            storage_options: storage_options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    /// The root URL (ends with `/`).
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// Where table `name` lives.
+    pub fn table_url(&self, name: &str) -> Result<Url> {
+        self.root
+            .join(&format!("{name}/"))
+            .map_err(|e| Error::BadLocation {
+                location: self.root.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn load(&self, name: &str) -> Result<DeltaTable> {
+        let url = self.table_url(name)?;
+        // Object stores have no directories; a local table needs its own.
+        if let Ok(path) = url.to_file_path() {
+            std::fs::create_dir_all(&path).map_err(|e| Error::BadLocation {
+                location: path.display().to_string(),
+                reason: format!("cannot create table directory: {e}"),
+            })?;
+        }
+        DeltaTable::try_from_url_with_storage_options(url, self.storage_options.clone())
+            .await
+            .map_err(Error::delta(name, "open"))
+    }
+
+    /// Opens table `name` if it exists.
+    pub async fn open(&self, name: &str) -> Result<Option<DeltaTable>> {
+        let table = self.load(name).await?;
+        Ok(table.version().is_some().then_some(table))
+    }
+
+    /// Opens the table, creating it with the contract's schema if it does not exist yet,
+    /// and refuses a table whose columns differ from the contract.
+    pub async fn open_or_create(&self, def: &TableDef) -> Result<DeltaTable> {
+        let table = self.load(def.name).await?;
+        let table = if table.version().is_some() {
+            table
+        } else {
+            let schema: StructType =
+                def.schema.as_ref().try_into_kernel().map_err(|e| {
+                    Error::delta(def.name, "convert schema")(DeltaTableError::from(e))
+                })?;
+            let created = table
+                .create()
+                .with_table_name(def.name)
+                .with_comment(def.description)
+                .with_columns(schema.fields().cloned())
+                .with_partition_columns(def.partition_columns.iter().copied())
+                .with_configuration_property(
+                    TableProperty::CheckpointInterval,
+                    Some(CHECKPOINT_INTERVAL),
+                )
+                .await;
+            match created {
+                Ok(table) => {
+                    tracing::info!(table = def.name, url = %self.table_url(def.name)?, "created Delta table");
+                    table
+                }
+                // Another worker may have created it first: use theirs.
+                Err(create_error) => {
+                    let table = self.load(def.name).await?;
+                    if table.version().is_none() {
+                        return Err(Error::delta(def.name, "create")(create_error));
+                    }
+                    table
+                }
+            }
+        };
+        self.check_schema(&table, def)?;
+        Ok(table)
+    }
+
+    fn check_schema(&self, table: &DeltaTable, def: &TableDef) -> Result<()> {
+        let mismatch = |detail: String| Error::SchemaMismatch {
+            table: def.name.to_owned(),
+            url: table.table_url().to_string(),
+            detail,
+        };
+        let snapshot = table
+            .snapshot()
+            .map_err(Error::delta(def.name, "read schema"))?;
+        let actual: ArrowSchema = snapshot
+            .schema()
+            .as_ref()
+            .try_into_arrow()
+            .map_err(|e| mismatch(format!("unreadable schema: {e}")))?;
+        for expected in def.schema.fields() {
+            let found = actual
+                .field_with_name(expected.name())
+                .map_err(|_| mismatch(format!("column {} is missing", expected.name())))?;
+            if found.data_type() != expected.data_type() {
+                return Err(mismatch(format!(
+                    "column {} is {}, expected {}",
+                    expected.name(),
+                    found.data_type(),
+                    expected.data_type()
+                )));
+            }
+        }
+        let partitions = snapshot.metadata().partition_columns();
+        if partitions
+            .iter()
+            .map(String::as_str)
+            .ne(def.partition_columns.iter().copied())
+        {
+            return Err(mismatch(format!(
+                "partitioned by {partitions:?}, expected {:?}",
+                def.partition_columns
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! streetflow's lake: Delta tables on object_store, written with their Kafka offsets.
+//!
+//! The entry point is [`Lake`], a root location (a local directory or an object-store
+//! URL) holding one Delta table per [`TableDef`](streetflow_core::tables::TableDef).
+//! [`OffsetWriter`] appends Arrow batches to one table and commits the Parquet files
+//! together with Delta `txn` actions that record, per Kafka partition, the last offset
+//! the commit contains. The commit checks that those versions are still the ones the
+//! writer started from, so a worker that lost its partitions to another cannot write
+//! the same offsets twice.
+
+mod error;
+mod lake;
+mod query;
+mod writer;
+
+pub use error::{Error, Result};
+pub use lake::Lake;
+pub use writer::{CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
+
+/// Re-exported so callers build batches with the exact Arrow version Delta writes.
+pub use deltalake::arrow;
+/// Re-exported for queries over the lake.
+pub use deltalake::datafusion;

@@ -1,0 +1,140 @@
+//! Offsets committed with the data come back, and a stale writer is fenced.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use streetflow_core::tables::TableDef;
+use streetflow_lake::{CommitOutcome, Lake, OffsetWriter, PartitionProgress};
+
+static TEST_TABLE: LazyLock<TableDef> = LazyLock::new(|| TableDef {
+    name: "numbers",
+    description: "test table",
+    schema: Arc::new(Schema::new(vec![
+        Field::new("shard", DataType::Utf8, false),
+        Field::new("n", DataType::Int64, false),
+    ])),
+    partition_columns: &["shard"],
+});
+
+fn batch(shard: &str, values: &[i64]) -> RecordBatch {
+    RecordBatch::try_new(
+        TEST_TABLE.schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![shard; values.len()])),
+            Arc::new(Int64Array::from(values.to_vec())),
+        ],
+    )
+    .unwrap()
+}
+
+async fn rows(writer: &OffsetWriter) -> usize {
+    writer
+        .table()
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .map(|f| f.num_records().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_travel_with_the_data_and_stale_writers_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+    let mut a = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    let mut b = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    assert_eq!(
+        a.committed_offsets(&[0, 1]).await.unwrap(),
+        vec![None, None]
+    );
+
+    a.write(batch("x", &[1, 2, 3])).await.unwrap();
+    let staged = a.stage().await.unwrap();
+    assert_eq!(staged.files(), 1);
+    let progress = [
+        PartitionProgress {
+            partition: 0,
+            expected: None,
+            last_offset: 41,
+        },
+        PartitionProgress {
+            partition: 1,
+            expected: None,
+            last_offset: 7,
+        },
+    ];
+    assert!(matches!(
+        a.commit(&staged, &progress).await.unwrap(),
+        CommitOutcome::Committed { .. }
+    ));
+    assert_eq!(
+        b.committed_offsets(&[0, 1, 2]).await.unwrap(),
+        vec![Some(41), Some(7), None]
+    );
+
+    // b still believes partition 0 is empty: it must not commit over a's offsets.
+    b.write(batch("y", &[9])).await.unwrap();
+    let staged_b = b.stage().await.unwrap();
+    let stale = [PartitionProgress {
+        partition: 0,
+        expected: None,
+        last_offset: 50,
+    }];
+    assert_eq!(
+        b.commit(&staged_b, &stale).await.unwrap(),
+        CommitOutcome::Fenced {
+            partition: 0,
+            expected: None,
+            found: Some(41)
+        }
+    );
+    // Only a's rows are visible; an offsets-only commit (empty range) still advances.
+    let fresh = [PartitionProgress {
+        partition: 0,
+        expected: Some(41),
+        last_offset: 60,
+    }];
+    assert!(matches!(
+        b.commit(&Default::default(), &fresh).await.unwrap(),
+        CommitOutcome::Committed { .. }
+    ));
+    assert_eq!(rows(&b).await, 3);
+    assert_eq!(a.committed_offsets(&[0]).await.unwrap(), vec![Some(60)]);
+
+    // Reopening the lake finds the same table and offsets.
+    let mut reopened = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    assert_eq!(
+        reopened.committed_offsets(&[0, 1]).await.unwrap(),
+        vec![Some(60), Some(7)]
+    );
+    // Another pipeline prefix has its own progress.
+    let mut other = OffsetWriter::new(&lake, &TEST_TABLE, "other")
+        .await
+        .unwrap();
+    assert_eq!(other.committed_offsets(&[0]).await.unwrap(), vec![None]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_other_columns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+    OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    let changed = TableDef {
+        schema: Arc::new(Schema::new(vec![
+            Field::new("shard", DataType::Utf8, false),
+            Field::new("n", DataType::Utf8, false),
+        ])),
+        ..TEST_TABLE.clone()
+    };
+    let err = OffsetWriter::new(&lake, &changed, "pipe")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("column n is"), "{err}");
+    assert!(!err.is_retryable());
+}
