@@ -1,0 +1,279 @@
+//! Helpers for end-to-end tests against a real Kafka-protocol broker and a real lake.
+//!
+//! The broker is `STREETFLOW_TEST_BROKERS` when set (`.ci/run` starts Tansu and sets it);
+//! otherwise the first test starts its own Tansu (memory storage, loopback, a free port)
+//! behind a shell that kills it when this test process exits.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test binaries
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use streetflow_lake::Lake;
+use streetflow_lake::arrow::array::{Array, Int64Array};
+use streetflow_lake::arrow::util::pretty::pretty_format_batches;
+
+static OWN_BROKER: Mutex<Option<Child>> = Mutex::new(None);
+
+/// The test broker's bootstrap address.
+pub fn broker() -> &'static str {
+    static ADDRESS: OnceLock<String> = OnceLock::new();
+    ADDRESS.get_or_init(|| {
+        if let Ok(address) = std::env::var("STREETFLOW_TEST_BROKERS") {
+            return address;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let script = format!(
+            "tansu broker --listener-url tcp://127.0.0.1:{port} --advertised-listener-url tcp://127.0.0.1:{port} \
+             --storage-engine memory://tansu/ >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        *OWN_BROKER.lock().unwrap() = Some(child);
+        let address = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no test broker: set STREETFLOW_TEST_BROKERS or install Tansu (.ci/run does both)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        address
+    })
+}
+
+/// A name no other test uses (topics, groups).
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t_{prefix}_{nanos}")
+}
+
+/// The `streetflow` binary under test.
+pub fn streetflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_streetflow"));
+    command.env("RUST_LOG", "warn,streetflow_ingest=info");
+    command
+}
+
+/// Runs `streetflow` to completion; panics with its output when it fails.
+pub fn run(dir: &Path, args: &[&str]) -> Output {
+    let output = streetflow().args(args).current_dir(dir).output().unwrap();
+    assert!(
+        output.status.success(),
+        "streetflow {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs `streetflow … --json` and parses its output.
+pub fn run_json(dir: &Path, args: &[&str]) -> Value {
+    let output = run(dir, args);
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Generates a district into `dir/events.jsonl` and returns the generator's summary.
+pub fn generate(dir: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["gen", "--out", "events.jsonl", "--json"];
+    all.extend_from_slice(args);
+    run_json(dir, &all)
+}
+
+/// Publishes `dir/events.jsonl` to a new topic with `partitions` partitions.
+pub fn produce(dir: &Path, topic: &str, partitions: u32) -> Value {
+    let partitions = partitions.to_string();
+    run_json(
+        dir,
+        &[
+            "produce",
+            "--brokers",
+            broker(),
+            "--topic",
+            topic,
+            "--input",
+            "events.jsonl",
+            "--partitions",
+            &partitions,
+            "--json",
+        ],
+    )
+}
+
+/// The arguments of an ingest worker reading `topic` into `lake`.
+pub fn ingest_args(topic: &str, group: &str, lake: &Path) -> Vec<String> {
+    vec![
+        "ingest".into(),
+        "--brokers".into(),
+        broker().into(),
+        "--topic".into(),
+        topic.into(),
+        "--group".into(),
+        group.into(),
+        "--lake".into(),
+        lake.display().to_string(),
+    ]
+}
+
+/// A worker started in the background; stderr is watched for `FROZEN AT`.
+pub struct Worker {
+    pub child: Child,
+    stderr_lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Worker {
+    pub fn start(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Self {
+        let mut command = streetflow();
+        command
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stderr_lines: rx,
+        }
+    }
+
+    /// Waits for a line containing `needle` on stderr; returns the lines seen.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        panic!(
+                            "worker exited ({status}) before {needle:?}:\n{}",
+                            seen.join("\n")
+                        );
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        panic!("no {needle:?} within {timeout:?}:\n{}", seen.join("\n"));
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not stop within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the worker to exit by itself.
+    pub fn wait(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs SQL over the lake at `dir` and renders the result as a table.
+pub fn sql_table(lake: &Path, query: &str) -> String {
+    let lake = Lake::new(lake.to_str().unwrap(), &Default::default()).unwrap();
+    let batches = runtime().block_on(lake.query(query)).unwrap();
+    pretty_format_batches(&batches).unwrap().to_string()
+}
+
+/// Runs SQL returning one BIGINT row per result row.
+pub fn sql_i64s(lake: &Path, query: &str) -> Vec<i64> {
+    let lake = Lake::new(lake.to_str().unwrap(), &Default::default()).unwrap();
+    let batches = runtime().block_on(lake.query(query)).unwrap();
+    let mut values = Vec::new();
+    for batch in batches {
+        let column = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        values.extend((0..column.len()).map(|i| column.value(i)));
+    }
+    values
+}
+
+/// One number from SQL.
+pub fn sql_i64(lake: &Path, query: &str) -> i64 {
+    sql_i64s(lake, query)[0]
+}
+
+/// Rows per table, 0 when the table does not exist yet.
+pub fn row_count(lake: &Path, table: &str) -> i64 {
+    if !lake.join(table).join("_delta_log").exists() {
+        return 0;
+    }
+    sql_i64(lake, &format!("SELECT count(*) FROM {table}"))
+}
+
+/// A fresh directory for one test.
+pub fn workdir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}

@@ -1,0 +1,229 @@
+//! Exactly-once ingest against a real broker (Tansu) into real Delta tables.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Dead letters per reason, as the lake holds them.
+fn dead_letters_by_reason(lake: &std::path::Path) -> BTreeMap<String, i64> {
+    let table = sql_table(
+        lake,
+        "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason",
+    );
+    table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.contains("reason"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            (cells[0].to_owned(), cells[1].parse().unwrap())
+        })
+        .collect()
+}
+
+fn injected(summary: &Value) -> BTreeMap<String, i64> {
+    summary["malformed_by_reason"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_i64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_valid_record_lands_once_and_every_bad_one_is_a_dead_letter() {
+    let (_guard, dir) = workdir();
+    // ≈ 200k events over 6 partitions, with 1 % duplicates and 0.5 % malformed.
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "60",
+            "--days",
+            "50",
+            "--seed",
+            "11",
+            "--duplicate-rate",
+            "0.01",
+            "--malformed-rate",
+            "0.005",
+            "--late-rate",
+            "0.01",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    assert!(lines >= 200_000, "only {lines} lines");
+    let topic = unique("scale");
+    let produced = produce(&dir, &topic, 6);
+    assert_eq!(produced["delivered"].as_i64().unwrap(), lines);
+
+    let lake = dir.join("lake");
+    let mut args = ingest_args(&topic, &unique("g"), &lake);
+    args.extend(["--exit-at-end".into(), "--json".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = run_json(&dir, &args);
+
+    let valid =
+        summary["unique_events"].as_i64().unwrap() + summary["duplicates"].as_i64().unwrap();
+    let malformed = summary["malformed"].as_i64().unwrap();
+    assert_eq!(row_count(&lake, "pos_events"), valid);
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM pos_events)"
+        ),
+        valid,
+        "a Kafka record was stored twice"
+    );
+    assert_eq!(row_count(&lake, "dead_letters"), malformed);
+    assert_eq!(dead_letters_by_reason(&lake), injected(&summary));
+    // consumed = accepted + rejected, and the worker's own report agrees with the lake.
+    assert_eq!(valid + malformed, lines);
+    assert_eq!(report["accepted"].as_i64().unwrap(), valid);
+    assert_eq!(report["dead_lettered"].as_i64().unwrap(), malformed);
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(DISTINCT kafka_partition) FROM pos_events"
+        ),
+        6
+    );
+
+    // A second run over the same topic adds nothing: the offsets are in the lake.
+    let again = run_json(&dir, &args);
+    assert_eq!(again["accepted"].as_i64().unwrap(), 0);
+    assert_eq!(row_count(&lake, "pos_events"), valid);
+}
+
+#[test]
+fn arrival_time_is_the_kafka_timestamp_and_late_events_arrive_late() {
+    let (_guard, dir) = workdir();
+    generate(
+        &dir,
+        &[
+            "--merchants",
+            "8",
+            "--days",
+            "20",
+            "--seed",
+            "5",
+            "--late-rate",
+            "0.05",
+        ],
+    );
+    let topic = unique("late");
+    produce(&dir, &topic, 2);
+    let lake = dir.join("lake");
+    let mut args = ingest_args(&topic, &unique("g"), &lake);
+    args.push("--exit-at-end".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&dir, &args);
+    // Late events (1–10 days) were received days after they occurred; the rest within
+    // seconds (the stream clock), never before they occurred.
+    let late = sql_i64(
+        &lake,
+        "SELECT count(*) FROM pos_events WHERE ingested_at > occurred_at + INTERVAL '1 day'",
+    );
+    let early = sql_i64(
+        &lake,
+        "SELECT count(*) FROM pos_events WHERE ingested_at < occurred_at",
+    );
+    let total = row_count(&lake, "pos_events");
+    assert!(
+        late > total / 50 && late < total / 10,
+        "{late} late of {total}"
+    );
+    assert_eq!(early, 0);
+    // Business dates are Shanghai calendar dates of occurred_at.
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM pos_events WHERE business_date <> CAST(occurred_at + INTERVAL '8 hours' AS DATE)"
+        ),
+        0
+    );
+}
+
+#[test]
+fn graceful_stop_commits_and_metrics_are_served() {
+    let (_guard, dir) = workdir();
+    generate(
+        &dir,
+        &[
+            "--merchants",
+            "6",
+            "--days",
+            "10",
+            "--seed",
+            "2",
+            "--malformed-rate",
+            "0.01",
+        ],
+    );
+    let topic = unique("stop");
+    produce(&dir, &topic, 3);
+    let lake = dir.join("lake");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = ingest_args(&topic, &unique("g"), &lake);
+    // A long flush age: only the stop makes this worker commit.
+    args.extend([
+        "--max-age-ms".into(),
+        "600000".into(),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{port}"),
+    ]);
+    let mut worker = Worker::start(&dir, &args, &[]);
+    worker.wait_for("assigned", Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut metrics = String::new();
+    while std::time::Instant::now() < deadline {
+        metrics = http_get(port, "/metrics");
+        if metrics.contains("streetflow_ingest_records_in_total")
+            && metrics.contains("streetflow_ingest_consumer_lag_records")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        metrics.contains("streetflow_ingest_records_in_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("streetflow_ingest_consumer_lag_records{partition=\"0\"}"),
+        "{metrics}"
+    );
+    assert_eq!(
+        row_count(&lake, "pos_events"),
+        0,
+        "committed before the stop"
+    );
+    let status = worker.terminate(Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    let total = row_count(&lake, "pos_events") + row_count(&lake, "dead_letters");
+    // Every generated line ends with a newline (some are deliberately not UTF-8).
+    let lines = std::fs::read(dir.join("events.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count() as i64;
+    assert_eq!(total, lines);
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
