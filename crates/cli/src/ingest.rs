@@ -95,6 +95,8 @@ fn report_json(report: &IngestReport, seconds: f64) -> serde_json::Value {
         "dropped_on_rebalance": report.dropped_on_rebalance,
         "flushes": report.flushes,
         "fenced": report.fenced,
+        "gaps_repaired": report.gaps_repaired,
+        "records_lost_on_broker": report.records_lost_on_broker,
         "seconds": seconds,
     })
 }

@@ -18,6 +18,13 @@ pub const COMMIT_SECONDS: &str = "streetflow_ingest_commit_seconds";
 pub const FILES_WRITTEN: &str = "streetflow_ingest_files_written_total";
 /// Commits refused because another worker owned the partition.
 pub const FENCED: &str = "streetflow_ingest_fenced_total";
+/// Offsets missing after positioning a partition (label: `outcome` = `repaired` when
+/// the broker still held them, `lost` when retention had deleted them).
+pub const OFFSET_GAPS: &str = "streetflow_ingest_offset_gaps_total";
+/// Records deleted by the broker before any worker read them.
+pub const RECORDS_LOST: &str = "streetflow_ingest_records_lost_on_broker_total";
+/// Rejoins forced because the coordinator's assignment disagreed with the worker's.
+pub const GROUP_REJOINS: &str = "streetflow_ingest_group_rejoins_total";
 /// Consumer lag per partition, from librdkafka statistics (label: `partition`).
 pub const CONSUMER_LAG: &str = "streetflow_ingest_consumer_lag_records";
 
@@ -45,5 +52,14 @@ pub fn describe() {
         FENCED,
         "commits refused because another worker owned the partition"
     );
+    metrics::describe_counter!(
+        OFFSET_GAPS,
+        "offset gaps after positioning, repaired or lost"
+    );
+    metrics::describe_counter!(
+        RECORDS_LOST,
+        "records deleted by the broker before they were read"
+    );
+    metrics::describe_counter!(GROUP_REJOINS, "rejoins forced by a stale group assignment");
     metrics::describe_gauge!(CONSUMER_LAG, "consumer lag in records by partition");
 }

@@ -16,7 +16,7 @@
 //! A crash at any step therefore replays from the last `pos_events` commit and the
 //! skips make the replay write nothing twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -71,6 +71,11 @@ pub struct IngestReport {
     pub flushes: u64,
     /// Commits refused because another worker owned a partition.
     pub fenced: u64,
+    /// Times the broker skipped records it still held and the worker re-read them.
+    pub gaps_repaired: u64,
+    /// Records gone from the broker before they were read (retention): reported, never
+    /// silently skipped.
+    pub records_lost_on_broker: u64,
 }
 
 impl IngestReport {
@@ -164,6 +169,15 @@ impl IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // With enable.partition.eof librdkafka also reports each end of partition here;
+        // the worker handles those itself.
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::warn!(%error, reason, "librdkafka");
+    }
+
     fn stats(&self, statistics: Statistics) {
         if let Some(topic) = statistics.topics.get(&self.topic) {
             for (partition, stats) in &topic.partitions {
@@ -219,13 +233,44 @@ impl ConsumerContext for IngestContext {
 #[derive(Debug, Default)]
 struct PartitionState {
     bases: Bases,
+    /// First and last offset in the buffer.
+    first_buffered: Option<i64>,
     /// Last offset in the buffer.
     last_buffered: Option<i64>,
     /// Next offset to read (after the last one seen, stored or skipped).
     next: Option<i64>,
     /// librdkafka reported the end of the partition after the last message.
     at_end: bool,
+    /// After positioning the consumer: the offset the next record must have, and when
+    /// the position was set.
+    expect_first: Option<(i64, Instant)>,
+    /// A gap in this partition was already repaired once (never loop on it).
+    repaired: bool,
 }
+
+impl PartitionState {
+    fn starting_at(bases: Bases) -> Self {
+        let start = bases.events.map(|o| o + 1);
+        Self {
+            bases,
+            next: start,
+            expect_first: start.map(|offset| (offset, Instant::now())),
+            ..Self::default()
+        }
+    }
+}
+
+/// After positioning, the first record came later than the offset asked for (`found`),
+/// or none came although the partition holds more (`found: None`).
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    partition: i32,
+    expected: i64,
+    found: Option<i64>,
+}
+
+/// How long a positioned partition may stay silent while holding records.
+const SILENT_PARTITION: Duration = Duration::from_secs(3);
 
 /// A dead letter waiting to be published on the DLQ topic after the lake commit.
 struct DlqMessage {
@@ -266,6 +311,15 @@ impl Buffer {
 /// borrows the consumer, can update the state).
 struct Worker {
     consumer: BaseConsumer<IngestContext>,
+    client_id: String,
+    /// Consecutive group checks that found the group inconsistent.
+    group_suspicions: u32,
+    /// Members of the group when this worker last received an assignment.
+    member_baseline: Option<BTreeSet<String>>,
+    /// `State::assignments` when the baseline was taken.
+    assignments_seen: u64,
+    /// When the worker last forced a rejoin.
+    last_rejoin: Option<Instant>,
     state: State,
 }
 
@@ -284,11 +338,15 @@ struct State {
     report: IngestReport,
     failed: Option<String>,
     ever_assigned: bool,
+    /// Assignments received so far.
+    assignments: u64,
+    gaps: Vec<Gap>,
 }
 
-fn consumer_config(config: &PipelineConfig) -> ClientConfig {
+fn consumer_config(config: &PipelineConfig, client_id: &str) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
+        .set("client.id", client_id)
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group)
         .set("enable.auto.commit", "false")
@@ -335,7 +393,13 @@ pub fn run_worker(
         sink: sink.clone(),
         events: Mutex::new(Vec::new()),
     };
-    let consumer: BaseConsumer<IngestContext> = consumer_config(config)
+    // Unique per worker: the group check finds this worker's member by it.
+    let client_id = format!(
+        "streetflow-ingest-{}-{}",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or_default() % 1_000_000_000
+    );
+    let consumer: BaseConsumer<IngestContext> = consumer_config(config, &client_id)
         .create_with_context(context)
         .map_err(Error::kafka("create consumer"))?;
     consumer
@@ -364,6 +428,11 @@ pub fn run_worker(
     );
     let mut worker = Worker {
         consumer,
+        client_id,
+        group_suspicions: 0,
+        member_baseline: None,
+        assignments_seen: 0,
+        last_rejoin: None,
         state: State {
             topic: config.kafka.topic.clone(),
             decode_options: config.decode_options(),
@@ -377,6 +446,8 @@ pub fn run_worker(
             report: IngestReport::default(),
             failed: None,
             ever_assigned: false,
+            assignments: 0,
+            gaps: Vec::new(),
             options,
         },
     };
@@ -389,6 +460,7 @@ impl Worker {
         let started = Instant::now();
         let mut last_end_check = Instant::now();
         let mut last_progress = Instant::now();
+        let mut last_group_check = Instant::now();
         let mut reported = (0u64, 0u64);
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -421,16 +493,26 @@ impl Worker {
                     true
                 }
             };
+            self.handle_gaps()?;
             if self.state.flush_due() {
                 self.flush()?;
             }
             if last_progress.elapsed() >= Duration::from_secs(1) {
+                self.find_silent_partitions()?;
+                self.handle_gaps()?;
                 // Per-second progress counters: visible between flushes, not per record.
                 last_progress = Instant::now();
                 let report = &self.state.report;
                 metrics::counter!(names::RECORDS_IN).increment(report.consumed - reported.0);
                 metrics::counter!(names::RECORDS_REPLAYED).increment(report.replayed - reported.1);
                 reported = (report.consumed, report.replayed);
+            }
+            let new_assignment = self.assignments_seen != self.state.assignments;
+            if last_group_check.elapsed() >= GROUP_CHECK_INTERVAL
+                || (new_assignment && last_group_check.elapsed() >= Duration::from_millis(500))
+            {
+                last_group_check = Instant::now();
+                self.check_group()?;
             }
             if self.state.options.exit_at_end
                 && idle
@@ -467,21 +549,21 @@ impl State {
         for event in events {
             match event {
                 RebalanceEvent::Assigned(assigned) => {
+                    tracing::debug!(
+                        ?assigned,
+                        buffered = self.buffer.records,
+                        "assignment applied"
+                    );
                     self.report.dropped_on_rebalance += self.buffer.clear() as u64;
                     self.partitions = assigned
                         .into_iter()
-                        .map(|(p, bases)| {
-                            let state = PartitionState {
-                                bases,
-                                next: bases.events.map(|o| o + 1),
-                                ..PartitionState::default()
-                            };
-                            (p, state)
-                        })
+                        .map(|(p, bases)| (p, PartitionState::starting_at(bases)))
                         .collect();
                     self.ever_assigned = true;
+                    self.assignments += 1;
                 }
                 RebalanceEvent::Revoked => {
+                    tracing::debug!(buffered = self.buffer.records, "revocation applied");
                     self.report.dropped_on_rebalance += self.buffer.clear() as u64;
                     self.discard_staged();
                     self.partitions.clear();
@@ -507,6 +589,7 @@ impl State {
             calendars,
             date_caches,
             dlq,
+            gaps,
             ..
         } = self;
         let topic = topic.as_str();
@@ -516,10 +599,22 @@ impl State {
         report.consumed += 1;
         let Some(state) = partitions.get_mut(&partition) else {
             // A message fetched before a revocation took effect; its new owner reads it.
+            tracing::debug!(partition, offset, "record of a partition not assigned here");
             report.dropped_on_rebalance += 1;
             return;
         };
         state.at_end = false;
+        if let Some((expected, _)) = state.expect_first.take()
+            && offset > expected
+        {
+            // Not processed: the worker re-positions the partition and reads it again.
+            gaps.push(Gap {
+                partition,
+                expected,
+                found: Some(offset),
+            });
+            return;
+        }
         state.next = Some(offset + 1);
         if state.bases.events.is_some_and(|stored| offset <= stored) {
             report.replayed += 1;
@@ -596,6 +691,7 @@ impl State {
                 }
             }
         }
+        state.first_buffered.get_or_insert(offset);
         state.last_buffered = Some(offset);
         buffer.records += 1;
         buffer.bytes += payload.map_or(0, <[u8]>::len);
@@ -614,7 +710,164 @@ impl State {
     }
 }
 
+/// How often a worker compares the coordinator's view of the group with its own.
+const GROUP_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 impl Worker {
+    /// See [`crate::group`]: rejoin when the stable group lost members that were there
+    /// at this worker's assignment and no rebalance told it (two checks in a row).
+    fn check_group(&mut self) -> Result<()> {
+        let group_id = self.state.options.config.kafka.group.clone();
+        let groups = match self
+            .consumer
+            .fetch_group_list(Some(&group_id), Duration::from_secs(5))
+        {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::debug!(%error, "describing the group failed; skipping the check");
+                return Ok(());
+            }
+        };
+        let Some(info) = groups.groups().iter().find(|g| g.name() == group_id) else {
+            return Ok(());
+        };
+        if info.state() != "Stable" {
+            self.group_suspicions = 0;
+            return Ok(());
+        }
+        let members: BTreeSet<String> = info.members().iter().map(|m| m.id().to_owned()).collect();
+        if self.assignments_seen != self.state.assignments {
+            // A new assignment: its group is the baseline.
+            self.assignments_seen = self.state.assignments;
+            self.member_baseline = Some(members);
+            self.group_suspicions = 0;
+            return Ok(());
+        }
+        let verdict = crate::group::judge(self.member_baseline.as_ref(), &members, &self.client_id);
+        if verdict == crate::group::Verdict::Consistent {
+            self.group_suspicions = 0;
+            return Ok(());
+        }
+        self.group_suspicions += 1;
+        let cooled_down = self
+            .last_rejoin
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        if self.group_suspicions >= 2 && cooled_down {
+            tracing::warn!(
+                ?verdict,
+                "the group changed without a rebalance reaching this worker; rejoining"
+            );
+            self.group_suspicions = 0;
+            self.last_rejoin = Some(Instant::now());
+            metrics::counter!(names::GROUP_REJOINS).increment(1);
+            self.flush()?;
+            let topic = self.state.topic.clone();
+            self.consumer.unsubscribe();
+            self.consumer
+                .subscribe(&[&topic])
+                .map_err(Error::kafka(format!("resubscribe to {topic}")))?;
+        }
+        Ok(())
+    }
+
+    /// Partitions positioned a while ago that delivered nothing although the broker
+    /// holds records past the position.
+    fn find_silent_partitions(&mut self) -> Result<()> {
+        let silent: Vec<(i32, i64)> = self
+            .state
+            .partitions
+            .iter()
+            .filter_map(|(&p, s)| {
+                s.expect_first
+                    .filter(|(_, at)| at.elapsed() >= SILENT_PARTITION)
+                    .map(|(o, _)| (p, o))
+            })
+            .collect();
+        for (partition, expected) in silent {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
+                .map_err(Error::kafka(format!("watermarks of partition {partition}")))?;
+            let Some(state) = self.state.partitions.get_mut(&partition) else {
+                continue;
+            };
+            if high > expected {
+                state.expect_first = None;
+                self.state.gaps.push(Gap {
+                    partition,
+                    expected,
+                    found: None,
+                });
+            } else {
+                // Nothing to read yet: keep watching from now.
+                state.expect_first = Some((expected, Instant::now()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A partition's first record after positioning came later than asked, or never
+    /// came. If the broker still holds the missing records (its low watermark is not
+    /// past them) it skipped them: Tansu 0.6 answers a fetch that starts inside a record
+    /// batch with the next batch, or with nothing inside the last one. Re-read the
+    /// partition from its start once; the lake offsets make the re-read write nothing
+    /// twice. If the records are gone (retention), say so loudly and go on after them.
+    fn handle_gaps(&mut self) -> Result<()> {
+        for gap in std::mem::take(&mut self.state.gaps) {
+            let Gap {
+                partition,
+                expected,
+                found,
+            } = gap;
+            let (low, _) = self
+                .consumer
+                .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
+                .map_err(Error::kafka(format!("watermarks of partition {partition}")))?;
+            let Some(state) = self.state.partitions.get_mut(&partition) else {
+                continue;
+            };
+            let restart = if low <= expected && !state.repaired {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    ?found,
+                    low,
+                    "the broker skipped records it holds; re-reading the partition from its start"
+                );
+                state.repaired = true;
+                metrics::counter!(names::OFFSET_GAPS, "outcome" => "repaired").increment(1);
+                self.state.report.gaps_repaired += 1;
+                low
+            } else {
+                let resume = found.unwrap_or(low).max(low);
+                let lost = (resume - expected).max(0);
+                tracing::error!(
+                    partition,
+                    expected,
+                    ?found,
+                    low,
+                    lost,
+                    "records are gone from the broker before they were read (retention?); continuing after them"
+                );
+                metrics::counter!(names::OFFSET_GAPS, "outcome" => "lost").increment(1);
+                metrics::counter!(names::RECORDS_LOST).increment(lost as u64);
+                self.state.report.records_lost_on_broker += lost as u64;
+                resume
+            };
+            self.consumer
+                .seek(
+                    &self.state.topic,
+                    partition,
+                    Offset::Offset(restart),
+                    Duration::from_secs(10),
+                )
+                .map_err(Error::kafka(format!(
+                    "seek partition {partition} to {restart}"
+                )))?;
+        }
+        Ok(())
+    }
+
     fn caught_up(&self) -> Result<bool> {
         for (&p, state) in &self.state.partitions {
             if state.at_end && state.last_buffered.is_none() {
@@ -650,7 +903,12 @@ impl Worker {
         if event_progress.is_empty() {
             return Ok(());
         }
-        let dead_progress = progress(|b| b.dead_letters);
+        // A replay may cover offsets the dead-letter table already holds; its version
+        // must never move back, so such partitions are not part of its commit.
+        let dead_progress: Vec<PartitionProgress> = progress(|b| b.dead_letters)
+            .into_iter()
+            .filter(|p| p.expected.is_none_or(|stored| p.last_offset > stored))
+            .collect();
         let records = self.state.buffer.records;
         let accepted = self.state.buffer.events.len() as u64;
         let dead_batch = (!self.state.buffer.dead_letters.is_empty())
@@ -710,7 +968,15 @@ impl Worker {
         let mut offsets = TopicPartitionList::new();
         for p in &event_progress {
             if let Some(state) = self.state.partitions.get_mut(&p.partition) {
+                tracing::debug!(
+                    partition = p.partition,
+                    expected = ?p.expected,
+                    first = ?state.first_buffered,
+                    last = p.last_offset,
+                    "partition range committed"
+                );
                 state.bases.events = Some(p.last_offset);
+                state.first_buffered = None;
                 state.last_buffered = None;
             }
             offsets
@@ -816,14 +1082,9 @@ impl Worker {
                 .map_or(Offset::Beginning, |last| Offset::Offset(last + 1));
             tpl.add_partition_offset(&self.state.topic, p, start)
                 .map_err(Error::kafka("build assignment"))?;
-            self.state.partitions.insert(
-                p,
-                PartitionState {
-                    bases: *base,
-                    next: base.events.map(|o| o + 1),
-                    ..PartitionState::default()
-                },
-            );
+            self.state
+                .partitions
+                .insert(p, PartitionState::starting_at(*base));
         }
         self.consumer
             .assign(&tpl)

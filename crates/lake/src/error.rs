@@ -26,6 +26,21 @@ pub enum Error {
         /// First difference found.
         detail: String,
     },
+    /// A commit would move a partition's recorded offset backwards (a caller defect:
+    /// it would make the next reader re-write what the table holds).
+    #[error(
+        "table {table}: partition {partition} would move back from offset {stored} to {proposed}"
+    )]
+    OffsetWouldMoveBack {
+        /// Table name.
+        table: String,
+        /// Kafka partition.
+        partition: i32,
+        /// Offset the table holds.
+        stored: i64,
+        /// Offset the commit proposed.
+        proposed: i64,
+    },
     /// A Delta operation failed.
     #[error("Delta table {table} ({operation}): {source}")]
     Delta {
@@ -51,7 +66,9 @@ impl Error {
                     | DeltaTableError::Transaction { .. }
                     | DeltaTableError::VersionAlreadyExists(_)
             ),
-            Error::BadLocation { .. } | Error::SchemaMismatch { .. } => false,
+            Error::BadLocation { .. }
+            | Error::SchemaMismatch { .. }
+            | Error::OffsetWouldMoveBack { .. } => false,
         }
     }
 

@@ -169,6 +169,17 @@ impl OffsetWriter {
         staged: &StagedFiles,
         progress: &[PartitionProgress],
     ) -> Result<CommitOutcome> {
+        if let Some(p) = progress
+            .iter()
+            .find(|p| p.expected.is_some_and(|stored| p.last_offset < stored))
+        {
+            return Err(Error::OffsetWouldMoveBack {
+                table: self.name.to_owned(),
+                partition: p.partition,
+                stored: p.expected.unwrap_or_default(),
+                proposed: p.last_offset,
+            });
+        }
         self.refresh().await?;
         if let Some(fenced) = self.check_expected(progress).await? {
             return Ok(fenced);

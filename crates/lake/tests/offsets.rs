@@ -107,6 +107,15 @@ async fn offsets_travel_with_the_data_and_stale_writers_are_fenced() {
     assert_eq!(rows(&b).await, 3);
     assert_eq!(a.committed_offsets(&[0]).await.unwrap(), vec![Some(60)]);
 
+    // Offsets never move back.
+    let backwards = [PartitionProgress {
+        partition: 0,
+        expected: Some(60),
+        last_offset: 59,
+    }];
+    let err = b.commit(&Default::default(), &backwards).await.unwrap_err();
+    assert!(err.to_string().contains("move back"), "{err}");
+
     // Reopening the lake finds the same table and offsets.
     let mut reopened = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
     assert_eq!(
