@@ -9,6 +9,7 @@
 mod batch;
 mod error;
 mod freeze;
+mod group;
 pub mod metrics;
 mod produce;
 mod worker;
