@@ -5,6 +5,7 @@ mod generate;
 mod ingest;
 mod output;
 mod settings;
+mod sql;
 mod validate;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Publish a JSON Lines file to a topic, keyed by merchant, with simulated arrival times.
     Produce(ingest::ProduceArgs),
+    /// Run a read-only SQL query over the lake's tables.
+    Sql(sql::SqlArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(&args),
         Command::Ingest(args) => ingest::run_ingest(&args),
         Command::Produce(args) => ingest::run_produce(&args),
+        Command::Sql(args) => sql::run(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

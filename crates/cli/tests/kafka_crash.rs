@@ -1,0 +1,196 @@
+//! Workers killed with SIGKILL at every step of a flush, and a worker lost from a
+//! group of three: the lake ends up exactly as an uninterrupted run leaves it.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A pipeline file that lets the group notice a dead worker within seconds.
+fn fast_group_config(dir: &Path) -> String {
+    let path = dir.join("test-pipeline.toml");
+    std::fs::write(
+        &path,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn worker_args(topic: &str, group: &str, lake: &Path, config: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = ingest_args(topic, group, lake);
+    args.extend([
+        "--config".into(),
+        config.into(),
+        "--max-records".into(),
+        "1500".into(),
+    ]);
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// Everything a reader sees, in a stable order.
+fn contents(lake: &Path) -> (String, String) {
+    (
+        sql_table(
+            lake,
+            "SELECT kafka_partition, kafka_offset, operator_id, business_date, event_id, merchant_id, terminal_id, \
+             kind, amount_fen, currency, occurred_at, utc_offset_seconds, channel, ref_event_id, payer_ref, \
+             ingested_at, kafka_topic FROM pos_events ORDER BY kafka_partition, kafka_offset",
+        ),
+        sql_table(
+            lake,
+            "SELECT kafka_partition, kafka_offset, operator_id, ingest_date, reason, detail, payload, payload_bytes, \
+             message_key, ingested_at FROM dead_letters ORDER BY kafka_partition, kafka_offset",
+        ),
+    )
+}
+
+#[test]
+fn killed_at_every_step_the_tables_match_an_uninterrupted_run() {
+    let (_guard, dir) = workdir();
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "12",
+            "--days",
+            "30",
+            "--seed",
+            "23",
+            "--duplicate-rate",
+            "0.01",
+            "--late-rate",
+            "0.01",
+            "--malformed-rate",
+            "0.01",
+        ],
+    );
+    let topic = unique("crash");
+    produce(&dir, &topic, 4);
+    let config = fast_group_config(&dir);
+
+    let reference = dir.join("reference-lake");
+    let args = worker_args(
+        &topic,
+        &unique("ref"),
+        &reference,
+        &config,
+        &["--exit-at-end"],
+    );
+    Worker::start(&dir, &args, &[]).wait(Duration::from_secs(300));
+
+    let crashed = dir.join("crashed-lake");
+    let group = unique("crash");
+    let freeze_points = [
+        "message_buffered:700",
+        "dead_letter_files_written:2",
+        "dead_letters_committed:2",
+        "event_files_written:2",
+        "events_committed:2",
+        "group_offsets_committed:3",
+        "event_files_written:1",
+    ];
+    for point in freeze_points {
+        let args = worker_args(&topic, &group, &crashed, &config, &[]);
+        let mut worker = Worker::start(&dir, &args, &[("STREETFLOW_FREEZE_AT", point)]);
+        worker.wait_for("FROZEN AT", Duration::from_secs(180));
+        worker.kill();
+    }
+    let args = worker_args(&topic, &group, &crashed, &config, &["--exit-at-end"]);
+    let status = Worker::start(&dir, &args, &[]).wait(Duration::from_secs(300));
+    assert!(status.success());
+
+    let lines = summary["lines"].as_i64().unwrap();
+    assert_eq!(
+        row_count(&reference, "pos_events") + row_count(&reference, "dead_letters"),
+        lines
+    );
+    let (want_events, want_dead) = contents(&reference);
+    let (got_events, got_dead) = contents(&crashed);
+    assert!(
+        want_events == got_events,
+        "pos_events differ after the crashes"
+    );
+    assert!(
+        want_dead == got_dead,
+        "dead_letters differ after the crashes"
+    );
+    // The crashes left Parquet files that no commit references; readers never see them.
+    assert_eq!(
+        row_count(&crashed, "pos_events") + row_count(&crashed, "dead_letters"),
+        lines
+    );
+}
+
+#[test]
+fn a_group_of_three_loses_a_worker_and_nothing_is_lost_or_doubled() {
+    let (_guard, dir) = workdir();
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "20",
+            "--days",
+            "30",
+            "--seed",
+            "31",
+            "--duplicate-rate",
+            "0.01",
+            "--malformed-rate",
+            "0.005",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("rebalance");
+    produce(&dir, &topic, 6);
+    let config = fast_group_config(&dir);
+    let lake = dir.join("lake");
+    let group = unique("three");
+    let args = worker_args(&topic, &group, &lake, &config, &["--json"]);
+
+    let first = Worker::start(&dir, &args, &[]);
+    let mut doomed = Worker::start(
+        &dir,
+        &args,
+        &[("STREETFLOW_FREEZE_AT", "events_committed:3")],
+    );
+    let third = Worker::start(&dir, &args, &[]);
+    // The doomed worker dies mid-run, right after a commit, holding partitions.
+    doomed.wait_for("FROZEN AT", Duration::from_secs(180));
+    doomed.kill();
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let stored = row_count(&lake, "pos_events") + row_count(&lake, "dead_letters");
+        if stored >= lines {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {stored} of {lines} records after the loss of a worker"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for worker in [first, third] {
+        assert!(worker.terminate(Duration::from_secs(60)).success());
+    }
+    let valid =
+        summary["unique_events"].as_i64().unwrap() + summary["duplicates"].as_i64().unwrap();
+    assert_eq!(row_count(&lake, "pos_events"), valid);
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM pos_events)"
+        ),
+        valid
+    );
+    assert_eq!(
+        row_count(&lake, "dead_letters"),
+        summary["malformed"].as_i64().unwrap()
+    );
+}
