@@ -227,3 +227,113 @@ fn http_get(port: u16, path: &str) -> String {
     stream.read_to_string(&mut body).unwrap();
     body
 }
+
+#[test]
+fn tombstones_and_empty_messages_are_dead_letters_and_reach_the_dlq_topic() {
+    use rdkafka::Message;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let (_guard, dir) = workdir();
+    let topic = unique("tomb");
+    let dlq = format!("{topic}.dlq");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    streetflow_ingest::create_topic(broker(), &topic, 1, runtime.handle()).unwrap();
+    streetflow_ingest::create_topic(broker(), &dlq, 1, runtime.handle()).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    let good = r#"{"event_id":"e1","operator_id":"jade-market","merchant_id":"m1","kind":"sale","amount_fen":990,"currency":"CNY","occurred_at":"2025-06-01T10:00:00+08:00","channel":"alipay"}"#;
+    let card = r#"{"event_id":"e2","operator_id":"jade-market","merchant_id":"m1","kind":"sale","amount_fen":990,"currency":"CNY","occurred_at":"2025-06-01T10:00:00+08:00","channel":"alipay","payer_ref":"4111111111111111"}"#;
+    producer
+        .send(BaseRecord::<str, str>::to(&topic).key("m1").payload(good))
+        .unwrap();
+    producer
+        .send(BaseRecord::<str, str>::to(&topic).key("m1"))
+        .unwrap(); // tombstone
+    producer
+        .send(BaseRecord::<str, str>::to(&topic).key("m1").payload(""))
+        .unwrap();
+    producer
+        .send(BaseRecord::<str, str>::to(&topic).key("m1").payload(card))
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let lake = dir.join("lake");
+    let mut args = vec!["--log-format".to_owned(), "json".to_owned()];
+    args.extend(ingest_args(&topic, &unique("g"), &lake));
+    args.extend(["--exit-at-end".into(), "--dlq-topic".into(), dlq.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run(&dir, &args);
+    // Structured logs: every line on stderr is one JSON object.
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.lines().count() >= 2, "{stderr}");
+    for line in stderr.lines() {
+        let log: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            log["level"].is_string() && log["fields"].is_object(),
+            "{line}"
+        );
+    }
+
+    assert_eq!(row_count(&lake, "pos_events"), 1);
+    let letters = sql_table(
+        &lake,
+        "SELECT reason, payload_bytes, operator_id FROM dead_letters ORDER BY kafka_offset",
+    );
+    assert!(
+        letters.contains("| empty_message   | 0             | unknown     |"),
+        "{letters}"
+    );
+    assert!(letters.contains("raw_card_number"), "{letters}");
+    // The card number is masked in the stored payload.
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM dead_letters WHERE strpos(CAST(payload AS VARCHAR), '4111111111111111') > 0"
+        ),
+        0
+    );
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM dead_letters WHERE strpos(CAST(payload AS VARCHAR), '************1111') > 0"
+        ),
+        1
+    );
+
+    // The DLQ topic got the same three, with the reason in a header.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut reasons = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reasons.len() < 3 && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
+            let headers = message.headers().unwrap();
+            let reason = headers
+                .iter()
+                .find(|h| h.key == "streetflow.reason")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(message.payload().unwrap_or_default())
+                    .contains("4111111111111111")
+            );
+            reasons.push(reason);
+        }
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["empty_message", "empty_message", "raw_card_number"]
+    );
+}

@@ -2,10 +2,17 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use streetflow_core::card::mask_card_numbers;
-use streetflow_core::tables::{DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS};
-use streetflow_core::{PosEvent, Rejection};
+use streetflow_core::tables::{
+    DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS, UNKNOWN_OPERATOR,
+};
+use streetflow_core::{
+    BusinessDateCache, DecodeOptions, OperatorCalendars, PosEvent, ReasonCode, Rejection, decode,
+    operator_hint,
+};
 use streetflow_lake::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Int32Builder, Int64Builder,
     StringBuilder, TimestampMicrosecondBuilder,
@@ -355,6 +362,97 @@ impl DeadLetterRows {
     pub fn clear(&mut self) {
         if self.rows > 0 {
             let _ = self.finish();
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// An accepted event row.
+    Event,
+    /// A dead-letter row with this rejection.
+    DeadLetter(Rejection),
+    /// Rejected, but the dead-letter table already holds it (a replay): nothing added.
+    DeadLetterAlreadyStored(ReasonCode),
+}
+
+/// Decodes messages into event and dead-letter rows: the one path shared by the Kafka
+/// workers and file loads, so both give the same rows for the same bytes.
+#[derive(Debug)]
+pub struct RowAppender {
+    decode_options: DecodeOptions,
+    calendars: OperatorCalendars,
+    date_caches: HashMap<String, BusinessDateCache>,
+}
+
+impl RowAppender {
+    /// An appender with the pipeline's decoder limits and business calendars.
+    pub fn new(decode_options: DecodeOptions, calendars: OperatorCalendars) -> Self {
+        Self {
+            decode_options,
+            calendars,
+            date_caches: HashMap::new(),
+        }
+    }
+
+    /// Decodes one message (`None`: a Kafka tombstone) received at `ingested_at` and
+    /// appends its row. A rejected message is not appended when
+    /// `dead_letter_already_stored` says the dead-letter table holds it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        events: &mut EventRows,
+        dead_letters: &mut DeadLetterRows,
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        ingested_at: DateTime<Utc>,
+        origin: Origin<'_>,
+        dead_letter_already_stored: bool,
+    ) -> Appended {
+        let result = match payload {
+            Some(bytes) => decode(bytes, ingested_at, &self.decode_options),
+            None => Err(Rejection {
+                reason: ReasonCode::EmptyMessage,
+                detail: "Kafka tombstone (null value)".to_owned(),
+            }),
+        };
+        match result {
+            Ok(event) => {
+                let cache = match self.date_caches.get_mut(event.operator_id.as_ref()) {
+                    Some(cache) => cache,
+                    None => self
+                        .date_caches
+                        .entry(event.operator_id.to_string())
+                        .or_insert_with(|| {
+                            BusinessDateCache::new(*self.calendars.for_operator(&event.operator_id))
+                        }),
+                };
+                let business_date = cache.business_date(event.occurred_at.timestamp_micros());
+                events.append(&event, business_date, ingested_at, &origin);
+                Appended::Event
+            }
+            Err(rejection) if dead_letter_already_stored => {
+                Appended::DeadLetterAlreadyStored(rejection.reason)
+            }
+            Err(rejection) => {
+                let operator = payload.and_then(operator_hint);
+                let ingest_date = self
+                    .calendars
+                    .default_calendar()
+                    .local_time(&ingested_at)
+                    .date();
+                dead_letters.append(&DeadLetter {
+                    operator_id: operator.as_deref().unwrap_or(UNKNOWN_OPERATOR),
+                    ingest_date,
+                    rejection: &rejection,
+                    payload,
+                    key,
+                    ingested_at,
+                    origin,
+                });
+                Appended::DeadLetter(rejection)
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod metrics;
 mod produce;
 mod worker;
 
-pub use batch::{DeadLetter, DeadLetterRows, EventRows, Origin};
+pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
 pub use error::{Error, Result};
 pub use produce::{ProduceOptions, ProduceReport, create_topic, produce_file};
 pub use worker::{IngestOptions, IngestReport, run_worker};

@@ -16,7 +16,7 @@
 //! A crash at any step therefore replays from the last `pos_events` commit and the
 //! skips make the replay write nothing twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,20 +25,18 @@ use chrono::{DateTime, Utc};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS, UNKNOWN_OPERATOR};
-use streetflow_core::{
-    BusinessDateCache, DecodeOptions, OperatorCalendars, PipelineConfig, decode, operator_hint,
-};
+use streetflow_core::PipelineConfig;
+use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
 use streetflow_lake::{CommitOutcome, Lake, OffsetWriter, PartitionProgress, StagedFiles};
 use tokio::runtime::Handle;
 
-use crate::batch::{DeadLetter, DeadLetterRows, EventRows, Origin};
+use crate::batch::{Appended, DeadLetterRows, EventRows, Origin, RowAppender};
 use crate::error::{Error, Result};
 use crate::freeze::{self, points};
 use crate::metrics as names;
@@ -172,7 +170,10 @@ impl ClientContext for IngestContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // With enable.partition.eof librdkafka also reports each end of partition here;
         // the worker handles those itself.
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             return;
         }
         tracing::warn!(%error, reason, "librdkafka");
@@ -327,9 +328,7 @@ struct Worker {
 struct State {
     options: IngestOptions,
     topic: String,
-    decode_options: DecodeOptions,
-    calendars: OperatorCalendars,
-    date_caches: HashMap<String, BusinessDateCache>,
+    appender: RowAppender,
     dlq: Option<(BaseProducer, String)>,
     handle: Handle,
     sink: Arc<Mutex<Sink>>,
@@ -435,9 +434,7 @@ pub fn run_worker(
         last_rejoin: None,
         state: State {
             topic: config.kafka.topic.clone(),
-            decode_options: config.decode_options(),
-            calendars,
-            date_caches: HashMap::new(),
+            appender: RowAppender::new(config.decode_options(), calendars),
             dlq,
             handle,
             sink,
@@ -585,9 +582,7 @@ impl State {
             partitions,
             buffer,
             report,
-            decode_options,
-            calendars,
-            date_caches,
+            appender,
             dlq,
             gaps,
             ..
@@ -631,63 +626,37 @@ impl State {
             offset,
         };
         let payload = message.payload();
-        let result = match payload {
-            Some(bytes) => decode(bytes, ingested_at, decode_options),
-            None => Err(streetflow_core::Rejection {
-                reason: streetflow_core::ReasonCode::EmptyMessage,
-                detail: "Kafka tombstone (null value)".to_owned(),
-            }),
-        };
-        match result {
-            Ok(event) => {
-                let cache = match date_caches.get_mut(event.operator_id.as_ref()) {
-                    Some(cache) => cache,
-                    None => date_caches
-                        .entry(event.operator_id.to_string())
-                        .or_insert_with(|| {
-                            BusinessDateCache::new(*calendars.for_operator(&event.operator_id))
-                        }),
-                };
-                let business_date = cache.business_date(event.occurred_at.timestamp_micros());
-                buffer
-                    .events
-                    .append(&event, business_date, ingested_at, &origin);
-            }
-            Err(rejection) => {
-                if state
-                    .bases
-                    .dead_letters
-                    .is_some_and(|stored| offset <= stored)
-                {
-                    report.replayed += 1;
-                } else {
-                    let operator = payload.and_then(operator_hint);
-                    let ingest_date = calendars.default_calendar().local_time(&ingested_at).date();
-                    buffer.dead_letters.append(&DeadLetter {
-                        operator_id: operator.as_deref().unwrap_or(UNKNOWN_OPERATOR),
-                        ingest_date,
-                        rejection: &rejection,
-                        payload,
-                        key: message.key(),
-                        ingested_at,
-                        origin,
+        let dead_stored = state
+            .bases
+            .dead_letters
+            .is_some_and(|stored| offset <= stored);
+        match appender.append(
+            &mut buffer.events,
+            &mut buffer.dead_letters,
+            payload,
+            message.key(),
+            ingested_at,
+            origin,
+            dead_stored,
+        ) {
+            Appended::Event => {}
+            Appended::DeadLetterAlreadyStored(_) => report.replayed += 1,
+            Appended::DeadLetter(rejection) => {
+                *buffer
+                    .dead_by_reason
+                    .entry(rejection.reason.as_str())
+                    .or_default() += 1;
+                if publish_dlq {
+                    buffer.dlq.push(DlqMessage {
+                        payload: payload
+                            .map(|p| streetflow_core::card::mask_card_numbers(p).into_owned())
+                            .unwrap_or_default(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        reason: rejection.reason.as_str(),
+                        detail: rejection.detail,
+                        partition,
+                        offset,
                     });
-                    *buffer
-                        .dead_by_reason
-                        .entry(rejection.reason.as_str())
-                        .or_default() += 1;
-                    if publish_dlq {
-                        buffer.dlq.push(DlqMessage {
-                            payload: payload
-                                .map(|p| streetflow_core::card::mask_card_numbers(p).into_owned())
-                                .unwrap_or_default(),
-                            key: message.key().map(<[u8]>::to_vec),
-                            reason: rejection.reason.as_str(),
-                            detail: rejection.detail,
-                            partition,
-                            offset,
-                        });
-                    }
                 }
             }
         }

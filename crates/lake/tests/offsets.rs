@@ -147,3 +147,42 @@ async fn a_table_with_other_columns_is_refused() {
     assert!(err.to_string().contains("column n is"), "{err}");
     assert!(!err.is_retryable());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_checkpointed_and_offsets_survive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+    let mut writer = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    let mut last = None;
+    for i in 0..55i64 {
+        writer.write(batch("x", &[i])).await.unwrap();
+        let staged = writer.stage().await.unwrap();
+        let progress = [PartitionProgress {
+            partition: 3,
+            expected: last,
+            last_offset: i * 10,
+        }];
+        assert!(matches!(
+            writer.commit(&staged, &progress).await.unwrap(),
+            CommitOutcome::Committed { .. }
+        ));
+        last = Some(i * 10);
+    }
+    let checkpoints = std::fs::read_dir(dir.path().join("numbers/_delta_log"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".checkpoint")
+        })
+        .count();
+    assert!(checkpoints >= 1, "no checkpoint after 55 commits");
+    let mut reopened = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    assert_eq!(
+        reopened.committed_offsets(&[3]).await.unwrap(),
+        vec![Some(540)]
+    );
+    assert_eq!(rows(&reopened).await, 55);
+}
