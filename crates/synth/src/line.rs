@@ -233,22 +233,15 @@ fn luhn_valid_pan(seed: u64) -> Vec<u8> {
         digits.push((h % 10) as u8);
         h /= 10;
     }
-    // Check digit: the one that makes the Luhn sum a multiple of 10.
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            let d = u32::from(d);
-            if i % 2 == 0 {
-                let doubled = d * 2;
-                if doubled > 9 { doubled - 9 } else { doubled }
-            } else {
-                d
-            }
+    // Check digit: the one that makes the whole number pass the Luhn check.
+    let check = (0..=9u8)
+        .find(|&d| {
+            let mut candidate = digits.clone();
+            candidate.push(d);
+            streetflow_core::card::luhn_valid(&candidate)
         })
-        .sum();
-    digits.push(((10 - sum % 10) % 10) as u8);
+        .unwrap_or(0);
+    digits.push(check);
     digits.into_iter().map(|d| d + b'0').collect()
 }
 

@@ -195,23 +195,13 @@ impl Worker {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+    pub fn terminate(self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker did not stop within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait(timeout)
     }
 
-    /// Waits for the worker to exit by itself.
+    /// Waits for the worker to exit.
     pub fn wait(mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
