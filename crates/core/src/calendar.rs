@@ -167,15 +167,36 @@ impl OperatorCalendars {
     }
 }
 
-/// Business dates for a stream of instants that are mostly in order: remembers the last
-/// business day's interval so most lookups are two comparisons instead of time-zone
-/// arithmetic.
+/// Business dates and local wall times for a stream of instants that are mostly in
+/// order: remembers the last business day's interval (and its UTC offset, when constant)
+/// so most lookups are a few comparisons instead of time-zone arithmetic.
 #[derive(Debug, Clone)]
 pub struct BusinessDateCache {
     calendar: BusinessCalendar,
-    /// `[start, end)` in UTC microseconds, and its date.
-    current: Option<(i64, i64, NaiveDate)>,
+    current: Option<CachedDay>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct CachedDay {
+    /// `[start, end)` in UTC microseconds.
+    start: i64,
+    end: i64,
+    date: NaiveDate,
+    /// UTC offset in force for the whole interval, if it does not change within it.
+    offset_micros: Option<i64>,
+}
+
+/// Where an instant falls for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalPlace {
+    /// Business date.
+    pub business_date: NaiveDate,
+    /// Minutes since local midnight of the wall-clock time (0..1440), in the operator's zone.
+    pub minute_of_day: u16,
+}
+
+const MICROS_PER_MINUTE: i64 = 60_000_000;
+const MICROS_PER_DAY: i64 = 1_440 * MICROS_PER_MINUTE;
 
 impl BusinessDateCache {
     /// A cache over `calendar`.
@@ -186,12 +207,19 @@ impl BusinessDateCache {
         }
     }
 
-    /// The business date of an instant given in UTC microseconds.
-    pub fn business_date(&mut self, utc_micros: i64) -> NaiveDate {
-        if let Some((start, end, date)) = self.current
-            && (start..end).contains(&utc_micros)
+    fn offset_micros(&self, utc_micros: i64) -> i64 {
+        let instant = DateTime::from_timestamp_micros(utc_micros).unwrap_or_default();
+        let local = self.calendar.local_time(&instant);
+        (local - instant.naive_utc())
+            .num_microseconds()
+            .unwrap_or(0)
+    }
+
+    fn day_of(&mut self, utc_micros: i64) -> CachedDay {
+        if let Some(day) = self.current
+            && (day.start..day.end).contains(&utc_micros)
         {
-            return date;
+            return day;
         }
         let instant = DateTime::from_timestamp_micros(utc_micros).unwrap_or_default();
         let date = self.calendar.business_date(&instant);
@@ -201,14 +229,40 @@ impl BusinessDateCache {
             .map_or(i64::MAX, |next| {
                 self.calendar.day_start(next).timestamp_micros()
             });
-        self.current = Some((start, end, date));
-        date
+        let first = self.offset_micros(start);
+        let last = self.offset_micros(end.saturating_sub(1));
+        let day = CachedDay {
+            start,
+            end,
+            date,
+            offset_micros: (first == last).then_some(first),
+        };
+        self.current = Some(day);
+        day
+    }
+
+    /// The business date of an instant given in UTC microseconds.
+    pub fn business_date(&mut self, utc_micros: i64) -> NaiveDate {
+        self.day_of(utc_micros).date
+    }
+
+    /// Business date and local minute of day of an instant given in UTC microseconds.
+    pub fn locate(&mut self, utc_micros: i64) -> LocalPlace {
+        let day = self.day_of(utc_micros);
+        let offset = day
+            .offset_micros
+            .unwrap_or_else(|| self.offset_micros(utc_micros));
+        let local = utc_micros + offset;
+        LocalPlace {
+            business_date: day.date,
+            minute_of_day: (local.rem_euclid(MICROS_PER_DAY) / MICROS_PER_MINUTE) as u16,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use chrono::{Duration, FixedOffset};
+    use chrono::{Duration, FixedOffset, Timelike};
     use proptest::prelude::*;
 
     use super::*;
@@ -292,8 +346,17 @@ mod tests {
         // Every 7 minutes over a DST change, forwards then backwards.
         let instants: Vec<i64> = (0..2_000).map(|i| start + i * 7 * 60 * 1_000_000).collect();
         for &t in instants.iter().chain(instants.iter().rev()) {
-            let expected = cal.business_date(&DateTime::from_timestamp_micros(t).unwrap());
+            let instant = DateTime::from_timestamp_micros(t).unwrap();
+            let expected = cal.business_date(&instant);
             assert_eq!(cache.business_date(t), expected);
+            let local = cal.local_time(&instant);
+            let place = cache.locate(t);
+            assert_eq!(place.business_date, expected);
+            assert_eq!(
+                u32::from(place.minute_of_day),
+                local.hour() * 60 + local.minute(),
+                "{instant}"
+            );
         }
     }
 

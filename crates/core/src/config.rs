@@ -32,8 +32,18 @@ pub struct PipelineConfig {
     pub decode: DecodeSection,
     /// Business calendars.
     pub calendar: CalendarSection,
+    /// The daily cash-flow table.
+    pub silver: SilverSection,
     /// Observability.
     pub metrics: MetricsSection,
+}
+
+/// `[silver]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SilverSection {
+    /// Workers bring `merchant_daily` up to date after each bronze commit.
+    pub update_after_flush: bool,
 }
 
 /// `[pipeline]`

@@ -17,7 +17,8 @@ pub mod tables;
 pub mod time;
 
 pub use calendar::{
-    BusinessCalendar, BusinessDateCache, CalendarError, DEFAULT_TIME_ZONE, OperatorCalendars,
+    BusinessCalendar, BusinessDateCache, CalendarError, DEFAULT_TIME_ZONE, LocalPlace,
+    OperatorCalendars,
 };
 pub use config::PipelineConfig;
 pub use decode::{

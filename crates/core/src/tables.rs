@@ -39,6 +39,7 @@ pub static POS_EVENTS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
         Field::new("currency", DataType::Utf8, false),
         Field::new("occurred_at", utc_micros(), false),
         Field::new("utc_offset_seconds", DataType::Int32, false),
+        Field::new("local_minute_of_day", DataType::Int32, false),
         Field::new("channel", DataType::Utf8, false),
         Field::new("ref_event_id", DataType::Utf8, true),
         Field::new("payer_ref", DataType::Utf8, true),
@@ -75,6 +76,102 @@ pub static DEAD_LETTERS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
     partition_columns: &["operator_id", "ingest_date"],
 });
 
+/// Silver: one row per (operator, merchant, business date) with anything on it; an exact,
+/// deterministic function of `pos_events` (see `pipelines/features/daily.sql`).
+pub static MERCHANT_DAILY: LazyLock<TableDef> = LazyLock::new(|| {
+    let count = |name: &str| Field::new(name, DataType::Int64, false);
+    let mut fields = vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("business_date", DataType::Date32, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        count("sales_count"),
+        count("sales_fen"),
+        count("refund_count"),
+        count("refund_fen"),
+        count("void_count"),
+        count("net_fen"),
+        count("orphan_refund_count"),
+        count("orphan_void_count"),
+        count("distinct_payers"),
+        count("max_ticket_fen"),
+        Field::new("first_sale_at", utc_micros(), true),
+        Field::new("last_sale_at", utc_micros(), true),
+    ];
+    for channel in crate::Channel::ALL {
+        fields.push(count(&format!("{}_fen", channel.as_str())));
+    }
+    fields.extend([
+        count("night_sales_count"),
+        count("night_sales_fen"),
+        count("round_sales_count"),
+        count("round_sales_fen"),
+        count("duplicate_deliveries"),
+        count("conflicting_events"),
+    ]);
+    TableDef {
+        name: "merchant_daily",
+        description: "Daily cash flow per merchant: deduplicated, voids cancelling their sale, refunds on their own date",
+        schema: Arc::new(Schema::new(fields)),
+        partition_columns: &["operator_id", "business_date"],
+    }
+});
+
+/// Gold: one row per (operator, merchant) as of a date, computed only from what was known
+/// at the knowledge time (see `pipelines/features/merchant_features.sql` and
+/// `schemas/merchant_features.md`).
+pub static MERCHANT_FEATURES: LazyLock<TableDef> = LazyLock::new(|| {
+    let long = |name: &str, nullable: bool| Field::new(name, DataType::Int64, nullable);
+    let double = |name: &str| Field::new(name, DataType::Float64, true);
+    TableDef {
+        name: "merchant_features",
+        description: "Point-in-time merchant cash-flow features (v1) as of a date",
+        schema: Arc::new(Schema::new(vec![
+            Field::new("as_of_date", DataType::Date32, false),
+            Field::new("operator_id", DataType::Utf8, false),
+            Field::new("merchant_id", DataType::Utf8, false),
+            Field::new("knowledge_time", utc_micros(), false),
+            Field::new("feature_set", DataType::Utf8, false),
+            long("days_on_book", false),
+            long("net_fen_7d", false),
+            long("net_fen_30d", false),
+            long("net_fen_90d", false),
+            long("net_fen_180d", false),
+            long("net_fen_365d", false),
+            long("sales_count_30d", false),
+            long("sales_count_90d", false),
+            long("active_days_30d", false),
+            long("active_days_90d", false),
+            double("active_day_ratio_30d"),
+            double("active_day_ratio_90d"),
+            long("avg_ticket_fen_30d", true),
+            long("avg_ticket_fen_90d", true),
+            double("refund_ratio_90d"),
+            double("daily_net_cv_90d"),
+            double("growth_mom_30d"),
+            double("growth_yoy_90d"),
+            double("trend_slope_26w"),
+            long("max_zero_streak_90d", false),
+            long("days_since_last_sale", true),
+            double("weekend_share_90d"),
+            double("night_share_90d"),
+            double("round_amount_share_90d"),
+            double("spike_ratio_30d_180d"),
+            long("distinct_payers_90d", false),
+            double("repeat_payer_ratio_90d"),
+            double("top5_payer_share_90d"),
+            long("months_on_book", true),
+            double("coverage_ratio_90d"),
+            double("rent_to_turnover_90d"),
+            double("peer_pct_net_90d"),
+            Field::new("mcc", DataType::Utf8, true),
+            Field::new("industry_code", DataType::Utf8, true),
+            Field::new("subsidy_sector", DataType::Utf8, true),
+            long("bronze_version", false),
+        ])),
+        partition_columns: &["as_of_date"],
+    }
+});
+
 /// `operator_id` of a dead letter whose operator cannot be read from the message.
 pub const UNKNOWN_OPERATOR: &str = "unknown";
 
@@ -87,7 +184,12 @@ mod tests {
 
     #[test]
     fn partition_columns_exist_and_are_required() {
-        for table in [&*POS_EVENTS, &*DEAD_LETTERS] {
+        for table in [
+            &*POS_EVENTS,
+            &*DEAD_LETTERS,
+            &*MERCHANT_DAILY,
+            &*MERCHANT_FEATURES,
+        ] {
             for column in table.partition_columns {
                 let field = table.schema.field_with_name(column).unwrap();
                 assert!(!field.is_nullable(), "{}.{column}", table.name);

@@ -28,14 +28,12 @@ pub enum Error {
     },
     /// A commit would move a partition's recorded offset backwards (a caller defect:
     /// it would make the next reader re-write what the table holds).
-    #[error(
-        "table {table}: partition {partition} would move back from offset {stored} to {proposed}"
-    )]
+    #[error("table {table}: {app_id} would move back from version {stored} to {proposed}")]
     OffsetWouldMoveBack {
         /// Table name.
         table: String,
-        /// Kafka partition.
-        partition: i32,
+        /// Delta txn application id.
+        app_id: String,
         /// Offset the table holds.
         stored: i64,
         /// Offset the commit proposed.
@@ -72,7 +70,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn delta<'a>(
+    /// Wraps a Delta error with the table and the operation.
+    pub fn delta<'a>(
         table: &'a str,
         operation: &'static str,
     ) -> impl FnOnce(DeltaTableError) -> Error + 'a {

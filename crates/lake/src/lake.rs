@@ -86,6 +86,15 @@ impl Lake {
 
     /// Opens table `name` if it exists.
     pub async fn open(&self, name: &str) -> Result<Option<DeltaTable>> {
+        // A local table without a log does not exist: say so without asking the Delta
+        // kernel, which logs an error for it (and without creating its directory).
+        if let Ok(path) = self.table_url(name)?.to_file_path() {
+            let has_log = std::fs::read_dir(path.join("_delta_log"))
+                .is_ok_and(|mut entries| entries.next().is_some());
+            if !has_log {
+                return Ok(None);
+            }
+        }
         let table = self.load(name).await?;
         Ok(table.version().is_some().then_some(table))
     }

@@ -15,8 +15,10 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use lake::Lake;
-pub use writer::{CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
+pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
 
+/// Re-exported for callers that need Delta types (tables, file selections).
+pub use deltalake;
 /// Re-exported so callers build batches with the exact Arrow version Delta writes.
 pub use deltalake::arrow;
 /// Re-exported for queries over the lake.

@@ -2,7 +2,9 @@
 
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, Add, Transaction};
+use std::collections::HashSet;
+
+use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
@@ -42,19 +44,31 @@ impl StagedFiles {
     }
 }
 
+/// How far one source gets with a commit: a Delta `txn` application id, the version this
+/// writer read before it worked (`None`: nothing recorded yet) and the new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppProgress {
+    /// Delta `txn` application id.
+    pub app_id: String,
+    /// Version expected in the table; the commit is refused if it moved.
+    pub expected: Option<i64>,
+    /// Version the commit records.
+    pub version: i64,
+}
+
 /// What became of a commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
     /// The files and offsets are in the table at this version.
     Committed {
         /// New table version.
         version: u64,
     },
-    /// Another writer advanced a partition first; nothing was committed. The caller
-    /// must drop what it buffered for its partitions and resume from the table.
+    /// Another writer advanced a source first; nothing was committed. The caller must
+    /// drop what it prepared and resume from the table.
     Fenced {
-        /// Partition that moved.
-        partition: i32,
+        /// Application id that moved.
+        app_id: String,
         /// Version this writer expected.
         expected: Option<i64>,
         /// Version found in the table.
@@ -117,13 +131,13 @@ impl OffsetWriter {
             .map_err(Error::delta(self.name, "refresh"))
     }
 
-    async fn stored_version(&self, partition: i32) -> Result<Option<i64>> {
+    async fn stored_app_version(&self, app_id: &str) -> Result<Option<i64>> {
         let snapshot = self
             .table
             .snapshot()
             .map_err(Error::delta(self.name, "read offsets"))?;
         snapshot
-            .transaction_version(self.table.log_store().as_ref(), self.app_id(partition))
+            .transaction_version(self.table.log_store().as_ref(), app_id)
             .await
             .map_err(Error::delta(self.name, "read offsets"))
     }
@@ -133,7 +147,7 @@ impl OffsetWriter {
         self.refresh().await?;
         let mut versions = Vec::with_capacity(partitions.len());
         for &p in partitions {
-            versions.push(self.stored_version(p).await?);
+            versions.push(self.stored_app_version(&self.app_id(p)).await?);
         }
         Ok(versions)
     }
@@ -169,15 +183,73 @@ impl OffsetWriter {
         staged: &StagedFiles,
         progress: &[PartitionProgress],
     ) -> Result<CommitOutcome> {
+        let progress: Vec<AppProgress> = progress
+            .iter()
+            .map(|p| AppProgress {
+                app_id: self.app_id(p.partition),
+                expected: p.expected,
+                version: p.last_offset,
+            })
+            .collect();
+        self.commit_actions(staged, Vec::new(), &progress, SaveMode::Append)
+            .await
+    }
+
+    /// The version recorded for an application id, from the newest table version.
+    pub async fn app_version(&mut self, app_id: &str) -> Result<Option<i64>> {
+        self.refresh().await?;
+        self.stored_app_version(app_id).await
+    }
+
+    /// Replaces every row of `partitions` (values in partition-column order; `None`: the
+    /// whole table) by the staged files, in one commit that also records `progress`.
+    pub async fn replace_partitions(
+        &mut self,
+        staged: &StagedFiles,
+        partitions: Option<&HashSet<Vec<String>>>,
+        progress: &[AppProgress],
+    ) -> Result<CommitOutcome> {
+        self.refresh().await?;
+        let snapshot = self
+            .table
+            .snapshot()
+            .map_err(Error::delta(self.name, "list files"))?;
+        let removes: Vec<Remove> = snapshot
+            .log_data()
+            .iter()
+            .filter(|file| {
+                partitions.is_none_or(|wanted| {
+                    let values = file.partition_values_map();
+                    let key: Vec<String> = self
+                        .partition_columns
+                        .iter()
+                        .map(|c| values.get(c).cloned().flatten().unwrap_or_default())
+                        .collect();
+                    wanted.contains(&key)
+                })
+            })
+            .map(|file| file.remove_action(true))
+            .collect();
+        self.commit_actions(staged, removes, progress, SaveMode::Overwrite)
+            .await
+    }
+
+    async fn commit_actions(
+        &mut self,
+        staged: &StagedFiles,
+        removes: Vec<Remove>,
+        progress: &[AppProgress],
+        mode: SaveMode,
+    ) -> Result<CommitOutcome> {
         if let Some(p) = progress
             .iter()
-            .find(|p| p.expected.is_some_and(|stored| p.last_offset < stored))
+            .find(|p| p.expected.is_some_and(|stored| p.version < stored))
         {
             return Err(Error::OffsetWouldMoveBack {
                 table: self.name.to_owned(),
-                partition: p.partition,
+                app_id: p.app_id.clone(),
                 stored: p.expected.unwrap_or_default(),
-                proposed: p.last_offset,
+                proposed: p.version,
             });
         }
         self.refresh().await?;
@@ -186,13 +258,15 @@ impl OffsetWriter {
         }
         let transactions = progress
             .iter()
-            .map(|p| Transaction::new(self.app_id(p.partition), p.last_offset))
+            .map(|p| Transaction::new(&p.app_id, p.version))
             .collect();
         let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
+            mode,
             partition_by: Some(self.partition_columns.clone()),
             predicate: None,
         };
+        let mut actions: Vec<Action> = staged.adds.iter().cloned().map(Action::Add).collect();
+        actions.extend(removes.into_iter().map(Action::Remove));
         let snapshot = self
             .table
             .snapshot()
@@ -200,7 +274,7 @@ impl OffsetWriter {
         let committed = CommitBuilder::from(
             CommitProperties::default().with_application_transactions(transactions),
         )
-        .with_actions(staged.adds.iter().cloned().map(Action::Add).collect())
+        .with_actions(actions)
         .build(Some(snapshot), self.table.log_store(), operation)
         .await;
         match committed {
@@ -212,13 +286,16 @@ impl OffsetWriter {
             Err(DeltaTableError::Transaction {
                 source: TransactionError::CommitConflict(conflict),
             }) => {
-                tracing::warn!(table = self.name, %conflict, "commit lost a race for its partitions");
+                tracing::warn!(table = self.name, %conflict, "commit lost a race");
                 self.refresh().await?;
                 Ok(self
                     .check_expected(progress)
                     .await?
                     .unwrap_or(CommitOutcome::Fenced {
-                        partition: progress.first().map_or(-1, |p| p.partition),
+                        app_id: progress
+                            .first()
+                            .map(|p| p.app_id.clone())
+                            .unwrap_or_default(),
                         expected: progress.first().and_then(|p| p.expected),
                         found: None,
                     }))
@@ -227,15 +304,12 @@ impl OffsetWriter {
         }
     }
 
-    async fn check_expected(
-        &self,
-        progress: &[PartitionProgress],
-    ) -> Result<Option<CommitOutcome>> {
+    async fn check_expected(&self, progress: &[AppProgress]) -> Result<Option<CommitOutcome>> {
         for p in progress {
-            let found = self.stored_version(p.partition).await?;
+            let found = self.stored_app_version(&p.app_id).await?;
             if found != p.expected {
                 return Ok(Some(CommitOutcome::Fenced {
-                    partition: p.partition,
+                    app_id: p.app_id.clone(),
                     expected: p.expected,
                     found,
                 }));

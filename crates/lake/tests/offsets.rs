@@ -89,7 +89,7 @@ async fn offsets_travel_with_the_data_and_stale_writers_are_fenced() {
     assert_eq!(
         b.commit(&staged_b, &stale).await.unwrap(),
         CommitOutcome::Fenced {
-            partition: 0,
+            app_id: "pipe-0".to_owned(),
             expected: None,
             found: Some(41)
         }
