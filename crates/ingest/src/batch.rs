@@ -10,8 +10,8 @@ use streetflow_core::tables::{
     DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS, UNKNOWN_OPERATOR,
 };
 use streetflow_core::{
-    BusinessDateCache, DecodeOptions, OperatorCalendars, PosEvent, ReasonCode, Rejection, decode,
-    operator_hint,
+    BusinessDateCache, DecodeOptions, LocalPlace, OperatorCalendars, PosEvent, ReasonCode,
+    Rejection, decode, operator_hint,
 };
 use streetflow_lake::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Int32Builder, Int64Builder,
@@ -117,6 +117,7 @@ pub struct EventRows {
     currency: StringBuilder,
     occurred_at: TimestampMicrosecondBuilder,
     utc_offset_seconds: Int32Builder,
+    local_minute_of_day: Int32Builder,
     channel: StringBuilder,
     ref_event_id: StringBuilder,
     payer_ref: StringBuilder,
@@ -138,6 +139,7 @@ impl Default for EventRows {
             currency: StringBuilder::new(),
             occurred_at: utc_timestamps(),
             utc_offset_seconds: Int32Builder::new(),
+            local_minute_of_day: Int32Builder::new(),
             channel: StringBuilder::new(),
             ref_event_id: StringBuilder::new(),
             payer_ref: StringBuilder::new(),
@@ -149,17 +151,17 @@ impl Default for EventRows {
 }
 
 impl EventRows {
-    /// Appends one accepted event.
+    /// Appends one accepted event placed on its operator's calendar.
     pub fn append(
         &mut self,
         event: &PosEvent<'_>,
-        business_date: NaiveDate,
+        place: LocalPlace,
         ingested_at: DateTime<Utc>,
         origin: &Origin<'_>,
     ) {
         self.operator_id.append_value(&event.operator_id);
         self.business_date
-            .append_value(days_since_epoch(business_date));
+            .append_value(days_since_epoch(place.business_date));
         self.event_id.append_value(&event.event_id);
         self.merchant_id.append_value(&event.merchant_id);
         self.terminal_id.append_option(event.terminal_id.as_deref());
@@ -170,6 +172,8 @@ impl EventRows {
             .append_value(event.occurred_at.timestamp_micros());
         self.utc_offset_seconds
             .append_value(event.occurred_at.offset().local_minus_utc());
+        self.local_minute_of_day
+            .append_value(i32::from(place.minute_of_day));
         self.channel.append_value(event.channel.as_str());
         self.ref_event_id
             .append_option(event.ref_event_id.as_deref());
@@ -213,6 +217,7 @@ impl EventRows {
                 Arc::new(self.currency.finish()),
                 Arc::new(self.occurred_at.finish()),
                 Arc::new(self.utc_offset_seconds.finish()),
+                Arc::new(self.local_minute_of_day.finish()),
                 Arc::new(self.channel.finish()),
                 Arc::new(self.ref_event_id.finish()),
                 Arc::new(self.payer_ref.finish()),
@@ -428,8 +433,8 @@ impl RowAppender {
                             BusinessDateCache::new(*self.calendars.for_operator(&event.operator_id))
                         }),
                 };
-                let business_date = cache.business_date(event.occurred_at.timestamp_micros());
-                events.append(&event, business_date, ingested_at, &origin);
+                let place = cache.locate(event.occurred_at.timestamp_micros());
+                events.append(&event, place, ingested_at, &origin);
                 Appended::Event
             }
             Err(rejection) if dead_letter_already_stored => {

@@ -32,6 +32,8 @@ pub(crate) mod points {
     pub(crate) const EVENT_FILES: &str = "event_files_written";
     /// Bronze committed, Kafka group offsets not yet committed.
     pub(crate) const EVENT_COMMIT: &str = "events_committed";
+    /// Bronze committed, the after-commit hook (silver refresh) not yet run.
+    pub(crate) const AFTER_COMMIT_PENDING: &str = "after_commit_pending";
     /// Group offsets committed.
     pub(crate) const OFFSETS_COMMIT: &str = "group_offsets_committed";
     /// A message buffered, mid-batch.

@@ -25,6 +25,8 @@ pub const OFFSET_GAPS: &str = "streetflow_ingest_offset_gaps_total";
 pub const RECORDS_LOST: &str = "streetflow_ingest_records_lost_on_broker_total";
 /// Rejoins forced because the coordinator's assignment disagreed with the worker's.
 pub const GROUP_REJOINS: &str = "streetflow_ingest_group_rejoins_total";
+/// Seconds spent in the after-commit hook (the merchant_daily refresh).
+pub const AFTER_COMMIT_SECONDS: &str = "streetflow_ingest_after_commit_seconds";
 /// Consumer lag per partition, from librdkafka statistics (label: `partition`).
 pub const CONSUMER_LAG: &str = "streetflow_ingest_consumer_lag_records";
 
@@ -61,5 +63,10 @@ pub fn describe() {
         "records deleted by the broker before they were read"
     );
     metrics::describe_counter!(GROUP_REJOINS, "rejoins forced by a stale group assignment");
+    metrics::describe_histogram!(
+        AFTER_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "after-commit hook (merchant_daily refresh) latency"
+    );
     metrics::describe_gauge!(CONSUMER_LAG, "consumer lag in records by partition");
 }

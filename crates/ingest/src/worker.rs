@@ -41,8 +41,13 @@ use crate::error::{Error, Result};
 use crate::freeze::{self, points};
 use crate::metrics as names;
 
+/// Work to run after each bronze commit, at start-up and before exit, on the worker's
+/// thread with the lake and the runtime handle (the binary refreshes `merchant_daily`).
+/// It must handle its own errors: bronze is committed whatever it does.
+pub type AfterCommit = Arc<dyn Fn(&Lake, &Handle) + Send + Sync>;
+
 /// How a worker runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngestOptions {
     /// Pipeline settings (Kafka, lake, flush limits, calendars).
     pub config: PipelineConfig,
@@ -50,6 +55,19 @@ pub struct IngestOptions {
     pub exit_at_end: bool,
     /// With `exit_at_end`: give up waiting for an assignment after this long.
     pub assignment_timeout: Duration,
+    /// Runs after each bronze commit (see [`AfterCommit`]).
+    pub after_commit: Option<AfterCommit>,
+}
+
+impl std::fmt::Debug for IngestOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestOptions")
+            .field("config", &self.config)
+            .field("exit_at_end", &self.exit_at_end)
+            .field("assignment_timeout", &self.assignment_timeout)
+            .field("after_commit", &self.after_commit.is_some())
+            .finish()
+    }
 }
 
 /// What a worker did.
@@ -329,6 +347,7 @@ struct State {
     options: IngestOptions,
     topic: String,
     appender: RowAppender,
+    lake: Lake,
     dlq: Option<(BaseProducer, String)>,
     handle: Handle,
     sink: Arc<Mutex<Sink>>,
@@ -435,6 +454,7 @@ pub fn run_worker(
         state: State {
             topic: config.kafka.topic.clone(),
             appender: RowAppender::new(config.decode_options(), calendars),
+            lake,
             dlq,
             handle,
             sink,
@@ -454,8 +474,11 @@ pub fn run_worker(
 
 impl Worker {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
+        // Catch up after a crash between a bronze commit and its silver refresh.
+        self.after_commit();
         let started = Instant::now();
         let mut last_end_check = Instant::now();
+        let mut waiting_for_others = false;
         let mut last_progress = Instant::now();
         let mut last_group_check = Instant::now();
         let mut reported = (0u64, 0u64);
@@ -526,12 +549,24 @@ impl Worker {
                 } else if self.caught_up()? {
                     self.flush()?;
                     if self.caught_up()? {
-                        tracing::info!("every assigned partition is caught up");
-                        break;
+                        // Other members (or a crashed one whose session has not expired
+                        // yet) may still hold partitions: a batch run ends when the whole
+                        // topic is in the lake, not just this worker's share.
+                        if self.topic_in_lake()? {
+                            tracing::info!("every partition of the topic is in the lake");
+                            break;
+                        }
+                        if !waiting_for_others {
+                            tracing::info!(
+                                "assigned partitions caught up; waiting for the rest of the topic"
+                            );
+                            waiting_for_others = true;
+                        }
                     }
                 }
             }
         }
+        self.after_commit();
         self.consumer.unsubscribe();
         // Serve the revocation so the group rebalances promptly.
         let _ = self.consumer.poll(Duration::from_millis(100));
@@ -833,24 +868,96 @@ impl Worker {
                 .map_err(Error::kafka(format!(
                     "seek partition {partition} to {restart}"
                 )))?;
+            // Until the re-read passes the end again, the partition is not at its end.
+            if let Some(state) = self.state.partitions.get_mut(&partition) {
+                state.at_end = false;
+                state.next = Some(restart);
+            }
         }
         Ok(())
     }
 
-    fn caught_up(&self) -> Result<bool> {
-        for (&p, state) in &self.state.partitions {
-            if state.at_end && state.last_buffered.is_none() {
-                continue;
-            }
+    /// Whether the lake holds every partition of the topic up to its high watermark
+    /// (in `pos_events` or `dead_letters`, whichever came last).
+    fn topic_in_lake(&self) -> Result<bool> {
+        let topic = &self.state.topic;
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(Error::kafka("topic metadata"))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let (events, dead_letters) = {
+            let mut sink = self
+                .state
+                .sink
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let sink = &mut *sink;
+            self.state.handle.block_on(async {
+                let events = sink.events.committed_offsets(&partitions).await?;
+                let dead_letters = sink.dead_letters.committed_offsets(&partitions).await?;
+                Ok::<_, streetflow_lake::Error>((events, dead_letters))
+            })?
+        };
+        for (i, &p) in partitions.iter().enumerate() {
             let (low, high) = self
                 .consumer
-                .fetch_watermarks(&self.state.topic, p, Duration::from_secs(10))
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .map_err(Error::kafka(format!("watermarks of partition {p}")))?;
-            if state.next.unwrap_or(low) < high || state.last_buffered.is_some() {
+            let stored = events[i].max(dead_letters[i]);
+            if high > low && stored.is_none_or(|last| last + 1 < high) {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    fn caught_up(&mut self) -> Result<bool> {
+        let mut suspicious = Vec::new();
+        let mut done = true;
+        for (&p, state) in &self.state.partitions {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&self.state.topic, p, Duration::from_secs(10))
+                .map_err(Error::kafka(format!("watermarks of partition {p}")))?;
+            let next = state.next.unwrap_or(low);
+            // The position is past the broker's high watermark: impossible on a correct
+            // broker. Tansu 0.6 reports the last record batch's base offset + 1 and
+            // returns nothing for a fetch inside that batch, so a worker restarted in the
+            // middle of it would see "the end" with records unread. Re-read the
+            // partition once from its start; what the lake holds is skipped as replay.
+            if next > high && !state.repaired {
+                tracing::warn!(
+                    partition = p,
+                    next,
+                    high,
+                    "position beyond the high watermark; re-reading the partition once to be sure"
+                );
+                suspicious.push(Gap {
+                    partition: p,
+                    expected: next,
+                    found: None,
+                });
+                done = false;
+                continue;
+            }
+            if state.at_end && state.last_buffered.is_none() {
+                continue;
+            }
+            if next < high || state.last_buffered.is_some() {
+                done = false;
+            }
+        }
+        if !suspicious.is_empty() {
+            self.state.gaps.extend(suspicious);
+            self.handle_gaps()?;
+        }
+        Ok(done)
     }
 
     /// Writes the buffer: dead letters, then events, then group offsets.
@@ -962,6 +1069,8 @@ impl Worker {
         }
         freeze::point(points::OFFSETS_COMMIT);
         self.publish_dead_letters();
+        freeze::point(points::AFTER_COMMIT_PENDING);
+        self.after_commit();
 
         metrics::counter!(names::FLUSHES).increment(1);
         metrics::histogram!(names::FLUSH_RECORDS).record(records as f64);
@@ -980,6 +1089,16 @@ impl Worker {
         tracing::debug!(records, accepted, "flushed");
         self.state.buffer.clear();
         Ok(())
+    }
+
+    /// Runs the after-commit hook (the binary uses it to refresh `merchant_daily`).
+    fn after_commit(&mut self) {
+        if let Some(hook) = &self.state.options.after_commit {
+            let started = Instant::now();
+            hook(&self.state.lake, &self.state.handle);
+            metrics::histogram!(names::AFTER_COMMIT_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+        }
     }
 
     /// Commits one table; `false` when another worker owns a partition.
@@ -1013,13 +1132,13 @@ impl Worker {
                 Ok(true)
             }
             CommitOutcome::Fenced {
-                partition,
+                app_id,
                 expected,
                 found,
             } => {
                 tracing::warn!(
                     table,
-                    partition,
+                    app_id,
                     ?expected,
                     ?found,
                     "another worker committed this partition; dropping the buffer"
