@@ -323,12 +323,16 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
         pipeline.kafka.group = format!("{topic}.group");
         pipeline.lake.url = dir.join("kafka-lake").display().to_string();
         pipeline.flush.max_records = args.flush_records;
+        // Bronze throughput only (no after-commit silver refresh); silver and features
+        // have their own benchmark.
+        pipeline.silver.update_after_flush = false;
         let (report, ingest_seconds, ingest_cpu) = timed(|| {
             streetflow_ingest::run_worker(
                 IngestOptions {
                     config: pipeline,
                     exit_at_end: true,
                     assignment_timeout: Duration::from_secs(60),
+                    after_commit: None,
                 },
                 runtime.handle().clone(),
                 Arc::new(AtomicBool::new(false)),

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
+use streetflow_features::{SilverMode, refresh_silver};
 use streetflow_ingest::{
-    IngestOptions, IngestReport, ProduceOptions, create_topic, produce_file, run_worker,
+    AfterCommit, IngestOptions, IngestReport, ProduceOptions, create_topic, produce_file,
+    run_worker,
 };
 
 use crate::output::thousands;
@@ -51,6 +53,9 @@ pub(crate) struct IngestArgs {
     /// Stop once every assigned partition is caught up.
     #[arg(long)]
     exit_at_end: bool,
+    /// Do not refresh merchant_daily after each flush (run `streetflow aggregate` instead).
+    #[arg(long)]
+    no_silver: bool,
     /// Print the final report as JSON on standard output.
     #[arg(long)]
     json: bool,
@@ -101,6 +106,26 @@ fn report_json(report: &IngestReport, seconds: f64) -> serde_json::Value {
     })
 }
 
+/// Keeps `merchant_daily` within one flush of bronze. Silver is a function of bronze
+/// that `streetflow aggregate` can always rebuild, so a failure is reported, not fatal.
+fn silver_refresh_hook() -> AfterCommit {
+    Arc::new(
+        |lake, handle| match handle.block_on(refresh_silver(lake, SilverMode::Incremental)) {
+            Ok(report) => tracing::debug!(
+                bronze_version = ?report.bronze_version,
+                partitions = ?report.partitions_rewritten,
+                rows = report.rows_written,
+                fenced = report.fenced,
+                "merchant_daily refreshed"
+            ),
+            Err(error) => {
+                metrics::counter!("streetflow_silver_refresh_failures_total").increment(1);
+                tracing::warn!(%error, "refreshing merchant_daily failed; the next flush or `streetflow aggregate` catches up");
+            }
+        },
+    )
+}
+
 pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
     let mut overrides = json!({});
     for (path, value) in [
@@ -113,6 +138,10 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         ("flush.max_records", args.max_records.map(Into::into)),
         ("flush.max_age_ms", args.max_age_ms.map(Into::into)),
         ("metrics.addr", args.metrics_addr.clone().map(Into::into)),
+        (
+            "silver.update_after_flush",
+            args.no_silver.then_some(false.into()),
+        ),
     ] {
         set_override(&mut overrides, path, value);
     }
@@ -137,10 +166,14 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
     let started = Instant::now();
+    let after_commit = config.silver.update_after_flush.then(silver_refresh_hook);
     let options = IngestOptions {
         config,
         exit_at_end: args.exit_at_end,
-        assignment_timeout: Duration::from_secs(30),
+        after_commit,
+        // Longer than librdkafka's default session timeout (45 s), so a worker restarted
+        // after a crash waits for the group to drop its dead predecessor.
+        assignment_timeout: Duration::from_secs(60),
     };
     let report = run_worker(options, runtime.handle().clone(), stop)?;
     let seconds = started.elapsed().as_secs_f64();

@@ -1,6 +1,8 @@
 //! The `streetflow` command line.
 
+mod aggregate;
 mod bench;
+mod features;
 mod generate;
 mod ingest;
 mod output;
@@ -40,6 +42,10 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Publish a JSON Lines file to a topic, keyed by merchant, with simulated arrival times.
     Produce(ingest::ProduceArgs),
+    /// Bring the daily cash-flow table (merchant_daily) up to date with pos_events.
+    Aggregate(aggregate::AggregateArgs),
+    /// Compute point-in-time merchant features as of a date into merchant_features.
+    Features(features::FeaturesArgs),
     /// Run a read-only SQL query over the lake's tables.
     Sql(sql::SqlArgs),
     /// Measure throughput (see each benchmark's help).
@@ -73,6 +79,8 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run_ingest(&args),
         Command::Produce(args) => ingest::run_produce(&args),
         Command::Sql(args) => sql::run(&args),
+        Command::Aggregate(args) => aggregate::run(&args),
+        Command::Features(args) => features::run(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

@@ -16,6 +16,20 @@ pub(crate) struct SqlArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// How `streetflow sql` prints results.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// A text table.
+    Table,
+    /// CSV with a header.
+    Csv,
+    /// One JSON object per line.
+    Json,
 }
 
 pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
@@ -31,9 +45,27 @@ pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
         let frame = ctx.sql_with_options(&args.query, options).await?;
         anyhow::Ok(frame.collect().await?)
     })?;
-    println!(
-        "{}",
-        pretty_format_batches(&batches).context("formatting the result")?
-    );
+    let stdout = std::io::stdout();
+    match args.format {
+        Format::Table => println!(
+            "{}",
+            pretty_format_batches(&batches).context("formatting the result")?
+        ),
+        Format::Csv => {
+            let mut writer = arrow_csv::WriterBuilder::new()
+                .with_header(true)
+                .build(stdout.lock());
+            for batch in &batches {
+                writer.write(batch).context("writing CSV")?;
+            }
+        }
+        Format::Json => {
+            let mut writer = arrow_json::LineDelimitedWriter::new(stdout.lock());
+            for batch in &batches {
+                writer.write(batch).context("writing JSON")?;
+            }
+            writer.finish().context("writing JSON")?;
+        }
+    }
     Ok(())
 }

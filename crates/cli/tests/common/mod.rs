@@ -114,7 +114,17 @@ pub fn produce(dir: &Path, topic: &str, partitions: u32) -> Value {
 }
 
 /// The arguments of an ingest worker reading `topic` into `lake`.
+///
+/// Without the merchant_daily refresh: these tests are about bronze, and refreshing
+/// silver after every small flush of a debug build would dominate their run time.
 pub fn ingest_args(topic: &str, group: &str, lake: &Path) -> Vec<String> {
+    let mut args = ingest_args_with_silver(topic, group, lake);
+    args.push("--no-silver".into());
+    args
+}
+
+/// `streetflow ingest` arguments with merchant_daily kept fresh after each flush.
+pub fn ingest_args_with_silver(topic: &str, group: &str, lake: &Path) -> Vec<String> {
     vec![
         "ingest".into(),
         "--brokers".into(),

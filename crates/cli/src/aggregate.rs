@@ -1,0 +1,71 @@
+//! `streetflow aggregate`: bring the daily cash-flow table up to date with bronze.
+
+use anyhow::Context;
+use clap::Args;
+use streetflow_features::{SilverMode, refresh_silver};
+use streetflow_lake::Lake;
+
+use crate::ingest::runtime;
+use crate::output::thousands;
+
+/// Options of `streetflow aggregate`.
+#[derive(Debug, Args)]
+pub(crate) struct AggregateArgs {
+    /// Lake root.
+    #[arg(long, default_value = "./lake")]
+    lake: String,
+    /// Recompute every day from all of bronze instead of only the days new events touch.
+    #[arg(long)]
+    full: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let lake = Lake::new(&args.lake, &Default::default())?;
+    let mode = if args.full {
+        SilverMode::Full
+    } else {
+        SilverMode::Incremental
+    };
+    let report = runtime
+        .block_on(refresh_silver(&lake, mode))
+        .context("refreshing merchant_daily")?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "previous_bronze_version": report.previous_bronze_version,
+                "bronze_version": report.bronze_version,
+                "new_bronze_files": report.new_bronze_files,
+                "partitions_rewritten": report.partitions_rewritten,
+                "rows_written": report.rows_written,
+                "fenced": report.fenced,
+            })
+        );
+        return Ok(());
+    }
+    match (report.bronze_version, report.previous_bronze_version) {
+        (None, _) => println!("no pos_events table yet: nothing to aggregate"),
+        (Some(now), Some(before)) if now == before && report.rows_written == 0 => {
+            println!("merchant_daily already reflects pos_events version {now}")
+        }
+        (Some(now), _) => println!(
+            "merchant_daily now reflects pos_events version {now}: {} rows written, {} ({} new bronze files){}",
+            thousands(report.rows_written as u64),
+            report.partitions_rewritten.map_or_else(
+                || "every partition rewritten".to_owned(),
+                |n| format!("{n} partitions rewritten")
+            ),
+            report.new_bronze_files,
+            if report.fenced {
+                "; another process refreshed it first, nothing written"
+            } else {
+                ""
+            }
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Errors of the feature jobs.
+
+use streetflow_lake::arrow::error::ArrowError;
+use streetflow_lake::datafusion::error::DataFusionError;
+
+/// Result with the features' [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a feature job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The lake refused an operation.
+    #[error(transparent)]
+    Lake(#[from] streetflow_lake::Error),
+    /// A query failed to plan or run.
+    #[error("{context}: {source}")]
+    Query {
+        /// Which step.
+        context: String,
+        /// DataFusion's error.
+        #[source]
+        source: Box<DataFusionError>,
+    },
+    /// A result did not fit the table schema (a defect in the SQL).
+    #[error("{context}: {source}")]
+    Arrow {
+        /// Which step.
+        context: String,
+        /// Arrow's error.
+        #[source]
+        source: ArrowError,
+    },
+    /// Writing a Parquet file failed.
+    #[error("{context}: {source}")]
+    Parquet {
+        /// Which file.
+        context: String,
+        /// Parquet's error.
+        #[source]
+        source: streetflow_lake::deltalake::parquet::errors::ParquetError,
+    },
+    /// A local file could not be written.
+    #[error("{context}: {source}")]
+    Io {
+        /// Which file.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(DataFusionError) -> Error {
+        let context = context.into();
+        move |source| Error::Query {
+            context,
+            source: Box::new(source),
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! `merchant_features` (gold): point-in-time features as of a date.
+//!
+//! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
+//! default the start of business day D in each operator's calendar) with business dates
+//! from D − 456 days, resolves them with `resolve.sql`, builds daily rows with
+//! `daily.sql` (dates before D) and applies `merchant_features.sql`. A late event that
+//! arrived after the knowledge time therefore never changes a vector already computed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use streetflow_core::tables::{MERCHANT_FEATURES, POS_EVENTS};
+use streetflow_core::{MerchantRecord, OperatorCalendars};
+use streetflow_lake::arrow::array::{
+    Array, ArrayRef, AsArray, Date32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use streetflow_lake::arrow::compute::cast;
+use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use streetflow_lake::datafusion::datasource::MemTable;
+use streetflow_lake::datafusion::prelude::SessionContext;
+use streetflow_lake::{Lake, OffsetWriter};
+
+use crate::error::{Error, Result};
+use crate::sql;
+
+/// Name of the feature set these definitions produce.
+pub const FEATURE_SET: &str = "v1";
+
+/// Days of history a feature vector can look back (365-day window plus the 90 days of
+/// last year's comparison window, and a day of margin).
+pub const LOOKBACK_DAYS: u64 = 456;
+
+/// What to compute features as of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsOf {
+    /// Windows end the day before this business date.
+    pub date: NaiveDate,
+    /// Events ingested after this are ignored; `None`: the start of `date` in each
+    /// operator's business calendar.
+    pub knowledge_time: Option<DateTime<Utc>>,
+}
+
+/// Reference data the features use besides bronze.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureInputs {
+    /// Business calendars of the operators.
+    pub calendars: OperatorCalendars,
+    /// Merchant registry versions (all of them; the job picks those valid on D − 1).
+    pub registry: Vec<MerchantRecord>,
+}
+
+/// What a features run wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureReport {
+    /// As-of date.
+    pub as_of_date: NaiveDate,
+    /// Feature rows (merchants).
+    pub rows: usize,
+    /// Bronze version the features were computed from.
+    pub bronze_version: i64,
+    /// Knowledge time used per operator.
+    pub knowledge_times: BTreeMap<String, DateTime<Utc>>,
+}
+
+fn mem_table(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<()> {
+    let table = MemTable::try_new(schema, vec![batches])
+        .map_err(Error::query(format!("building {name}")))?;
+    ctx.register_table(name, Arc::new(table))
+        .map_err(Error::query(format!("registering {name}")))?;
+    Ok(())
+}
+
+fn arrow_error(
+    context: &str,
+) -> impl FnOnce(streetflow_lake::arrow::error::ArrowError) -> Error + '_ {
+    move |source| Error::Arrow {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+fn days(date: NaiveDate) -> i32 {
+    date.signed_duration_since(NaiveDate::default()).num_days() as i32
+}
+
+fn utc_micros_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// The registry versions valid on `day`, as a table.
+fn registry_batch(registry: &[MerchantRecord], day: NaiveDate) -> Result<(SchemaRef, RecordBatch)> {
+    let mut current: BTreeMap<(&str, &str), &MerchantRecord> = BTreeMap::new();
+    for record in registry.iter().filter(|r| r.valid_from <= day) {
+        let key = (record.operator_id.as_str(), record.merchant_id.as_str());
+        if current
+            .get(&key)
+            .is_none_or(|seen| seen.valid_from < record.valid_from)
+        {
+            current.insert(key, record);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("mcc", DataType::Utf8, true),
+        Field::new("industry_code", DataType::Utf8, true),
+        Field::new("opened_on", DataType::Date32, true),
+        Field::new("monthly_rent_fen", DataType::Int64, true),
+    ]));
+    let (mut op, mut merchant, mut mcc, mut industry) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut opened, mut rent) = (Date32Builder::new(), Int64Builder::new());
+    for record in current.values() {
+        op.append_value(&record.operator_id);
+        merchant.append_value(&record.merchant_id);
+        mcc.append_value(&record.mcc);
+        industry.append_option(record.industry_code.as_deref());
+        opened.append_value(days(record.opened_on));
+        rent.append_option(record.monthly_rent_fen);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(op.finish()),
+        Arc::new(merchant.finish()),
+        Arc::new(mcc.finish()),
+        Arc::new(industry.finish()),
+        Arc::new(opened.finish()),
+        Arc::new(rent.finish()),
+    ];
+    let batch =
+        RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error("registry table"))?;
+    Ok((schema, batch))
+}
+
+/// The subsidy sector reference table shipped in `pipelines/reference/`.
+fn subsidy_batch() -> Result<(SchemaRef, RecordBatch)> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sector", DataType::Utf8, false),
+        Field::new("mcc_from", DataType::Int64, false),
+        Field::new("mcc_to", DataType::Int64, false),
+        Field::new("effective_from", DataType::Date32, false),
+        Field::new("effective_to", DataType::Date32, true),
+    ]));
+    let (mut sector, mut from, mut to) = (
+        StringBuilder::new(),
+        Int64Builder::new(),
+        Int64Builder::new(),
+    );
+    let (mut start, mut end) = (Date32Builder::new(), Date32Builder::new());
+    for (line_no, line) in sql::SUBSIDY_SECTORS.lines().enumerate().skip(1) {
+        let cells: Vec<&str> = line.split(',').collect();
+        let parsed = (|| {
+            Some((
+                cells.first()?,
+                cells.get(1)?.parse::<i64>().ok()?,
+                cells.get(2)?.parse::<i64>().ok()?,
+                NaiveDate::parse_from_str(cells.get(3)?, "%Y-%m-%d").ok()?,
+                cells
+                    .get(4)
+                    .and_then(|c| NaiveDate::parse_from_str(c, "%Y-%m-%d").ok()),
+            ))
+        })();
+        let Some((name, lo, hi, effective_from, effective_to)) = parsed else {
+            return Err(Error::Arrow {
+                context: format!(
+                    "pipelines/reference/subsidy_sectors.csv line {}",
+                    line_no + 1
+                ),
+                source: streetflow_lake::arrow::error::ArrowError::ParseError(line.to_owned()),
+            });
+        };
+        sector.append_value(name);
+        from.append_value(lo);
+        to.append_value(hi);
+        start.append_value(days(effective_from));
+        end.append_option(effective_to.map(days));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(sector.finish()),
+        Arc::new(from.finish()),
+        Arc::new(to.finish()),
+        Arc::new(start.finish()),
+        Arc::new(end.finish()),
+    ];
+    let batch =
+        RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error("subsidy sectors"))?;
+    Ok((schema, batch))
+}
+
+async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
+    let frame = ctx
+        .sql(query)
+        .await
+        .map_err(Error::query(format!("planning {context}")))?;
+    frame
+        .collect()
+        .await
+        .map_err(Error::query(format!("running {context}")))
+}
+
+async fn register_view(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
+    let frame = ctx
+        .sql(query)
+        .await
+        .map_err(Error::query(format!("planning {name}")))?;
+    ctx.register_table(name, frame.into_view())
+        .map_err(Error::query(format!("registering {name}")))?;
+    Ok(())
+}
+
+/// Computes the feature rows as of `as_of` (without writing them), in the column
+/// order of `merchant_features`.
+pub async fn compute_features(
+    lake: &Lake,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+    let d = as_of.date;
+    let mut report = FeatureReport {
+        as_of_date: d,
+        rows: 0,
+        bronze_version: -1,
+        knowledge_times: BTreeMap::new(),
+    };
+    let Some(bronze) = lake.open(POS_EVENTS.name).await? else {
+        return Ok((Vec::new(), report));
+    };
+    report.bronze_version = bronze.version().map_or(-1, |v| v as i64);
+    let ctx = lake.session().await?;
+
+    // Knowledge time per operator.
+    let operators = collect(
+        &ctx,
+        "SELECT DISTINCT operator_id FROM pos_events",
+        "operators",
+    )
+    .await?;
+    let (mut op, mut known) = (
+        StringBuilder::new(),
+        TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+    );
+    for batch in &operators {
+        let column = cast(batch.column(0), &DataType::Utf8).map_err(arrow_error("operators"))?;
+        let names: &StringArray = column.as_string::<i32>();
+        for name in names.iter().flatten() {
+            let k = as_of
+                .knowledge_time
+                .unwrap_or_else(|| inputs.calendars.for_operator(name).day_start(d));
+            report.knowledge_times.insert(name.to_owned(), k);
+            op.append_value(name);
+            known.append_value(k.timestamp_micros());
+        }
+    }
+    let knowledge_schema = Arc::new(Schema::new(vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("knowledge_time", utc_micros_type(), false),
+    ]));
+    let knowledge = RecordBatch::try_new(
+        knowledge_schema.clone(),
+        vec![Arc::new(op.finish()) as ArrayRef, Arc::new(known.finish())],
+    )
+    .map_err(arrow_error("knowledge table"))?;
+    mem_table(&ctx, "knowledge", knowledge_schema, vec![knowledge])?;
+
+    // The dense calendar and the as-of date.
+    let (mut dates, mut before) = (Date32Builder::new(), Int64Builder::new());
+    for n in 1..=LOOKBACK_DAYS {
+        dates.append_value(days(d - Days::new(n)));
+        before.append_value(n as i64);
+    }
+    let calendar_schema = Arc::new(Schema::new(vec![
+        Field::new("business_date", DataType::Date32, false),
+        Field::new("days_before", DataType::Int64, false),
+    ]));
+    let calendar = RecordBatch::try_new(
+        calendar_schema.clone(),
+        vec![
+            Arc::new(dates.finish()) as ArrayRef,
+            Arc::new(before.finish()),
+        ],
+    )
+    .map_err(arrow_error("calendar"))?;
+    mem_table(&ctx, "calendar", calendar_schema, vec![calendar])?;
+    let params_schema = Arc::new(Schema::new(vec![Field::new(
+        "as_of_date",
+        DataType::Date32,
+        false,
+    )]));
+    let mut as_of_date = Date32Builder::new();
+    as_of_date.append_value(days(d));
+    let params = RecordBatch::try_new(
+        params_schema.clone(),
+        vec![Arc::new(as_of_date.finish()) as ArrayRef],
+    )
+    .map_err(arrow_error("params"))?;
+    mem_table(&ctx, "params", params_schema, vec![params])?;
+
+    let (registry_schema, registry) = registry_batch(&inputs.registry, d - Days::new(1))?;
+    mem_table(&ctx, "registry", registry_schema, vec![registry])?;
+    let (subsidy_schema, subsidy) = subsidy_batch()?;
+    mem_table(&ctx, "subsidy_sectors", subsidy_schema, vec![subsidy])?;
+
+    // What was known: ingested by the knowledge time, business dates in the lookback.
+    let window_start = d - Days::new(LOOKBACK_DAYS);
+    register_view(
+        &ctx,
+        "events",
+        &format!(
+            "SELECT e.* FROM pos_events e JOIN knowledge k ON e.operator_id = k.operator_id \
+             WHERE e.ingested_at <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
+        ),
+    )
+    .await?;
+    register_view(&ctx, "resolved", sql::RESOLVE).await?;
+    register_view(
+        &ctx,
+        "daily",
+        &format!(
+            "SELECT * FROM ({}) d WHERE d.business_date < DATE '{d}'",
+            sql::DAILY
+        ),
+    )
+    .await?;
+    let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
+    let mut batches = Vec::with_capacity(features.len());
+    for batch in &features {
+        if batch.num_rows() > 0 {
+            report.rows += batch.num_rows();
+            batches.push(conform_features(batch, report.bronze_version)?);
+        }
+    }
+    Ok((batches, report))
+}
+
+/// Orders and types feature rows as `merchant_features`, adding the constant columns.
+fn conform_features(batch: &RecordBatch, bronze_version: i64) -> Result<RecordBatch> {
+    let rows = batch.num_rows();
+    let schema = MERCHANT_FEATURES.schema.clone();
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let column: ArrayRef = match field.name().as_str() {
+            "feature_set" => Arc::new(StringArray::from(vec![FEATURE_SET; rows])),
+            "bronze_version" => Arc::new(streetflow_lake::arrow::array::Int64Array::from(
+                vec![bronze_version; rows],
+            )),
+            name => {
+                let column = batch.column_by_name(name).ok_or_else(|| Error::Arrow {
+                    context: format!("merchant_features.sql has no column {name}"),
+                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
+                })?;
+                if column.data_type() == field.data_type() {
+                    column.clone()
+                } else {
+                    cast(column, field.data_type()).map_err(arrow_error(name))?
+                }
+            }
+        };
+        columns.push(column);
+    }
+    RecordBatch::try_new(schema, columns).map_err(arrow_error("merchant_features rows"))
+}
+
+/// Computes features as of a date and replaces that date's partition of
+/// `merchant_features` with them.
+pub async fn write_features(
+    lake: &Lake,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+) -> Result<FeatureReport> {
+    let (batches, report) = compute_features(lake, as_of, inputs).await?;
+    let mut table = OffsetWriter::new(lake, &MERCHANT_FEATURES, "merchant_features").await?;
+    for batch in batches {
+        table.write(batch).await?;
+    }
+    let staged = table.stage().await?;
+    let partition =
+        std::collections::HashSet::from([vec![as_of.date.format("%Y-%m-%d").to_string()]]);
+    table
+        .replace_partitions(&staged, Some(&partition), &[])
+        .await?;
+    Ok(report)
+}
+
+/// Reads a merchant registry file: CSV with a header, or JSON Lines (`.jsonl`).
+pub fn load_registry(path: &Path) -> std::result::Result<Vec<MerchantRecord>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json")
+    {
+        return text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))
+            })
+            .collect();
+    }
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    reader
+        .deserialize()
+        .enumerate()
+        .map(|(i, row)| row.map_err(|e| format!("{} record {}: {e}", path.display(), i + 1)))
+        .collect()
+}

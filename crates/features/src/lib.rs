@@ -1,0 +1,21 @@
+//! streetflow's features: bronze events → daily cash flow (silver) → point-in-time
+//! merchant features (gold), as DataFusion SQL over the lake.
+//!
+//! The entry point for silver is [`refresh_silver`]: it brings `merchant_daily` up to the
+//! newest `pos_events` version, either by recomputing only the partitions the new bronze
+//! rows touch or from scratch. Both give the same rows, because both run the one daily
+//! definition in `pipelines/features/daily.sql`.
+
+mod error;
+mod gold;
+mod silver;
+pub mod sql;
+mod training;
+
+pub use error::{Error, Result};
+pub use gold::{
+    AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, compute_features,
+    load_registry, write_features,
+};
+pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
+pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};

@@ -1,0 +1,46 @@
+//! The SQL definitions, embedded from `pipelines/features/` so the binary is
+//! self-contained; the files are the documentation and the single source.
+
+/// Each event once, with its voided and orphan flags, over a relation `events` of
+/// bronze rows.
+pub const RESOLVE: &str = include_str!("../../../pipelines/features/resolve.sql");
+
+/// Daily cash flow per merchant over `resolved`.
+pub const DAILY: &str = include_str!("../../../pipelines/features/daily.sql");
+
+/// Point-in-time merchant features over `resolved`, `daily` and the reference tables.
+pub const MERCHANT_FEATURES: &str =
+    include_str!("../../../pipelines/features/merchant_features.sql");
+
+/// MCC ranges of the interest-subsidy sectors, with their effective dates.
+pub const SUBSIDY_SECTORS: &str = include_str!("../../../pipelines/reference/subsidy_sectors.csv");
+
+/// Partitions whose silver rows change when the rows of `new_events` join `pos_events`.
+pub(crate) const TOUCHED_PARTITIONS: &str = "
+SELECT DISTINCT b.operator_id, b.business_date
+FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.event_id = n.event_id
+UNION
+SELECT DISTINCT b.operator_id, b.business_date
+FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.event_id = n.ref_event_id
+WHERE b.kind = 'sale'
+UNION
+SELECT DISTINCT b.operator_id, b.business_date
+FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.ref_event_id = n.event_id
+WHERE n.kind = 'sale'";
+
+/// The bronze rows the daily rows of `touched` partitions depend on: their own rows,
+/// every delivery of their events, the sales their refunds and voids name, and the
+/// refunds and voids that name their sales.
+pub(crate) const EVENTS_FOR_TOUCHED: &str = "
+WITH base AS (
+    SELECT b.* FROM pos_events b
+    JOIN touched t ON b.operator_id = t.operator_id AND b.business_date = t.business_date
+),
+ids AS (SELECT DISTINCT operator_id, event_id FROM base),
+refs AS (SELECT DISTINCT operator_id, ref_event_id FROM base WHERE ref_event_id IS NOT NULL),
+sale_ids AS (SELECT DISTINCT operator_id, event_id FROM base WHERE kind = 'sale')
+SELECT b.* FROM pos_events b JOIN ids i ON b.operator_id = i.operator_id AND b.event_id = i.event_id
+UNION
+SELECT b.* FROM pos_events b JOIN refs r ON b.operator_id = r.operator_id AND b.event_id = r.ref_event_id
+UNION
+SELECT b.* FROM pos_events b JOIN sale_ids s ON b.operator_id = s.operator_id AND b.ref_event_id = s.event_id";

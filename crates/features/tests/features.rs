@@ -1,0 +1,537 @@
+//! Every feature on small fixtures whose expected values are worked out by hand in the
+//! comments, plus the point-in-time (bitemporal) rules.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use chrono_tz::Asia::Shanghai;
+use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
+use streetflow_core::{MerchantRecord, OperatorCalendars};
+use streetflow_features::{AsOf, FeatureInputs, compute_features};
+use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
+use streetflow_lake::arrow::array::RecordBatch;
+use streetflow_lake::arrow::util::display::array_value_to_string;
+use streetflow_lake::{Lake, OffsetWriter};
+
+/// D: Tuesday 2025-04-01. Windows end on Monday 2025-03-31.
+fn d() -> NaiveDate {
+    NaiveDate::from_ymd_opt(2025, 4, 1).unwrap()
+}
+
+fn day(days_before: u64) -> NaiveDate {
+    d() - Days::new(days_before)
+}
+
+/// Shanghai wall time on `date` as UTC.
+fn at(date: NaiveDate, hour: u32, minute: u32) -> DateTime<Utc> {
+    Shanghai
+        .from_local_datetime(&date.and_hms_opt(hour, minute, 0).unwrap())
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+struct Event {
+    id: String,
+    merchant: &'static str,
+    kind: &'static str,
+    amount: i64,
+    occurred: DateTime<Utc>,
+    payer: Option<&'static str>,
+    reference: Option<String>,
+    /// When the lake learned of it (Kafka record timestamp).
+    ingested: DateTime<Utc>,
+}
+
+fn sale(
+    id: &str,
+    merchant: &'static str,
+    amount: i64,
+    occurred: DateTime<Utc>,
+    payer: Option<&'static str>,
+) -> Event {
+    Event {
+        id: id.to_owned(),
+        merchant,
+        kind: "sale",
+        amount,
+        occurred,
+        payer,
+        reference: None,
+        ingested: occurred + chrono::Duration::seconds(2),
+    }
+}
+
+fn json(e: &Event) -> String {
+    let mut value = serde_json::json!({
+        "event_id": e.id, "operator_id": "lane", "merchant_id": e.merchant, "kind": e.kind,
+        "amount_fen": e.amount, "currency": "CNY",
+        "occurred_at": e.occurred.with_timezone(&Shanghai).to_rfc3339(), "channel": "wechat",
+    });
+    if let Some(p) = e.payer {
+        value["payer_ref"] = p.into();
+    }
+    if let Some(r) = &e.reference {
+        value["ref_event_id"] = r.clone().into();
+    }
+    value.to_string()
+}
+
+/// Writes the events to bronze in one commit, as the ingest path would.
+async fn lake_with(dir: &std::path::Path, events: &[Event]) -> Lake {
+    let lake = Lake::new(dir.to_str().unwrap(), &Default::default()).unwrap();
+    let mut appender = RowAppender::new(Default::default(), OperatorCalendars::default());
+    let (mut rows, mut dead) = (EventRows::default(), DeadLetterRows::default());
+    for (i, e) in events.iter().enumerate() {
+        let line = json(e);
+        let origin = Origin::File {
+            path: "fixture",
+            line: i as i64 + 1,
+        };
+        appender.append(
+            &mut rows,
+            &mut dead,
+            Some(line.as_bytes()),
+            None,
+            e.ingested,
+            origin,
+            false,
+        );
+    }
+    assert!(dead.is_empty(), "a fixture event was rejected");
+    let mut table = OffsetWriter::new(&lake, &POS_EVENTS, "fixture")
+        .await
+        .unwrap();
+    table.write(rows.finish().unwrap()).await.unwrap();
+    let staged = table.stage().await.unwrap();
+    table.commit(&staged, &[]).await.unwrap();
+    OffsetWriter::new(&lake, &DEAD_LETTERS, "fixture")
+        .await
+        .unwrap();
+    lake
+}
+
+fn registry(merchant: &str, mcc: &str, opened: NaiveDate, rent: Option<i64>) -> MerchantRecord {
+    MerchantRecord {
+        operator_id: "lane".into(),
+        merchant_id: merchant.into(),
+        name: merchant.into(),
+        mcc: mcc.into(),
+        industry_code: None,
+        opened_on: opened,
+        monthly_rent_fen: rent,
+        lease_end: None,
+        valid_from: opened,
+    }
+}
+
+/// A feature value of one merchant as text (NULL as "").
+fn value(batches: &[RecordBatch], merchant: &str, column: &str) -> String {
+    for batch in batches {
+        let merchants = batch.column_by_name("merchant_id").unwrap();
+        for row in 0..batch.num_rows() {
+            if array_value_to_string(merchants, row).unwrap() == merchant {
+                let column = batch
+                    .column_by_name(column)
+                    .unwrap_or_else(|| panic!("no column {column}"));
+                return if column.is_null(row) {
+                    String::new()
+                } else {
+                    array_value_to_string(column, row).unwrap()
+                };
+            }
+        }
+    }
+    panic!("no row for {merchant}");
+}
+
+fn float(batches: &[RecordBatch], merchant: &str, column: &str) -> f64 {
+    value(batches, merchant, column)
+        .parse()
+        .unwrap_or_else(|_| panic!("{column} is not a number"))
+}
+
+fn close(actual: f64, expected: f64, column: &str) {
+    assert!(
+        (actual - expected).abs() < 1e-9,
+        "{column}: {actual} != {expected}"
+    );
+}
+
+/// steady: opened 2025-01-01 (D − 90), one 8,800 fen sale at noon every day from
+/// D − 90 to D − 1, payers p1 and p2 alternating. Rent 3,000 yuan a month, MCC 5812.
+fn steady() -> Vec<Event> {
+    (1..=90)
+        .map(|n| {
+            sale(
+                &format!("s{n}"),
+                "steady",
+                8_800,
+                at(day(n), 12, 0),
+                Some(if n % 2 == 0 { "p2" } else { "p1" }),
+            )
+        })
+        .collect()
+}
+
+/// irregular: a long-open shop (registry 2020) whose feed starts with the operator's on
+/// 2025-01-01. On D − 11: a 20,000 fen sale at 23:30 (night, round) and a 5,000 fen
+/// sale at 10:00 that a void cancels. On D − 41: a 30,000 fen sale (round), delivered
+/// twice, and a 6,000 fen refund of it the same day. Nothing else.
+fn irregular() -> Vec<Event> {
+    let mut events = vec![
+        sale("i1", "irregular", 20_000, at(day(11), 23, 30), Some("q1")),
+        sale("i2", "irregular", 5_000, at(day(11), 10, 0), Some("q2")),
+        sale("i3", "irregular", 30_000, at(day(41), 12, 0), Some("q1")),
+        sale("i3", "irregular", 30_000, at(day(41), 12, 0), Some("q1")),
+    ];
+    events.push(Event {
+        kind: "void",
+        reference: Some("i2".into()),
+        ..sale("i4", "irregular", 5_000, at(day(11), 10, 5), None)
+    });
+    events.push(Event {
+        kind: "refund",
+        reference: Some("i3".into()),
+        ..sale("i5", "irregular", 6_000, at(day(41), 18, 0), Some("q1"))
+    });
+    events
+}
+
+fn inputs() -> FeatureInputs {
+    FeatureInputs {
+        calendars: OperatorCalendars::default(),
+        registry: vec![
+            registry("steady", "5812", day(90), Some(300_000)),
+            registry(
+                "irregular",
+                "5651",
+                NaiveDate::from_ymd_opt(2020, 6, 15).unwrap(),
+                None,
+            ),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_feature_matches_the_hand_computed_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = steady();
+    events.extend(irregular());
+    let lake = lake_with(dir.path(), &events).await;
+    let (f, report) = compute_features(
+        &lake,
+        &AsOf {
+            date: d(),
+            knowledge_time: None,
+        },
+        &inputs(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.rows, 2);
+    let v = |m: &str, c: &str| value(&f, m, c);
+    let x = |m: &str, c: &str| float(&f, m, c);
+
+    // Default knowledge time: the start of D in Shanghai = 2025-03-31T16:00:00Z.
+    assert_eq!(v("steady", "knowledge_time"), "2025-03-31T16:00:00Z");
+    assert_eq!(v("steady", "feature_set"), "v1");
+
+    // steady — 90 days on book (history starts 2025-01-01 = D − 90).
+    assert_eq!(v("steady", "days_on_book"), "90");
+    assert_eq!(v("steady", "net_fen_7d"), "61600"); // 7 × 8,800
+    assert_eq!(v("steady", "net_fen_30d"), "264000"); // 30 × 8,800
+    assert_eq!(v("steady", "net_fen_90d"), "792000"); // 90 × 8,800
+    assert_eq!(v("steady", "net_fen_180d"), "792000"); // only 90 days on book
+    assert_eq!(v("steady", "net_fen_365d"), "792000");
+    assert_eq!(v("steady", "sales_count_30d"), "30");
+    assert_eq!(v("steady", "sales_count_90d"), "90");
+    assert_eq!(v("steady", "active_days_30d"), "30");
+    assert_eq!(v("steady", "active_days_90d"), "90");
+    close(
+        x("steady", "active_day_ratio_30d"),
+        1.0,
+        "active_day_ratio_30d",
+    );
+    close(
+        x("steady", "active_day_ratio_90d"),
+        1.0,
+        "active_day_ratio_90d",
+    );
+    assert_eq!(v("steady", "avg_ticket_fen_30d"), "8800");
+    assert_eq!(v("steady", "avg_ticket_fen_90d"), "8800");
+    close(x("steady", "refund_ratio_90d"), 0.0, "refund_ratio_90d");
+    close(x("steady", "daily_net_cv_90d"), 0.0, "daily_net_cv_90d"); // every day the same
+    close(x("steady", "growth_mom_30d"), 0.0, "growth_mom_30d"); // 264,000 / 264,000 − 1
+    assert_eq!(v("steady", "growth_yoy_90d"), ""); // no history a year ago
+    close(x("steady", "trend_slope_26w"), 0.0, "trend_slope_26w"); // 12 equal full weeks
+    assert_eq!(v("steady", "max_zero_streak_90d"), "0");
+    assert_eq!(v("steady", "days_since_last_sale"), "1");
+    // Q1 2025 has 26 Saturdays and Sundays among its 90 days.
+    close(
+        x("steady", "weekend_share_90d"),
+        26.0 / 90.0,
+        "weekend_share_90d",
+    );
+    close(x("steady", "night_share_90d"), 0.0, "night_share_90d");
+    close(
+        x("steady", "round_amount_share_90d"),
+        0.0,
+        "round_amount_share_90d",
+    ); // 8,800 is not round
+    close(
+        x("steady", "spike_ratio_30d_180d"),
+        1.0,
+        "spike_ratio_30d_180d",
+    ); // (264,000/30)/(792,000/90)
+    assert_eq!(v("steady", "distinct_payers_90d"), "2");
+    close(
+        x("steady", "repeat_payer_ratio_90d"),
+        1.0,
+        "repeat_payer_ratio_90d",
+    ); // both came 45 times
+    close(
+        x("steady", "top5_payer_share_90d"),
+        1.0,
+        "top5_payer_share_90d",
+    );
+    assert_eq!(v("steady", "months_on_book"), "3"); // 2025-01-01 → 2025-04-01
+    close(x("steady", "coverage_ratio_90d"), 1.0, "coverage_ratio_90d");
+    close(
+        x("steady", "rent_to_turnover_90d"),
+        900_000.0 / 792_000.0,
+        "rent_to_turnover_90d",
+    ); // 3 months of rent
+    close(x("steady", "peer_pct_net_90d"), 0.0, "peer_pct_net_90d"); // alone in (lane, 5812)
+    assert_eq!(v("steady", "mcc"), "5812");
+    assert_eq!(v("steady", "subsidy_sector"), "catering_accommodation");
+
+    // irregular — history from the feed start 2025-01-01, so 90 days on book too.
+    assert_eq!(v("irregular", "days_on_book"), "90");
+    assert_eq!(v("irregular", "net_fen_7d"), "0");
+    assert_eq!(v("irregular", "net_fen_30d"), "20000"); // the night sale; the 5,000 was voided
+    assert_eq!(v("irregular", "net_fen_90d"), "44000"); // 20,000 + 30,000 − 6,000 (duplicate counted once)
+    assert_eq!(v("irregular", "sales_count_90d"), "2");
+    assert_eq!(v("irregular", "active_days_90d"), "2");
+    close(
+        x("irregular", "active_day_ratio_90d"),
+        2.0 / 90.0,
+        "active_day_ratio_90d",
+    );
+    assert_eq!(v("irregular", "avg_ticket_fen_90d"), "25000"); // 50,000 / 2
+    close(
+        x("irregular", "refund_ratio_90d"),
+        6_000.0 / 50_000.0,
+        "refund_ratio_90d",
+    );
+    // mom: 20,000 (days 1–30) over 24,000 (days 31–60) − 1.
+    close(
+        x("irregular", "growth_mom_30d"),
+        20_000.0 / 24_000.0 - 1.0,
+        "growth_mom_30d",
+    );
+    // Zero days: 1–10 (10), 12–40 (29), 42–90 (49).
+    assert_eq!(v("irregular", "max_zero_streak_90d"), "49");
+    assert_eq!(v("irregular", "days_since_last_sale"), "11");
+    close(
+        x("irregular", "night_share_90d"),
+        20_000.0 / 50_000.0,
+        "night_share_90d",
+    );
+    close(
+        x("irregular", "round_amount_share_90d"),
+        1.0,
+        "round_amount_share_90d",
+    );
+    // CV of 90 daily nets: one day 20,000, one day 24,000, 88 zeros.
+    let mean = 44_000.0 / 90.0;
+    let variance = (20_000.0f64.powi(2) + 24_000.0f64.powi(2)) / 90.0 - mean * mean;
+    close(
+        x("irregular", "daily_net_cv_90d"),
+        variance.sqrt() / mean,
+        "daily_net_cv_90d",
+    );
+    // Spike: (20,000/30) / (44,000/90).
+    close(
+        x("irregular", "spike_ratio_30d_180d"),
+        (20_000.0 / 30.0) / (44_000.0 / 90.0),
+        "spike_ratio_30d_180d",
+    );
+    // Payers of live sales: q1 (20,000 and 30,000: 2 visits); q2's sale was voided.
+    assert_eq!(v("irregular", "distinct_payers_90d"), "1");
+    close(
+        x("irregular", "repeat_payer_ratio_90d"),
+        1.0,
+        "repeat_payer_ratio_90d",
+    );
+    close(
+        x("irregular", "top5_payer_share_90d"),
+        1.0,
+        "top5_payer_share_90d",
+    );
+    // Opened 2020-06-15 → 2025-04-01: 57 full months (April 1 is before the 15th).
+    assert_eq!(v("irregular", "months_on_book"), "57");
+    assert_eq!(v("irregular", "rent_to_turnover_90d"), ""); // no rent known
+    assert_eq!(v("irregular", "subsidy_sector"), ""); // 5651 (clothing) is retail only from 2026
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_event_changes_nothing_before_it_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = steady();
+    // A sale of D − 3 that reached the lake only on D + 2.
+    let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
+    late.ingested = at(d() + Days::new(2), 9, 0);
+    events.push(late);
+    let lake = lake_with(dir.path(), &events).await;
+
+    let as_of = AsOf {
+        date: d(),
+        knowledge_time: None,
+    };
+    let (before, _) = compute_features(&lake, &as_of, &inputs()).await.unwrap();
+    assert_eq!(
+        value(&before, "steady", "net_fen_7d"),
+        "61600",
+        "the late sale leaked into the past"
+    );
+    assert_eq!(value(&before, "steady", "distinct_payers_90d"), "2");
+
+    let later = AsOf {
+        date: d(),
+        knowledge_time: Some(at(d() + Days::new(3), 0, 0)),
+    };
+    let (after, report) = compute_features(&lake, &later, &inputs()).await.unwrap();
+    assert_eq!(value(&after, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
+    assert_eq!(value(&after, "steady", "distinct_payers_90d"), "3");
+    assert_eq!(report.knowledge_times["lane"], at(d() + Days::new(3), 0, 0));
+    // Recomputing as of D with the default knowledge time still gives the first vector.
+    let (again, _) = compute_features(&lake, &as_of, &inputs()).await.unwrap();
+    assert_eq!(value(&again, "steady", "net_fen_7d"), "61600");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_versions_and_sectors_follow_the_as_of_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &steady()).await;
+    let mut inputs = inputs();
+    // From D the shop is registered as a bar-restaurant with a higher rent: not yet
+    // visible as of D (versions valid on D − 1 only).
+    let mut newer = registry("steady", "5813", d(), Some(900_000));
+    newer.valid_from = d();
+    inputs.registry.push(newer);
+    let (f, _) = compute_features(
+        &lake,
+        &AsOf {
+            date: d(),
+            knowledge_time: None,
+        },
+        &inputs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(&f, "steady", "mcc"), "5812");
+    let next = AsOf {
+        date: d() + Days::new(1),
+        knowledge_time: None,
+    };
+    let (g, _) = compute_features(&lake, &next, &inputs).await.unwrap();
+    assert_eq!(value(&g, "steady", "mcc"), "5813");
+    // Before the 2025 scheme took effect (2025-03-16) there is no subsidy sector.
+    let early = AsOf {
+        date: NaiveDate::from_ymd_opt(2025, 3, 10).unwrap(),
+        knowledge_time: None,
+    };
+    let (e, _) = compute_features(&lake, &early, &inputs).await.unwrap();
+    assert_eq!(value(&e, "steady", "subsidy_sector"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_set_joins_each_spine_row_as_of_its_own_date() {
+    use streetflow_features::{SpineRow, write_training_set};
+    use streetflow_lake::deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = steady();
+    let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
+    late.ingested = at(d() + Days::new(2), 9, 0);
+    events.push(late);
+    let lake = lake_with(&dir.path().join("lake"), &events).await;
+    let row = |merchant: &str, date: NaiveDate, knowledge_time: Option<DateTime<Utc>>| SpineRow {
+        operator_id: "lane".into(),
+        merchant_id: merchant.into(),
+        as_of_date: date,
+        knowledge_time,
+    };
+    let spine = vec![
+        row("steady", d(), None),     // 1: before the late sale arrived
+        row("steady", day(30), None), // 2: 60 days on book
+        row("nobody", d(), None),     // 3: unknown merchant
+        row("steady", d(), Some(at(d() + Days::new(3), 0, 0))), // 4: after it arrived
+        row("steady", day(30), None), // 5: same as row 2
+    ];
+    let out = dir.path().join("train.parquet");
+    let mut calls = Vec::new();
+    let report = write_training_set(&lake, &spine, &inputs(), &out, |done, total| {
+        calls.push((done, total))
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.rows, 5);
+    assert_eq!(report.rows_without_history, 1);
+    assert_eq!(report.as_of_groups, 3);
+    assert_eq!(calls, vec![(1, 3), (2, 3), (3, 3)]);
+
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&out).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+    // Rows by spine position: (merchant, as_of_date, net_fen_7d, days_on_book, net_fen_90d).
+    let mut rows = std::collections::BTreeMap::new();
+    for batch in &batches {
+        for i in 0..batch.num_rows() {
+            let cell = |name: &str| {
+                let column = batch.column_by_name(name).unwrap();
+                if column.is_null(i) {
+                    String::new()
+                } else {
+                    array_value_to_string(column, i).unwrap()
+                }
+            };
+            rows.insert(
+                cell("spine_row"),
+                (
+                    cell("merchant_id"),
+                    cell("as_of_date"),
+                    cell("net_fen_7d"),
+                    cell("days_on_book"),
+                    cell("net_fen_90d"),
+                ),
+            );
+        }
+    }
+    let expect = |m: &str, date: &str, n7: &str, book: &str, n90: &str| {
+        (
+            m.to_owned(),
+            date.to_owned(),
+            n7.to_owned(),
+            book.to_owned(),
+            n90.to_owned(),
+        )
+    };
+    assert_eq!(
+        rows["1"],
+        expect("steady", "2025-04-01", "61600", "90", "792000")
+    );
+    // As of 2025-03-02 the shop had 60 days: 60 × 8,800 = 528,000.
+    assert_eq!(
+        rows["2"],
+        expect("steady", "2025-03-02", "61600", "60", "528000")
+    );
+    assert_eq!(rows["3"], expect("nobody", "2025-04-01", "", "", ""));
+    assert_eq!(
+        rows["4"],
+        expect("steady", "2025-04-01", "161600", "90", "892000")
+    );
+    assert_eq!(rows["5"], rows["2"]);
+}

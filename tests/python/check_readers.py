@@ -1,0 +1,96 @@
+"""Risk modellers' view: open streetflow's silver and gold tables with the `deltalake`
+Python package and polars, check the documented columns and types, and recompute a few
+values from the other tables.
+
+Usage: python3 check_readers.py LAKE TRUTH_CSV AS_OF_DATE
+Exits non-zero with a message on the first mismatch.
+"""
+
+import datetime as dt
+import sys
+
+import polars as pl
+from deltalake import DeltaTable
+
+lake, truth_csv, as_of = sys.argv[1], sys.argv[2], dt.date.fromisoformat(sys.argv[3])
+
+
+def fail(message: str) -> None:
+    print(f"python readers: FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_types(frame: pl.DataFrame, expected: dict, table: str) -> None:
+    for column, dtype in expected.items():
+        if column not in frame.columns:
+            fail(f"{table} has no column {column} (has {frame.columns})")
+        if frame.schema[column] != dtype:
+            fail(f"{table}.{column} is {frame.schema[column]}, documented as {dtype}")
+
+
+# Silver through the deltalake package (PyArrow), as a data engineer would.
+daily_table = DeltaTable(f"{lake}/merchant_daily")
+daily = pl.from_arrow(daily_table.to_pyarrow_table())
+check_types(
+    daily,
+    {
+        "operator_id": pl.String,
+        "business_date": pl.Date,
+        "merchant_id": pl.String,
+        "sales_count": pl.Int64,
+        "sales_fen": pl.Int64,
+        "refund_fen": pl.Int64,
+        "net_fen": pl.Int64,
+        "night_sales_fen": pl.Int64,
+        "round_sales_count": pl.Int64,
+        "first_sale_at": pl.Datetime("us", "UTC"),
+    },
+    "merchant_daily",
+)
+truth = pl.read_csv(truth_csv, try_parse_dates=True)
+keys = ["operator_id", "merchant_id", "business_date"]
+joined = truth.join(daily, on=keys, how="full", suffix="_silver", coalesce=True)
+for column in ["sales_count", "sales_fen", "refund_fen", "void_count", "net_fen"]:
+    differ = joined.filter(pl.col(column).ne_missing(pl.col(f"{column}_silver")))
+    if differ.height:
+        fail(f"merchant_daily.{column} differs from the generator's truth:\n{differ.head()}")
+print(f"merchant_daily: {daily.height} rows equal the truth file; net {daily['net_fen'].sum():,} fen")
+
+# Gold through polars' own reader, as a risk modeller would.
+features = pl.read_delta(f"{lake}/merchant_features").filter(pl.col("as_of_date") == as_of)
+check_types(
+    features,
+    {
+        "as_of_date": pl.Date,
+        "operator_id": pl.String,
+        "merchant_id": pl.String,
+        "knowledge_time": pl.Datetime("us", "UTC"),
+        "net_fen_30d": pl.Int64,
+        "net_fen_365d": pl.Int64,
+        "active_days_90d": pl.Int64,
+        "daily_net_cv_90d": pl.Float64,
+        "trend_slope_26w": pl.Float64,
+        "months_on_book": pl.Int64,
+        "mcc": pl.String,
+        "subsidy_sector": pl.String,
+    },
+    "merchant_features",
+)
+merchants = daily.select("operator_id", "merchant_id").unique()
+if features.height != merchants.height:
+    fail(f"merchant_features has {features.height} rows as of {as_of}, silver has {merchants.height} merchants")
+
+# Every event was ingested long before the as-of date's knowledge time, so the 30-day net
+# equals silver summed over the 30 days before the as-of date.
+window = daily.filter(
+    (pl.col("business_date") < as_of) & (pl.col("business_date") >= as_of - dt.timedelta(days=30))
+)
+expected = window.group_by("operator_id", "merchant_id").agg(pl.col("net_fen").sum().alias("expected"))
+check = features.join(expected, on=["operator_id", "merchant_id"], how="left").with_columns(
+    pl.col("expected").fill_null(0)
+)
+wrong = check.filter(pl.col("net_fen_30d") != pl.col("expected"))
+if wrong.height:
+    fail(f"net_fen_30d differs from silver summed in Python:\n{wrong.select('merchant_id', 'net_fen_30d', 'expected')}")
+print(f"merchant_features: {features.height} rows as of {as_of}; net_fen_30d matches silver for each")
+print("python readers: ok")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds a small lake through the real path (gen → Kafka → ingest → silver → features)
+# and opens it from Python with `deltalake` and polars (check_readers.py).
+# Needs: the debug binary, STREETFLOW_TEST_BROKERS, and python3 with deltalake + polars.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+bin="${CARGO_TARGET_DIR:-$here/../../target}/debug/streetflow"
+brokers="${STREETFLOW_TEST_BROKERS:?set STREETFLOW_TEST_BROKERS to a Kafka-protocol broker}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+"$bin" gen --merchants 6 --days 60 --seed 23 --start 2025-01-01 --truth truth.csv \
+  --registry merchants.csv --duplicate-rate 0.02 --late-rate 0.02 --malformed-rate 0.002 >/dev/null
+topic="readers-$$-$RANDOM"
+"$bin" produce --brokers "$brokers" --topic "$topic" --input events.jsonl --partitions 2 >/dev/null
+"$bin" ingest --brokers "$brokers" --topic "$topic" --group "$topic" --lake lake --exit-at-end \
+  --max-records 5000 >/dev/null
+# The generated days are 2025-01-01 … 2025-03-01: features as of the day after, with a
+# knowledge time after every (simulated) arrival.
+"$bin" features --lake lake --as-of 2025-03-02 --knowledge-time 2025-06-01T00:00:00Z \
+  --registry merchants.csv >/dev/null
+python3 "$here/check_readers.py" lake truth.csv 2025-03-02
