@@ -795,7 +795,8 @@ impl Worker {
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
             };
-            if high > expected {
+            // Past the high watermark: see `caught_up` (Tansu's watermark).
+            if high > expected || (expected > high && !state.repaired) {
                 state.expect_first = None;
                 self.state.gaps.push(Gap {
                     partition,
@@ -931,7 +932,9 @@ impl Worker {
             // returns nothing for a fetch inside that batch, so a worker restarted in the
             // middle of it would see "the end" with records unread. Re-read the
             // partition once from its start; what the lake holds is skipped as replay.
-            if next > high && !state.repaired {
+            // Only before the first record after positioning: a worker that read up to
+            // `next` itself has seen those records exist.
+            if next > high && state.expect_first.is_some() && !state.repaired {
                 tracing::warn!(
                     partition = p,
                     next,
