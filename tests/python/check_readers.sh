@@ -15,7 +15,7 @@ cd "$work"
 topic="readers-$$-$RANDOM"
 "$bin" produce --brokers "$brokers" --topic "$topic" --input events.jsonl --partitions 2 >/dev/null
 "$bin" ingest --brokers "$brokers" --topic "$topic" --group "$topic" --lake lake --exit-at-end \
-  --max-records 5000 >/dev/null
+  --max-records 20000 >/dev/null
 # The generated days are 2025-01-01 … 2025-03-01: features as of the day after, with a
 # knowledge time after every (simulated) arrival.
 "$bin" features --lake lake --as-of 2025-03-02 --knowledge-time 2025-06-01T00:00:00Z \
