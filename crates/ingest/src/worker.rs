@@ -795,8 +795,7 @@ impl Worker {
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
             };
-            // Past the high watermark: see `caught_up` (Tansu's watermark).
-            if high > expected || (expected > high && !state.repaired) {
+            if high > expected {
                 state.expect_first = None;
                 self.state.gaps.push(Gap {
                     partition,
