@@ -3,33 +3,37 @@
 -- Inputs (registered by `streetflow features`):
 --   params(as_of_date DATE)                                     one row
 --   knowledge(operator_id, knowledge_time)                      per operator: events
---              ingested after it are not in `resolved`
+--              ingested after it are not in `daily` or `payer_sales`
 --   calendar(business_date DATE, days_before BIGINT)            D-1 (1) … D-456 (456)
---   resolved   resolve.sql over the events ingested by the knowledge time, business
---              dates from D-456 (voids and refunds of any later date included)
---   daily      daily.sql over `resolved`, business dates < D
+--   daily      daily.sql over resolve.sql over the events ingested by the knowledge
+--              time with business dates from D-456; business dates < D
+--   payer_sales payer_sales.sql over the same resolved events
+--   (streetflow materializes both once, so the event resolution runs twice per run)
 --   registry(operator_id, merchant_id, mcc, industry_code, opened_on, monthly_rent_fen)
 --              the registry versions valid on D-1 (empty without --registry)
 --   subsidy_sectors(sector, mcc_from, mcc_to, effective_from, effective_to)
 --              pipelines/reference/subsidy_sectors.csv; the narrowest MCC range wins
+--   subsidy_industries(sector, industry_prefix, effective_from, effective_to)
+--              pipelines/reference/subsidy_industries.csv (GB/T 4754 prefixes); a
+--              registered industry code that matches decides before the MCC
 --
 -- Conventions: windows end the day before the as-of date D; "N days" = D-N … D-1.
 -- Days without sales are zeros (dense calendar) from the merchant's history start,
 -- which is the later of its opening date (registry; else its first known event) and
--- the first day its operator's feed delivered anything. A window longer than that
+-- the first day its operator's feed delivered anything (a day with a daily row of any of
+-- its merchants). A window longer than that
 -- history covers the days on book only. Ratios are NULL when their denominator is
 -- zero or undefined. Money is BIGINT fen.
 WITH p AS (SELECT as_of_date FROM params),
 feed_days AS (
-    SELECT DISTINCT operator_id, business_date FROM resolved
+    SELECT DISTINCT operator_id, business_date FROM daily
 ),
 feed_start AS (
     SELECT operator_id, min(business_date) AS first_feed_day FROM feed_days GROUP BY operator_id
 ),
 seen AS (
     SELECT operator_id, merchant_id, min(business_date) AS first_seen
-    FROM resolved
-    WHERE business_date < (SELECT as_of_date FROM p)
+    FROM daily
     GROUP BY operator_id, merchant_id
 ),
 merchants AS (
@@ -129,15 +133,7 @@ trends AS (
     WHERE days = 7
     GROUP BY operator_id, merchant_id
 ),
--- Payers over the last 90 days, from the individual (not voided) sales.
-payer_sales AS (
-    SELECT r.operator_id, r.merchant_id, r.payer_ref, count(*) AS visits, sum(r.amount_fen) AS fen
-    FROM resolved r, p
-    WHERE r.kind = 'sale' AND NOT r.voided AND r.payer_ref IS NOT NULL
-        AND r.business_date < p.as_of_date
-        AND r.business_date >= p.as_of_date - INTERVAL '90 days'
-    GROUP BY r.operator_id, r.merchant_id, r.payer_ref
-),
+-- Payers over the last 90 days (payer_sales.sql).
 payers AS (
     SELECT
         operator_id, merchant_id,
@@ -212,17 +208,29 @@ features AS (
     LEFT JOIN knowledge k ON k.operator_id = b.operator_id
     WHERE b.history_start < (SELECT as_of_date FROM p)
 ),
+-- Subsidy sector: the registered industry code decides when it matches (longest prefix),
+-- else the MCC (narrowest range); only entries in effect on the as-of date count.
+sector_matches AS (
+    SELECT f.operator_id, f.merchant_id, s.sector, 0 AS source, -length(s.industry_prefix) AS width
+    FROM features f
+    JOIN subsidy_industries s
+        ON starts_with(f.industry_code, s.industry_prefix)
+        AND s.effective_from <= f.as_of_date
+        AND (s.effective_to IS NULL OR f.as_of_date <= s.effective_to)
+    UNION ALL
+    SELECT f.operator_id, f.merchant_id, s.sector, 1 AS source, s.mcc_to - s.mcc_from AS width
+    FROM features f
+    JOIN subsidy_sectors s
+        ON CAST(f.mcc AS BIGINT) BETWEEN s.mcc_from AND s.mcc_to
+        AND s.effective_from <= f.as_of_date
+        AND (s.effective_to IS NULL OR f.as_of_date <= s.effective_to)
+),
 sectors AS (
     SELECT operator_id, merchant_id, sector
     FROM (
-        SELECT f.operator_id, f.merchant_id, s.sector, row_number() OVER (
-            PARTITION BY f.operator_id, f.merchant_id
-            ORDER BY s.mcc_to - s.mcc_from, s.sector) AS rank
-        FROM features f
-        JOIN subsidy_sectors s
-            ON CAST(f.mcc AS BIGINT) BETWEEN s.mcc_from AND s.mcc_to
-            AND s.effective_from <= f.as_of_date
-            AND (s.effective_to IS NULL OR f.as_of_date <= s.effective_to)
+        SELECT operator_id, merchant_id, sector, row_number() OVER (
+            PARTITION BY operator_id, merchant_id ORDER BY source, width, sector) AS rank
+        FROM sector_matches
     ) matches
     WHERE rank = 1
 )

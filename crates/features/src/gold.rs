@@ -3,7 +3,8 @@
 //! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
 //! default the start of business day D in each operator's calendar) with business dates
 //! from D − 456 days, resolves them with `resolve.sql`, builds daily rows with
-//! `daily.sql` (dates before D) and applies `merchant_features.sql`. A late event that
+//! `daily.sql` (dates before D) and the 90-day payer table with `payer_sales.sql`, and
+//! applies `merchant_features.sql`. A late event that
 //! arrived after the knowledge time therefore never changes a vector already computed.
 
 use std::collections::BTreeMap;
@@ -198,6 +199,53 @@ fn subsidy_batch() -> Result<(SchemaRef, RecordBatch)> {
     Ok((schema, batch))
 }
 
+/// The subsidy industry-prefix reference table shipped in `pipelines/reference/`.
+fn subsidy_industry_batch() -> Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sector", DataType::Utf8, false),
+        Field::new("industry_prefix", DataType::Utf8, false),
+        Field::new("effective_from", DataType::Date32, false),
+        Field::new("effective_to", DataType::Date32, true),
+    ]));
+    let (mut sector, mut prefix) = (StringBuilder::new(), StringBuilder::new());
+    let (mut start, mut end) = (Date32Builder::new(), Date32Builder::new());
+    for (line_no, line) in sql::SUBSIDY_INDUSTRIES.lines().enumerate().skip(1) {
+        let cells: Vec<&str> = line.split(',').collect();
+        let parsed = (|| {
+            let code = cells.get(1)?;
+            code.chars().all(|c| c.is_ascii_digit()).then_some(())?;
+            Some((
+                cells.first()?,
+                code,
+                NaiveDate::parse_from_str(cells.get(2)?, "%Y-%m-%d").ok()?,
+                cells
+                    .get(3)
+                    .and_then(|c| NaiveDate::parse_from_str(c, "%Y-%m-%d").ok()),
+            ))
+        })();
+        let Some((name, code, effective_from, effective_to)) = parsed else {
+            return Err(Error::Arrow {
+                context: format!(
+                    "pipelines/reference/subsidy_industries.csv line {}",
+                    line_no + 1
+                ),
+                source: streetflow_lake::arrow::error::ArrowError::ParseError(line.to_owned()),
+            });
+        };
+        sector.append_value(name);
+        prefix.append_value(code);
+        start.append_value(days(effective_from));
+        end.append_option(effective_to.map(days));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(sector.finish()),
+        Arc::new(prefix.finish()),
+        Arc::new(start.finish()),
+        Arc::new(end.finish()),
+    ];
+    RecordBatch::try_new(schema, columns).map_err(arrow_error("subsidy industries"))
+}
+
 async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
     let frame = ctx
         .sql(query)
@@ -217,6 +265,112 @@ async fn register_view(ctx: &SessionContext, name: &str, query: &str) -> Result<
     ctx.register_table(name, frame.into_view())
         .map_err(Error::query(format!("registering {name}")))?;
     Ok(())
+}
+
+/// The tables the feature SQL reads besides bronze, for one as-of date.
+#[derive(Debug)]
+pub struct ReferenceTables {
+    /// `knowledge`, `calendar`, `params`, `registry`, `subsidy_sectors` and
+    /// `subsidy_industries`, by name.
+    pub tables: Vec<(&'static str, RecordBatch)>,
+    /// The knowledge time of each operator.
+    pub knowledge_times: BTreeMap<String, DateTime<Utc>>,
+}
+
+/// Builds the reference tables of `merchant_features.sql` for `as_of` and the operators
+/// present in bronze. Shared by [`compute_features`] and the DuckDB comparison in
+/// `streetflow bench features`, so both engines read the same inputs.
+pub fn reference_tables(
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    operators: &[String],
+) -> Result<ReferenceTables> {
+    let d = as_of.date;
+    let mut knowledge_times = BTreeMap::new();
+    let (mut op, mut known) = (
+        StringBuilder::new(),
+        TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+    );
+    for name in operators {
+        let k = as_of
+            .knowledge_time
+            .unwrap_or_else(|| inputs.calendars.for_operator(name).day_start(d));
+        knowledge_times.insert(name.clone(), k);
+        op.append_value(name);
+        known.append_value(k.timestamp_micros());
+    }
+    let knowledge_schema = Arc::new(Schema::new(vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("knowledge_time", utc_micros_type(), false),
+    ]));
+    let knowledge = RecordBatch::try_new(
+        knowledge_schema,
+        vec![Arc::new(op.finish()) as ArrayRef, Arc::new(known.finish())],
+    )
+    .map_err(arrow_error("knowledge table"))?;
+
+    // The dense calendar and the as-of date.
+    let (mut dates, mut before) = (Date32Builder::new(), Int64Builder::new());
+    for n in 1..=LOOKBACK_DAYS {
+        dates.append_value(days(d - Days::new(n)));
+        before.append_value(n as i64);
+    }
+    let calendar_schema = Arc::new(Schema::new(vec![
+        Field::new("business_date", DataType::Date32, false),
+        Field::new("days_before", DataType::Int64, false),
+    ]));
+    let calendar = RecordBatch::try_new(
+        calendar_schema,
+        vec![
+            Arc::new(dates.finish()) as ArrayRef,
+            Arc::new(before.finish()),
+        ],
+    )
+    .map_err(arrow_error("calendar"))?;
+    let params_schema = Arc::new(Schema::new(vec![Field::new(
+        "as_of_date",
+        DataType::Date32,
+        false,
+    )]));
+    let mut as_of_date = Date32Builder::new();
+    as_of_date.append_value(days(d));
+    let params = RecordBatch::try_new(
+        params_schema,
+        vec![Arc::new(as_of_date.finish()) as ArrayRef],
+    )
+    .map_err(arrow_error("params"))?;
+    let (_, registry) = registry_batch(&inputs.registry, d - Days::new(1))?;
+    let (_, subsidy) = subsidy_batch()?;
+    let industries = subsidy_industry_batch()?;
+    Ok(ReferenceTables {
+        tables: vec![
+            ("knowledge", knowledge),
+            ("calendar", calendar),
+            ("params", params),
+            ("registry", registry),
+            ("subsidy_sectors", subsidy),
+            ("subsidy_industries", industries),
+        ],
+        knowledge_times,
+    })
+}
+
+/// SQL of the `events` relation as of `date`: the bronze rows (`pos_events`) ingested by
+/// their operator's knowledge time (`knowledge`), business dates within the lookback.
+pub fn events_view(date: NaiveDate) -> String {
+    let window_start = date - Days::new(LOOKBACK_DAYS);
+    format!(
+        "SELECT e.* FROM pos_events e JOIN knowledge k ON e.operator_id = k.operator_id \
+         WHERE e.ingested_at <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
+    )
+}
+
+/// SQL of the `daily` relation as of `date`: `daily.sql` over `resolved`, dates before it.
+pub fn daily_view(date: NaiveDate) -> String {
+    format!(
+        "SELECT * FROM ({}) d WHERE d.business_date < DATE '{date}'",
+        sql::DAILY
+    )
 }
 
 /// Computes the feature rows as of `as_of` (without writing them), in the column
@@ -239,99 +393,42 @@ pub async fn compute_features(
     report.bronze_version = bronze.version().map_or(-1, |v| v as i64);
     let ctx = lake.session().await?;
 
-    // Knowledge time per operator.
-    let operators = collect(
+    let operator_batches = collect(
         &ctx,
         "SELECT DISTINCT operator_id FROM pos_events",
         "operators",
     )
     .await?;
-    let (mut op, mut known) = (
-        StringBuilder::new(),
-        TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-    );
-    for batch in &operators {
+    let mut operators = Vec::new();
+    for batch in &operator_batches {
         let column = cast(batch.column(0), &DataType::Utf8).map_err(arrow_error("operators"))?;
         let names: &StringArray = column.as_string::<i32>();
-        for name in names.iter().flatten() {
-            let k = as_of
-                .knowledge_time
-                .unwrap_or_else(|| inputs.calendars.for_operator(name).day_start(d));
-            report.knowledge_times.insert(name.to_owned(), k);
-            op.append_value(name);
-            known.append_value(k.timestamp_micros());
-        }
+        operators.extend(names.iter().flatten().map(str::to_owned));
     }
-    let knowledge_schema = Arc::new(Schema::new(vec![
-        Field::new("operator_id", DataType::Utf8, false),
-        Field::new("knowledge_time", utc_micros_type(), false),
-    ]));
-    let knowledge = RecordBatch::try_new(
-        knowledge_schema.clone(),
-        vec![Arc::new(op.finish()) as ArrayRef, Arc::new(known.finish())],
-    )
-    .map_err(arrow_error("knowledge table"))?;
-    mem_table(&ctx, "knowledge", knowledge_schema, vec![knowledge])?;
-
-    // The dense calendar and the as-of date.
-    let (mut dates, mut before) = (Date32Builder::new(), Int64Builder::new());
-    for n in 1..=LOOKBACK_DAYS {
-        dates.append_value(days(d - Days::new(n)));
-        before.append_value(n as i64);
+    let reference = reference_tables(as_of, inputs, &operators)?;
+    report.knowledge_times = reference.knowledge_times;
+    for (name, batch) in reference.tables {
+        mem_table(&ctx, name, batch.schema(), vec![batch])?;
     }
-    let calendar_schema = Arc::new(Schema::new(vec![
-        Field::new("business_date", DataType::Date32, false),
-        Field::new("days_before", DataType::Int64, false),
-    ]));
-    let calendar = RecordBatch::try_new(
-        calendar_schema.clone(),
-        vec![
-            Arc::new(dates.finish()) as ArrayRef,
-            Arc::new(before.finish()),
-        ],
-    )
-    .map_err(arrow_error("calendar"))?;
-    mem_table(&ctx, "calendar", calendar_schema, vec![calendar])?;
-    let params_schema = Arc::new(Schema::new(vec![Field::new(
-        "as_of_date",
-        DataType::Date32,
-        false,
-    )]));
-    let mut as_of_date = Date32Builder::new();
-    as_of_date.append_value(days(d));
-    let params = RecordBatch::try_new(
-        params_schema.clone(),
-        vec![Arc::new(as_of_date.finish()) as ArrayRef],
-    )
-    .map_err(arrow_error("params"))?;
-    mem_table(&ctx, "params", params_schema, vec![params])?;
-
-    let (registry_schema, registry) = registry_batch(&inputs.registry, d - Days::new(1))?;
-    mem_table(&ctx, "registry", registry_schema, vec![registry])?;
-    let (subsidy_schema, subsidy) = subsidy_batch()?;
-    mem_table(&ctx, "subsidy_sectors", subsidy_schema, vec![subsidy])?;
-
-    // What was known: ingested by the knowledge time, business dates in the lookback.
-    let window_start = d - Days::new(LOOKBACK_DAYS);
-    register_view(
-        &ctx,
-        "events",
-        &format!(
-            "SELECT e.* FROM pos_events e JOIN knowledge k ON e.operator_id = k.operator_id \
-             WHERE e.ingested_at <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
-        ),
-    )
-    .await?;
+    register_view(&ctx, "events", &events_view(d)).await?;
     register_view(&ctx, "resolved", sql::RESOLVE).await?;
-    register_view(
-        &ctx,
-        "daily",
-        &format!(
-            "SELECT * FROM ({}) d WHERE d.business_date < DATE '{d}'",
-            sql::DAILY
-        ),
-    )
-    .await?;
+    // The feature query reads its inputs several times; DataFusion does not materialize
+    // views, so compute each once (both are small: merchant-days and merchant-payers).
+    for (name, query) in [
+        ("daily", daily_view(d)),
+        ("payer_sales", sql::PAYER_SALES.to_owned()),
+    ] {
+        let frame = ctx
+            .sql(&query)
+            .await
+            .map_err(Error::query(format!("planning {name}")))?;
+        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame
+            .collect()
+            .await
+            .map_err(Error::query(format!("computing {name}")))?;
+        mem_table(&ctx, name, schema, batches)?;
+    }
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
     let mut batches = Vec::with_capacity(features.len());
     for batch in &features {

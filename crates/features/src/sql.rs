@@ -8,12 +8,20 @@ pub const RESOLVE: &str = include_str!("../../../pipelines/features/resolve.sql"
 /// Daily cash flow per merchant over `resolved`.
 pub const DAILY: &str = include_str!("../../../pipelines/features/daily.sql");
 
-/// Point-in-time merchant features over `resolved`, `daily` and the reference tables.
+/// Each payer's live sales per merchant over the 90 days before the as-of date.
+pub const PAYER_SALES: &str = include_str!("../../../pipelines/features/payer_sales.sql");
+
+/// Point-in-time merchant features over `daily`, `payer_sales` and the reference tables.
 pub const MERCHANT_FEATURES: &str =
     include_str!("../../../pipelines/features/merchant_features.sql");
 
 /// MCC ranges of the interest-subsidy sectors, with their effective dates.
 pub const SUBSIDY_SECTORS: &str = include_str!("../../../pipelines/reference/subsidy_sectors.csv");
+
+/// GB/T 4754 industry-code prefixes of the interest-subsidy sectors, with their
+/// effective dates; a registered industry code decides before the MCC.
+pub const SUBSIDY_INDUSTRIES: &str =
+    include_str!("../../../pipelines/reference/subsidy_industries.csv");
 
 /// Partitions whose silver rows change when the rows of `new_events` join `pos_events`.
 pub(crate) const TOUCHED_PARTITIONS: &str = "

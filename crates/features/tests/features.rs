@@ -443,6 +443,24 @@ async fn registry_versions_and_sectors_follow_the_as_of_date() {
     };
     let (e, _) = compute_features(&lake, &early, &inputs).await.unwrap();
     assert_eq!(value(&e, "steady", "subsidy_sector"), "");
+    // A registered industry code decides before the MCC: 8514 (care for the elderly)
+    // on a 5813 bar MCC is elderly care.
+    let mut registered = registry("steady", "5813", d(), Some(900_000));
+    registered.industry_code = Some("8514".into());
+    registered.valid_from = d() + Days::new(2);
+    inputs.registry.push(registered);
+    let (r, _) = compute_features(
+        &lake,
+        &AsOf {
+            date: d() + Days::new(3),
+            knowledge_time: None,
+        },
+        &inputs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(&r, "steady", "industry_code"), "8514");
+    assert_eq!(value(&r, "steady", "subsidy_sector"), "elderly_care");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,4 +552,149 @@ async fn a_training_set_joins_each_spine_row_as_of_its_own_date() {
         expect("steady", "2025-04-01", "161600", "90", "892000")
     );
     assert_eq!(rows["5"], rows["2"]);
+}
+
+/// A second district for the features that need a long history, feed gaps and peers.
+/// The operator's feed delivers nothing at all on D − 6 … D − 2 (an outage).
+///
+/// * veteran (MCC 5812, opened 2023): 10,000 fen every day D − 455 … D − 366 (last
+///   year's 90-day window) and 15,000 fen every day D − 90 … D − 1 outside the outage.
+/// * grower (MCC 5812, opened D − 182): nothing in its first 13 weeks, then one
+///   9,900 fen sale (99 yuan) on the first day of each of the last 13 weeks, i.e. on
+///   D − 1, D − 8, …, D − 85.
+/// * quiet (MCC 5812, opened D − 30): registered, never sold anything.
+fn history() -> Vec<Event> {
+    let outage = 2..=6;
+    let mut events = Vec::new();
+    for n in 366..=455 {
+        events.push(sale(
+            &format!("v{n}"),
+            "veteran",
+            10_000,
+            at(day(n), 12, 0),
+            None,
+        ));
+    }
+    for n in (1..=90).filter(|n| !outage.contains(n)) {
+        events.push(sale(
+            &format!("v{n}"),
+            "veteran",
+            15_000,
+            at(day(n), 12, 0),
+            None,
+        ));
+    }
+    for week in 0..13 {
+        let n = week * 7 + 1;
+        events.push(sale(
+            &format!("g{n}"),
+            "grower",
+            9_900,
+            at(day(n), 12, 0),
+            None,
+        ));
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_features_match_the_hand_computed_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &history()).await;
+    let inputs = FeatureInputs {
+        calendars: OperatorCalendars::default(),
+        registry: vec![
+            registry(
+                "veteran",
+                "5812",
+                NaiveDate::from_ymd_opt(2023, 1, 1).unwrap(),
+                None,
+            ),
+            registry("grower", "5812", day(182), None),
+            registry("quiet", "5812", day(30), None),
+        ],
+    };
+    let (f, report) = compute_features(
+        &lake,
+        &AsOf {
+            date: d(),
+            knowledge_time: None,
+        },
+        &inputs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.rows, 3);
+    let v = |m: &str, c: &str| value(&f, m, c);
+    let x = |m: &str, c: &str| float(&f, m, c);
+
+    // veteran: the operator's feed starts at D − 455, so the whole window is on book.
+    assert_eq!(v("veteran", "days_on_book"), "455");
+    assert_eq!(v("veteran", "net_fen_90d"), "1275000"); // 85 × 15,000
+    assert_eq!(v("veteran", "net_fen_365d"), "1275000"); // nothing on D − 365 … D − 91
+    // Year over year: 1,275,000 over last year's 90 × 10,000 = 900,000, minus one.
+    close(
+        x("veteran", "growth_yoy_90d"),
+        1_275_000.0 / 900_000.0 - 1.0,
+        "growth_yoy_90d",
+    );
+    // The feed delivered on 85 of the 90 days.
+    close(
+        x("veteran", "coverage_ratio_90d"),
+        85.0 / 90.0,
+        "coverage_ratio_90d",
+    );
+    assert_eq!(v("veteran", "max_zero_streak_90d"), "5"); // the outage
+    assert_eq!(v("veteran", "months_on_book"), "27"); // 2023-01-01 → 2025-04-01
+
+    // grower: 182 days on book = 26 full weeks, numbered 0 (oldest) … 25 (newest).
+    // y = ln(1 + weekly yuan) is 0 for weeks 0–12 and ln(100) for weeks 13–25.
+    // OLS slope = Σ(x − 12.5)(y − ȳ) / Σ(x − 12.5)²
+    //           = ln(100) · (0.5 + 1.5 + … + 12.5) / (2 · (0.5² + 1.5² + … + 12.5²))
+    //           = ln(100) · 84.5 / 1462.5.
+    close(
+        x("grower", "trend_slope_26w"),
+        100.0f64.ln() * 84.5 / 1462.5,
+        "trend_slope_26w",
+    );
+    assert_eq!(v("grower", "days_on_book"), "182");
+    assert_eq!(v("grower", "net_fen_90d"), "128700"); // 13 × 9,900
+    assert_eq!(v("grower", "growth_yoy_90d"), ""); // not on book a year ago
+    // Month over month: D − 1, 8, 15, 22, 29 (5 sales) over D − 36, 43, 50, 57 (4), − 1.
+    close(
+        x("grower", "growth_mom_30d"),
+        5.0 / 4.0 - 1.0,
+        "growth_mom_30d",
+    );
+    close(
+        x("grower", "coverage_ratio_90d"),
+        85.0 / 90.0,
+        "coverage_ratio_90d",
+    );
+    assert_eq!(v("grower", "max_zero_streak_90d"), "6"); // e.g. D − 2 … D − 7
+
+    // quiet: registered 30 days ago, no sales.
+    assert_eq!(v("quiet", "days_on_book"), "30");
+    assert_eq!(v("quiet", "net_fen_30d"), "0");
+    assert_eq!(v("quiet", "days_since_last_sale"), "");
+    assert_eq!(v("quiet", "max_zero_streak_90d"), "30");
+    close(
+        x("quiet", "active_day_ratio_30d"),
+        0.0,
+        "active_day_ratio_30d",
+    );
+    close(
+        x("quiet", "coverage_ratio_90d"),
+        25.0 / 30.0,
+        "coverage_ratio_90d",
+    ); // the outage is inside its 30 days
+    assert_eq!(v("quiet", "avg_ticket_fen_30d"), "");
+    // Four full weeks (D − 1 … D − 28) of zeros: a flat trend.
+    close(x("quiet", "trend_slope_26w"), 0.0, "trend_slope_26w");
+
+    // Peers within (lane, 5812) ranked by net_fen_90d: quiet 0 < grower 128,700 <
+    // veteran 1,275,000; percent rank = (rank − 1) / (3 − 1).
+    close(x("quiet", "peer_pct_net_90d"), 0.0, "peer_pct_net_90d");
+    close(x("grower", "peer_pct_net_90d"), 0.5, "peer_pct_net_90d");
+    close(x("veteran", "peer_pct_net_90d"), 1.0, "peer_pct_net_90d");
 }
