@@ -102,7 +102,24 @@ impl Lake {
     /// Opens the table, creating it with the contract's schema if it does not exist yet,
     /// and refuses a table whose columns differ from the contract.
     pub async fn open_or_create(&self, def: &TableDef) -> Result<DeltaTable> {
-        let table = self.load(def.name).await?;
+        let table = match self.open(def.name).await? {
+            Some(table) => table,
+            // Not there yet: an unloaded handle to create it with (loading would make the
+            // Delta kernel log an error for the missing log).
+            None => {
+                let url = self.table_url(def.name)?;
+                if let Ok(path) = url.to_file_path() {
+                    std::fs::create_dir_all(&path).map_err(|e| Error::BadLocation {
+                        location: path.display().to_string(),
+                        reason: format!("cannot create table directory: {e}"),
+                    })?;
+                }
+                deltalake::DeltaTableBuilder::from_url(url)
+                    .map(|b| b.with_storage_options(self.storage_options.clone()))
+                    .and_then(|b| b.build())
+                    .map_err(Error::delta(def.name, "open"))?
+            }
+        };
         let table = if table.version().is_some() {
             table
         } else {
