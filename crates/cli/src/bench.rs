@@ -31,6 +31,9 @@ pub(crate) enum BenchCommand {
     /// Ingest throughput: bare consumer vs full ingest on one preloaded topic, and the
     /// pipeline without a broker vs bare serde_json parsing of the same bytes.
     Ingest(BenchIngestArgs),
+    /// As-of features of a city-sized lake: streetflow vs DuckDB on the same SQL and
+    /// Parquet, with the results compared.
+    Features(crate::bench_features::BenchFeaturesArgs),
 }
 
 /// Options of `streetflow bench ingest`.
@@ -77,6 +80,7 @@ pub(crate) fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Gen(args) => bench_gen(args),
         BenchCommand::Ingest(args) => bench_ingest(args),
+        BenchCommand::Features(args) => crate::bench_features::bench_features(args),
     }
 }
 

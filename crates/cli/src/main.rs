@@ -2,6 +2,7 @@
 
 mod aggregate;
 mod bench;
+mod bench_features;
 mod features;
 mod generate;
 mod ingest;
