@@ -3,6 +3,7 @@
 mod aggregate;
 mod bench;
 mod bench_features;
+mod decide;
 mod features;
 mod generate;
 mod ingest;
@@ -47,6 +48,8 @@ enum Command {
     Aggregate(aggregate::AggregateArgs),
     /// Compute point-in-time merchant features as of a date into merchant_features.
     Features(features::FeaturesArgs),
+    /// Decide every merchant as of a date under a credit policy into credit_decisions.
+    Decide(decide::DecideArgs),
     /// Run a read-only SQL query over the lake's tables.
     Sql(sql::SqlArgs),
     /// Measure throughput (see each benchmark's help).
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Sql(args) => sql::run(&args),
         Command::Aggregate(args) => aggregate::run(&args),
         Command::Features(args) => features::run(&args),
+        Command::Decide(args) => decide::run(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

@@ -172,6 +172,34 @@ pub static MERCHANT_FEATURES: LazyLock<TableDef> = LazyLock::new(|| {
     }
 });
 
+/// Credit decisions: one row per (as-of date, product, operator, merchant), with what is
+/// needed to reproduce and audit it (policy version and hash, table versions read).
+pub static CREDIT_DECISIONS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
+    name: "credit_decisions",
+    description: "Credit decisions per merchant and product as of a date: decision, limit in fen, reason codes, subsidy sector, policy version and hash",
+    schema: Arc::new(Schema::new(vec![
+        Field::new("as_of_date", DataType::Date32, false),
+        Field::new("product", DataType::Utf8, false),
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("policy_version", DataType::Utf8, false),
+        Field::new("policy_hash", DataType::Utf8, false),
+        Field::new("decision", DataType::Utf8, false),
+        Field::new("limit_fen", DataType::Int64, false),
+        Field::new(
+            "reasons",
+            DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new("subsidy_sector", DataType::Utf8, true),
+        Field::new("subsidy_eligible", DataType::Boolean, false),
+        Field::new("feature_set", DataType::Utf8, false),
+        Field::new("feature_table_version", DataType::Int64, false),
+        Field::new("bronze_version", DataType::Int64, false),
+    ])),
+    partition_columns: &["as_of_date", "product"],
+});
+
 /// `operator_id` of a dead letter whose operator cannot be read from the message.
 pub const UNKNOWN_OPERATOR: &str = "unknown";
 
@@ -189,6 +217,7 @@ mod tests {
             &*DEAD_LETTERS,
             &*MERCHANT_DAILY,
             &*MERCHANT_FEATURES,
+            &*CREDIT_DECISIONS,
         ] {
             for column in table.partition_columns {
                 let field = table.schema.field_with_name(column).unwrap();

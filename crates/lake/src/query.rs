@@ -4,18 +4,21 @@ use deltalake::DeltaTableError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
 use deltalake::datafusion::prelude::SessionContext;
-use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS};
+use streetflow_core::tables::{
+    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS,
+};
 
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 
 /// Tables a session registers, when they exist.
-fn table_names() -> [&'static str; 4] {
+fn table_names() -> [&'static str; 5] {
     [
         POS_EVENTS.name,
         DEAD_LETTERS.name,
         MERCHANT_DAILY.name,
         MERCHANT_FEATURES.name,
+        CREDIT_DECISIONS.name,
     ]
 }
 

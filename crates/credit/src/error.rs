@@ -1,0 +1,40 @@
+//! Errors of credit decisions.
+
+use chrono::NaiveDate;
+use streetflow_lake::datafusion::error::DataFusionError;
+
+/// Result with the credit crate's [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a decision run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The lake refused an operation.
+    #[error(transparent)]
+    Lake(#[from] streetflow_lake::Error),
+    /// The policy query failed to plan or run.
+    #[error("{context}: {source}")]
+    Query {
+        /// Which step.
+        context: String,
+        /// DataFusion's error.
+        #[source]
+        source: Box<DataFusionError>,
+    },
+    /// `merchant_features` has no rows for the date.
+    #[error("merchant_features has no rows as of {0}; run `streetflow features --as-of {0}` first")]
+    NoFeatures(NaiveDate),
+    /// A result did not have the expected shape (a defect).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(DataFusionError) -> Error {
+        let context = context.into();
+        move |source| Error::Query {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
