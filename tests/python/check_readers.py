@@ -93,4 +93,30 @@ wrong = check.filter(pl.col("net_fen_30d") != pl.col("expected"))
 if wrong.height:
     fail(f"net_fen_30d differs from silver summed in Python:\n{wrong.select('merchant_id', 'net_fen_30d', 'expected')}")
 print(f"merchant_features: {features.height} rows as of {as_of}; net_fen_30d matches silver for each")
+
+# Decisions: the shipped term loan needs 180 days on book; this lake has 60.
+decisions = pl.read_delta(f"{lake}/credit_decisions").filter(pl.col("as_of_date") == as_of)
+check_types(
+    decisions,
+    {
+        "as_of_date": pl.Date,
+        "product": pl.String,
+        "merchant_id": pl.String,
+        "decision": pl.String,
+        "limit_fen": pl.Int64,
+        "reasons": pl.List(pl.String),
+        "subsidy_eligible": pl.Boolean,
+        "policy_hash": pl.String,
+        "feature_table_version": pl.Int64,
+    },
+    "credit_decisions",
+)
+if decisions.height != features.height:
+    fail(f"credit_decisions has {decisions.height} rows, merchant_features {features.height}")
+young = decisions.filter(
+    (pl.col("decision") == "decline") & pl.col("reasons").list.contains("HISTORY_TOO_SHORT") & (pl.col("limit_fen") == 0)
+)
+if young.height != decisions.height:
+    fail(f"every merchant should be declined for HISTORY_TOO_SHORT:\n{decisions.select('merchant_id', 'decision', 'reasons')}")
+print(f"credit_decisions: {decisions.height} rows, all declined for HISTORY_TOO_SHORT (60 days on book)")
 print("python readers: ok")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds a small lake through the real path (gen → Kafka → ingest → silver → features)
+# Builds a small lake through the real path (gen → Kafka → ingest → silver → features →
+# decisions)
 # and opens it from Python with `deltalake` and polars (check_readers.py).
 # Needs: the debug binary, STREETFLOW_TEST_BROKERS, and python3 with deltalake + polars.
 set -euo pipefail
@@ -20,4 +21,6 @@ topic="readers-$$-$RANDOM"
 # knowledge time after every (simulated) arrival.
 "$bin" features --lake lake --as-of 2025-03-02 --knowledge-time 2025-06-01T00:00:00Z \
   --registry merchants.csv >/dev/null
+"$bin" decide --lake lake --as-of 2025-03-02 \
+  --policy "$here/../../pipelines/policies/district-turnover-loan.toml" >/dev/null
 python3 "$here/check_readers.py" lake truth.csv 2025-03-02
