@@ -422,11 +422,13 @@ pub async fn compute_features(
             .sql(&query)
             .await
             .map_err(Error::query(format!("planning {name}")))?;
-        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let planned = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame
             .collect()
             .await
             .map_err(Error::query(format!("computing {name}")))?;
+        // The batches' nullability can be looser than the plan's; use theirs.
+        let schema = batches.first().map_or(planned, |b| b.schema());
         mem_table(&ctx, name, schema, batches)?;
     }
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
