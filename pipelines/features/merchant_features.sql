@@ -209,21 +209,24 @@ features AS (
     WHERE b.history_start < (SELECT as_of_date FROM p)
 ),
 -- Subsidy sector: the registered industry code decides when it matches (longest prefix),
--- else the MCC (narrowest range); only entries in effect on the as-of date count.
+-- else the MCC (narrowest range); only entries in effect on the as-of date count. Read
+-- from on_book, not features: DataFusion would compute every feature again per reference.
 sector_matches AS (
     SELECT f.operator_id, f.merchant_id, s.sector, 0 AS source, -length(s.industry_prefix) AS width
-    FROM features f
+    FROM on_book f
+    CROSS JOIN p
     JOIN subsidy_industries s
         ON starts_with(f.industry_code, s.industry_prefix)
-        AND s.effective_from <= f.as_of_date
-        AND (s.effective_to IS NULL OR f.as_of_date <= s.effective_to)
+        AND s.effective_from <= p.as_of_date
+        AND (s.effective_to IS NULL OR p.as_of_date <= s.effective_to)
     UNION ALL
     SELECT f.operator_id, f.merchant_id, s.sector, 1 AS source, s.mcc_to - s.mcc_from AS width
-    FROM features f
+    FROM on_book f
+    CROSS JOIN p
     JOIN subsidy_sectors s
         ON CAST(f.mcc AS BIGINT) BETWEEN s.mcc_from AND s.mcc_to
-        AND s.effective_from <= f.as_of_date
-        AND (s.effective_to IS NULL OR f.as_of_date <= s.effective_to)
+        AND s.effective_from <= p.as_of_date
+        AND (s.effective_to IS NULL OR p.as_of_date <= s.effective_to)
 ),
 sectors AS (
     SELECT operator_id, merchant_id, sector

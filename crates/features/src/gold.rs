@@ -431,6 +431,17 @@ pub async fn compute_features(
         let schema = batches.first().map_or(planned, |b| b.schema());
         mem_table(&ctx, name, schema, batches)?;
     }
+    if std::env::var_os("STREETFLOW_EXPLAIN_FEATURES").is_some() {
+        let plan = collect(
+            &ctx,
+            &format!("EXPLAIN ANALYZE {}", sql::MERCHANT_FEATURES),
+            "explain",
+        )
+        .await?;
+        if let Ok(text) = streetflow_lake::arrow::util::pretty::pretty_format_batches(&plan) {
+            eprintln!("{text}");
+        }
+    }
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
     let mut batches = Vec::with_capacity(features.len());
     for batch in &features {
