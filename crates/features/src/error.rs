@@ -59,3 +59,19 @@ impl Error {
         }
     }
 }
+
+/// Plans and runs `query`, naming the step `context` in errors.
+pub(crate) async fn collect(
+    ctx: &streetflow_lake::datafusion::prelude::SessionContext,
+    query: &str,
+    context: &str,
+) -> Result<Vec<streetflow_lake::arrow::array::RecordBatch>> {
+    let frame = ctx
+        .sql(query)
+        .await
+        .map_err(Error::query(format!("planning {context}")))?;
+    frame
+        .collect()
+        .await
+        .map_err(Error::query(format!("running {context}")))
+}

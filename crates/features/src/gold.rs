@@ -24,7 +24,7 @@ use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_lake::{Lake, OffsetWriter};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, collect};
 use crate::sql;
 
 /// Name of the feature set these definitions produce.
@@ -244,17 +244,6 @@ fn subsidy_industry_batch() -> Result<RecordBatch> {
         Arc::new(end.finish()),
     ];
     RecordBatch::try_new(schema, columns).map_err(arrow_error("subsidy industries"))
-}
-
-async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
-    let frame = ctx
-        .sql(query)
-        .await
-        .map_err(Error::query(format!("planning {context}")))?;
-    frame
-        .collect()
-        .await
-        .map_err(Error::query(format!("running {context}")))
 }
 
 async fn register_view(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {

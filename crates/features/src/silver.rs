@@ -9,10 +9,9 @@ use streetflow_lake::arrow::array::{Array, AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 use streetflow_lake::datafusion::datasource::MemTable;
-use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, collect};
 use crate::sql;
 
 /// The Delta `txn` application id under which silver records the bronze version it
@@ -55,17 +54,6 @@ fn file_paths(table: &streetflow_lake::deltalake::DeltaTable) -> Result<HashSet<
         .iter()
         .map(|f| f.path().to_string())
         .collect())
-}
-
-async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
-    let frame = ctx
-        .sql(query)
-        .await
-        .map_err(Error::query(format!("planning {context}")))?;
-    frame
-        .collect()
-        .await
-        .map_err(Error::query(format!("running {context}")))
 }
 
 /// Partition keys (operator, `YYYY-MM-DD`) of batches with those two columns first.
