@@ -1,17 +1,25 @@
 //! `streetflow sql`: read-only SQL over the lake's tables.
 
-use anyhow::Context;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
 use clap::Args;
 use streetflow_lake::Lake;
+use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::arrow::util::pretty::pretty_format_batches;
-use streetflow_lake::datafusion::execution::context::SQLOptions;
+use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
+use streetflow_lake::deltalake::parquet::basic::{Compression, ZstdLevel};
+use streetflow_lake::deltalake::parquet::file::properties::WriterProperties;
 
 use crate::ingest::runtime;
+use crate::output;
 
 /// Options of `streetflow sql`.
 #[derive(Debug, Args)]
 pub(crate) struct SqlArgs {
-    /// The query (SELECT or WITH … SELECT).
+    /// The query: SELECT, WITH … SELECT, VALUES or EXPLAIN of one. Anything else (DDL,
+    /// DML, COPY, SET, …) is refused.
     query: String,
     /// Lake root.
     #[arg(long, default_value = "./lake")]
@@ -19,6 +27,9 @@ pub(crate) struct SqlArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Write the result here instead of standard output (required for parquet).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// How `streetflow sql` prints results.
@@ -30,42 +41,81 @@ pub(crate) enum Format {
     Csv,
     /// One JSON object per line.
     Json,
+    /// A Parquet file (zstd), with the query's Arrow schema.
+    Parquet,
 }
 
 pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let lake = Lake::new(&args.lake, &Default::default())?;
-    let batches = runtime.block_on(async {
-        let ctx = lake.session().await?;
-        // Queries only: no DDL, DML or SET statements.
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let frame = ctx.sql_with_options(&args.query, options).await?;
-        anyhow::Ok(frame.collect().await?)
+    let (schema, batches) = runtime.block_on(async {
+        let frame = lake.read_only_query(&args.query).await?;
+        let schema = frame.schema().as_arrow().clone();
+        anyhow::Ok((schema, frame.collect().await?))
     })?;
-    let stdout = std::io::stdout();
     match args.format {
-        Format::Table => println!(
+        Format::Parquet => write_parquet(args.out.as_deref(), schema, &batches),
+        text => write_text(text, args.out.as_deref(), &batches),
+    }
+}
+
+/// Writes the result as one zstd Parquet file at `out`.
+fn write_parquet(
+    out: Option<&std::path::Path>,
+    schema: streetflow_lake::arrow::datatypes::Schema,
+    batches: &[RecordBatch],
+) -> anyhow::Result<()> {
+    let Some(path) = out else {
+        bail!("--format parquet needs --out FILE (Parquet is not written to a terminal)");
+    };
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    // The batches' nullability can be looser than the plan's; use theirs.
+    let schema = batches
+        .first()
+        .map_or_else(|| std::sync::Arc::new(schema), RecordBatch::schema);
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties))
+        .context("starting the Parquet file")?;
+    for batch in batches {
+        writer.write(batch).context("writing Parquet")?;
+    }
+    writer.close().context("finishing the Parquet file")?;
+    Ok(())
+}
+
+/// Writes the result as a text table, CSV or JSON lines to `out` (standard output if none).
+fn write_text(
+    format: Format,
+    out: Option<&std::path::Path>,
+    batches: &[RecordBatch],
+) -> anyhow::Result<()> {
+    let mut out = output::create(out.unwrap_or_else(|| std::path::Path::new("-")))?;
+    match format {
+        Format::Table => writeln!(
+            out,
             "{}",
-            pretty_format_batches(&batches).context("formatting the result")?
-        ),
+            pretty_format_batches(batches).context("formatting the result")?
+        )?,
         Format::Csv => {
             let mut writer = arrow_csv::WriterBuilder::new()
                 .with_header(true)
-                .build(stdout.lock());
-            for batch in &batches {
+                .build(&mut out);
+            for batch in batches {
                 writer.write(batch).context("writing CSV")?;
             }
         }
         Format::Json => {
-            let mut writer = arrow_json::LineDelimitedWriter::new(stdout.lock());
-            for batch in &batches {
+            let mut writer = arrow_json::LineDelimitedWriter::new(&mut out);
+            for batch in batches {
                 writer.write(batch).context("writing JSON")?;
             }
             writer.finish().context("writing JSON")?;
         }
+        Format::Parquet => bail!("Parquet is not a text format"),
     }
+    out.flush().context("writing the result")?;
     Ok(())
 }

@@ -39,6 +39,12 @@ pub enum Error {
         /// Offset the commit proposed.
         proposed: i64,
     },
+    /// `streetflow sql` and other read-only paths accept queries only.
+    #[error("read-only: {0}")]
+    NotAQuery(String),
+    /// A query failed to plan or run.
+    #[error("query: {0}")]
+    Query(String),
     /// A Delta operation failed.
     #[error("Delta table {table} ({operation}): {source}")]
     Delta {
@@ -65,6 +71,8 @@ impl Error {
                     | DeltaTableError::VersionAlreadyExists(_)
             ),
             Error::BadLocation { .. }
+            | Error::NotAQuery(_)
+            | Error::Query(_)
             | Error::SchemaMismatch { .. }
             | Error::OffsetWouldMoveBack { .. } => false,
         }

@@ -15,6 +15,7 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use lake::Lake;
+pub use query::memory_limit;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
 
 /// Re-exported for callers that need Delta types (tables, file selections).

@@ -3,7 +3,15 @@
 use deltalake::DeltaTableError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
-use deltalake::datafusion::prelude::SessionContext;
+use std::sync::Arc;
+
+use deltalake::datafusion::execution::context::SQLOptions;
+use deltalake::datafusion::execution::memory_pool::FairSpillPool;
+use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use deltalake::datafusion::prelude::SessionConfig;
+use deltalake::datafusion::prelude::{DataFrame, SessionContext};
+use deltalake::datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use deltalake::datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use streetflow_core::tables::{
     CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS,
 };
@@ -31,8 +39,15 @@ fn datafusion_error<'a>(
 
 impl Lake {
     /// A DataFusion session with every existing lake table registered under its name.
+    ///
+    /// Queries share a memory pool of [`memory_limit`] bytes: sorts and aggregates that
+    /// would exceed it spill to temporary files instead of growing without bound.
     pub async fn session(&self) -> Result<SessionContext> {
-        let ctx = SessionContext::new();
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(memory_limit())))
+            .build_arc()
+            .map_err(datafusion_error("session", "build runtime"))?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         for name in table_names() {
             let Some(table) = self.open(name).await? else {
                 continue;
@@ -50,6 +65,34 @@ impl Lake {
         Ok(ctx)
     }
 
+    /// Plans `sql` over the lake's tables if, and only if, it is one read-only query:
+    /// a `SELECT` / `WITH … SELECT` / `VALUES`, or an `EXPLAIN` of one. DDL (`CREATE`,
+    /// `DROP`, external tables), DML (`INSERT`, `UPDATE`, `DELETE`, `COPY … TO`), `SET`
+    /// and every other statement are refused with [`Error::NotAQuery`]. Tables resolve
+    /// to the lake's tables only: the session reads no file or URL named in a query.
+    pub async fn read_only_query(&self, sql: &str) -> Result<DataFrame> {
+        let statements =
+            DFParser::parse_sql(sql).map_err(|e| Error::Query(format!("parse: {e}")))?;
+        if statements.len() != 1 {
+            return Err(Error::NotAQuery(format!(
+                "expected one statement, found {}",
+                statements.len()
+            )));
+        }
+        for statement in &statements {
+            refuse_unless_query(statement)?;
+        }
+        let ctx = self.session().await?;
+        // Belt and braces: DataFusion checks the plan itself as well.
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        ctx.sql_with_options(sql, options)
+            .await
+            .map_err(|e| Error::Query(e.to_string()))
+    }
+
     /// Runs one SQL query over the lake and collects the result.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         let ctx = self.session().await?;
@@ -61,5 +104,63 @@ impl Lake {
             .collect()
             .await
             .map_err(datafusion_error("sql", "execute"))
+    }
+}
+
+/// The memory DataFusion may use for one session's queries before spilling: the
+/// `STREETFLOW_MEMORY_LIMIT_MB` environment variable, else 60 % of the machine's memory
+/// (the rest is left to Arrow buffers outside the pool, the OS and other processes), else
+/// 8 GiB where the machine's memory cannot be read.
+pub fn memory_limit() -> usize {
+    const MIB: usize = 1 << 20;
+    if let Some(mb) = std::env::var("STREETFLOW_MEMORY_LIMIT_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return mb.saturating_mul(MIB);
+    }
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                })
+        });
+    match total_kib {
+        Some(kib) => kib / 10 * 6 * 1024,
+        None => 8 * 1024 * MIB,
+    }
+}
+
+/// Accepts a query or an `EXPLAIN` of one; names anything else in the error.
+fn refuse_unless_query(statement: &DfStatement) -> Result<()> {
+    let refused = |what: &str| {
+        Err(Error::NotAQuery(format!(
+            "only queries (SELECT, WITH, VALUES, EXPLAIN) run here; refused {what}"
+        )))
+    };
+    match statement {
+        DfStatement::Statement(inner) => match inner.as_ref() {
+            SqlStatement::Query(_) => Ok(()),
+            SqlStatement::Explain { statement, .. } => match statement.as_ref() {
+                SqlStatement::Query(_) => Ok(()),
+                _ => refused("an EXPLAIN of a statement that is not a query"),
+            },
+            other => {
+                let text = other.to_string();
+                let keyword = text.split_whitespace().next().unwrap_or("statement");
+                refused(&format!("a {} statement", keyword.to_uppercase()))
+            }
+        },
+        DfStatement::Explain(explain) => refuse_unless_query(&explain.statement),
+        DfStatement::CreateExternalTable(_) => refused("CREATE EXTERNAL TABLE"),
+        DfStatement::CopyTo(_) => refused("COPY"),
+        _ => refused("a statement that is not a query"),
     }
 }
