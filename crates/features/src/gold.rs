@@ -369,6 +369,34 @@ pub async fn compute_features(
     as_of: &AsOf,
     inputs: &FeatureInputs,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+    compute(lake, as_of, inputs, None).await
+}
+
+/// Computes the feature row of one merchant as of `as_of`, reading only that merchant's
+/// bronze rows (the single-merchant evaluation path of `streetflow serve`). Every feature
+/// equals the one [`compute_features`] gives, except `peer_pct_net_90d`: a percentile
+/// among peers needs the peers, so it is null here.
+pub async fn compute_merchant_features(
+    lake: &Lake,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    operator_id: &str,
+    merchant_id: &str,
+) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+    compute(lake, as_of, inputs, Some((operator_id, merchant_id))).await
+}
+
+/// A string as a SQL literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+async fn compute(
+    lake: &Lake,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    merchant: Option<(&str, &str)>,
+) -> Result<(Vec<RecordBatch>, FeatureReport)> {
     let d = as_of.date;
     let mut report = FeatureReport {
         as_of_date: d,
@@ -382,24 +410,55 @@ pub async fn compute_features(
     report.bronze_version = bronze.version().map_or(-1, |v| v as i64);
     let ctx = lake.session().await?;
 
-    let operator_batches = collect(
-        &ctx,
-        "SELECT DISTINCT operator_id FROM pos_events",
-        "operators",
-    )
-    .await?;
     let mut operators = Vec::new();
-    for batch in &operator_batches {
-        let column = cast(batch.column(0), &DataType::Utf8).map_err(arrow_error("operators"))?;
-        let names: &StringArray = column.as_string::<i32>();
-        operators.extend(names.iter().flatten().map(str::to_owned));
+    if let Some((operator, _)) = merchant {
+        operators.push(operator.to_owned());
+    } else {
+        let operator_batches = collect(
+            &ctx,
+            "SELECT DISTINCT operator_id FROM pos_events",
+            "operators",
+        )
+        .await?;
+        for batch in &operator_batches {
+            let column =
+                cast(batch.column(0), &DataType::Utf8).map_err(arrow_error("operators"))?;
+            let names: &StringArray = column.as_string::<i32>();
+            operators.extend(names.iter().flatten().map(str::to_owned));
+        }
     }
+    // One merchant: its registry entries only (the feature query keeps registry merchants
+    // without events, which would bring in the rest of the district).
+    let scoped_inputs;
+    let inputs = match merchant {
+        Some((operator, merchant)) => {
+            scoped_inputs = FeatureInputs {
+                calendars: inputs.calendars.clone(),
+                registry: inputs
+                    .registry
+                    .iter()
+                    .filter(|r| r.operator_id == operator && r.merchant_id == merchant)
+                    .cloned()
+                    .collect(),
+            };
+            &scoped_inputs
+        }
+        None => inputs,
+    };
     let reference = reference_tables(as_of, inputs, &operators)?;
     report.knowledge_times = reference.knowledge_times;
     for (name, batch) in reference.tables {
         mem_table(&ctx, name, batch.schema(), vec![batch])?;
     }
-    register_view(&ctx, "events", &events_view(d)).await?;
+    let mut events = events_view(d);
+    if let Some((operator, merchant)) = merchant {
+        events.push_str(&format!(
+            " AND e.operator_id = {} AND e.merchant_id = {}",
+            sql_literal(operator),
+            sql_literal(merchant)
+        ));
+    }
+    register_view(&ctx, "events", &events).await?;
     register_view(&ctx, "resolved", sql::RESOLVE).await?;
     // The feature query reads its inputs several times; DataFusion does not materialize
     // views, so compute each once (both are small: merchant-days and merchant-payers).
@@ -407,6 +466,7 @@ pub async fn compute_features(
         ("daily", daily_view(d)),
         ("payer_sales", sql::PAYER_SALES.to_owned()),
     ] {
+        explain_if_asked(&ctx, name, &query).await?;
         let frame = ctx
             .sql(&query)
             .await
@@ -420,26 +480,47 @@ pub async fn compute_features(
         let schema = batches.first().map_or(planned, |b| b.schema());
         mem_table(&ctx, name, schema, batches)?;
     }
-    if std::env::var_os("STREETFLOW_EXPLAIN_FEATURES").is_some() {
-        let plan = collect(
-            &ctx,
-            &format!("EXPLAIN ANALYZE {}", sql::MERCHANT_FEATURES),
-            "explain",
-        )
-        .await?;
-        if let Ok(text) = streetflow_lake::arrow::util::pretty::pretty_format_batches(&plan) {
-            eprintln!("{text}");
-        }
-    }
+    explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
     let mut batches = Vec::with_capacity(features.len());
     for batch in &features {
         if batch.num_rows() > 0 {
             report.rows += batch.num_rows();
-            batches.push(conform_features(batch, report.bronze_version)?);
+            let batch = conform_features(batch, report.bronze_version)?;
+            batches.push(match merchant {
+                Some(_) => without_peer_percentile(&batch)?,
+                None => batch,
+            });
         }
     }
     Ok((batches, report))
+}
+
+/// With `STREETFLOW_EXPLAIN_FEATURES` set, runs `query` once more under EXPLAIN ANALYZE
+/// and prints the plan with its measured times and row counts to stderr (for profiling;
+/// it doubles the work of that step).
+async fn explain_if_asked(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
+    if std::env::var_os("STREETFLOW_EXPLAIN_FEATURES").is_none() {
+        return Ok(());
+    }
+    let plan = collect(ctx, &format!("EXPLAIN ANALYZE {query}"), "explain").await?;
+    if let Ok(text) = streetflow_lake::arrow::util::pretty::pretty_format_batches(&plan) {
+        eprintln!("-- {name}\n{text}");
+    }
+    Ok(())
+}
+
+/// `batch` with `peer_pct_net_90d` set to null (computed without the peers).
+fn without_peer_percentile(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut columns = batch.columns().to_vec();
+    if let Ok(index) = schema.index_of("peer_pct_net_90d") {
+        columns[index] = streetflow_lake::arrow::array::new_null_array(
+            schema.field(index).data_type(),
+            batch.num_rows(),
+        );
+    }
+    RecordBatch::try_new(schema, columns).map_err(arrow_error("peer percentile"))
 }
 
 /// Orders and types feature rows as `merchant_features`, adding the constant columns.
