@@ -34,6 +34,9 @@ pub(crate) enum BenchCommand {
     /// As-of features of a city-sized lake: streetflow vs DuckDB on the same SQL and
     /// Parquet, with the results compared.
     Features(crate::bench_features::BenchFeaturesArgs),
+    /// Credit decisions on a generated district lake: p50 / p99 latency of one-merchant
+    /// evaluation over HTTP, and the time of a batch decide over every merchant.
+    Decide(crate::bench_decide::BenchDecideArgs),
 }
 
 /// Options of `streetflow bench ingest`.
@@ -81,6 +84,7 @@ pub(crate) fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gen(args) => bench_gen(args),
         BenchCommand::Ingest(args) => bench_ingest(args),
         BenchCommand::Features(args) => crate::bench_features::bench_features(args),
+        BenchCommand::Decide(args) => crate::bench_decide::bench_decide(args),
     }
 }
 

@@ -66,7 +66,7 @@ pub(crate) struct BenchFeaturesArgs {
 }
 
 /// The as-of date; the generated days end the day before it.
-const AS_OF: NaiveDate = match NaiveDate::from_ymd_opt(2026, 1, 1) {
+pub(crate) const AS_OF: NaiveDate = match NaiveDate::from_ymd_opt(2026, 1, 1) {
     Some(date) => date,
     None => panic!("a valid date"),
 };
@@ -78,9 +78,9 @@ const MCCS: [&str; 8] = [
 const CHANNELS: [&str; 5] = ["wechat", "alipay", "unionpay_qr", "bank_card", "cash"];
 
 /// One generated merchant.
-struct BenchMerchant {
-    operator: &'static str,
-    id: String,
+pub(crate) struct BenchMerchant {
+    pub(crate) operator: &'static str,
+    pub(crate) id: String,
     mcc: &'static str,
     opened_on: NaiveDate,
     /// Mean sales on an open day.
@@ -352,7 +352,7 @@ async fn generate_bronze(
     Ok(written)
 }
 
-fn registry(merchants: &[BenchMerchant]) -> Vec<MerchantRecord> {
+pub(crate) fn registry(merchants: &[BenchMerchant]) -> Vec<MerchantRecord> {
     merchants
         .iter()
         .map(|m| MerchantRecord {
@@ -556,29 +556,13 @@ fn compare(ours: &[RecordBatch], theirs: &[RecordBatch]) -> anyhow::Result<(u64,
     Ok((compared, differences))
 }
 
-fn settings_text(args: &BenchFeaturesArgs) -> String {
-    format!(
-        "merchants={} days={} sales_per_day={} generator=1",
-        args.merchants, args.days, args.sales_per_day
-    )
-}
-
-pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; measure with `cargo run --release -- bench …`");
-    }
-    let temp;
-    let work: PathBuf = match &args.workdir {
-        Some(dir) => {
-            fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let runtime = runtime()?;
+/// The generated district of `args` and its bronze table in `work/lake`, generated unless
+/// an earlier run with the same settings left it there.
+pub(crate) fn prepare_lake(
+    runtime: &tokio::runtime::Runtime,
+    args: &BenchFeaturesArgs,
+    work: &Path,
+) -> anyhow::Result<(Lake, Vec<BenchMerchant>)> {
     let lake_dir = work.join("lake");
     let settings_path = work.join("bench-features.settings");
     let settings = settings_text(args);
@@ -604,6 +588,52 @@ pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
     } else {
         println!("reusing the bronze table in {}", lake_dir.display());
     }
+    Ok((lake, merchants))
+}
+
+/// Settings of a generated bench district (shared with `streetflow bench decide`).
+pub(crate) fn district_args(
+    merchants: u32,
+    days: u32,
+    sales_per_day: u32,
+    workdir: PathBuf,
+) -> BenchFeaturesArgs {
+    BenchFeaturesArgs {
+        merchants,
+        days,
+        sales_per_day,
+        repeat: 1,
+        workdir: Some(workdir),
+        python: "python3".to_owned(),
+        skip_duckdb: true,
+    }
+}
+
+fn settings_text(args: &BenchFeaturesArgs) -> String {
+    format!(
+        "merchants={} days={} sales_per_day={} generator=1",
+        args.merchants, args.days, args.sales_per_day
+    )
+}
+
+pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; measure with `cargo run --release -- bench …`");
+    }
+    let temp;
+    let work: PathBuf = match &args.workdir {
+        Some(dir) => {
+            fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let runtime = runtime()?;
+    let (lake, merchants) = prepare_lake(&runtime, args, &work)?;
+    let lake_dir = work.join("lake");
     let bronze_rows = runtime
         .block_on(lake.query("SELECT count(*) FROM pos_events"))?
         .first()

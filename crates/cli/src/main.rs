@@ -2,12 +2,14 @@
 
 mod aggregate;
 mod bench;
+mod bench_decide;
 mod bench_features;
 mod decide;
 mod features;
 mod generate;
 mod ingest;
 mod output;
+mod serve;
 mod settings;
 mod sql;
 mod validate;
@@ -52,6 +54,8 @@ enum Command {
     Decide(decide::DecideArgs),
     /// Run a read-only SQL query over the lake's tables.
     Sql(sql::SqlArgs),
+    /// Serve credit decisions over HTTP: stored decisions and one-merchant evaluation.
+    Serve(serve::ServeArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run_ingest(&args),
         Command::Produce(args) => ingest::run_produce(&args),
         Command::Sql(args) => sql::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Aggregate(args) => aggregate::run(&args),
         Command::Features(args) => features::run(&args),
         Command::Decide(args) => decide::run(&args),

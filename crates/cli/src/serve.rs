@@ -1,0 +1,595 @@
+//! `streetflow serve`: credit decisions over HTTP.
+//!
+//! * `GET /v1/merchants/{operator}/{merchant}/decision?product=…` — the latest stored
+//!   decision (`credit_decisions`) with the feature values behind each reason;
+//! * `POST /v1/decisions:evaluate` — decides one merchant now: its features are computed
+//!   from its own bronze rows as of the current business date (knowledge time: now) and
+//!   the product's policy is evaluated on them;
+//! * `GET /healthz`, `GET /metrics` (Prometheus).
+//!
+//! Errors are JSON, `{"error": {"code": …, "message": …}}`, with a 4xx status for what
+//! the caller can fix (unknown product or merchant, bad parameters).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path as UrlPath, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::Args;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use streetflow_credit::{Decision, Policy, evaluate};
+use streetflow_features::{AsOf, FeatureInputs, compute_merchant_features, load_registry};
+use streetflow_lake::Lake;
+use streetflow_lake::arrow::record_batch::RecordBatch;
+use streetflow_lake::datafusion::datasource::MemTable;
+use streetflow_lake::datafusion::prelude::SessionContext;
+
+use crate::ingest::runtime;
+use crate::settings::load_pipeline;
+
+/// Options of `streetflow serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Lake root.
+    #[arg(long, default_value = "./lake")]
+    lake: String,
+    /// Address to listen on (port 0: any free port; the bound address is logged).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Directory of policy files (every *.toml is a product, by its product id).
+    #[arg(long, default_value = "pipelines/policies")]
+    policies: PathBuf,
+    /// Merchant registry (CSV or JSON Lines) for MCC, opening date and rent.
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Pipeline file (operators' calendars, lake storage options).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Reread the lake's tables at most this often (seconds) for stored decisions.
+    #[arg(long, default_value_t = 5)]
+    refresh_seconds: u64,
+}
+
+/// An error answered to the caller as JSON.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{error:#}"),
+        )
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Body of `POST /v1/decisions:evaluate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EvaluateRequest {
+    /// District operator.
+    pub(crate) operator_id: String,
+    /// Merchant of that operator.
+    pub(crate) merchant_id: String,
+    /// Product id (a policy's `product.id`).
+    pub(crate) product: String,
+    /// Business date to decide as of (default: the operator's current business date).
+    #[serde(default)]
+    pub(crate) as_of_date: Option<NaiveDate>,
+    /// Use events ingested by this time (default: now).
+    #[serde(default)]
+    pub(crate) knowledge_time: Option<DateTime<Utc>>,
+}
+
+/// What the server holds: the lake, the policies and the reference data.
+pub(crate) struct Service {
+    lake: Lake,
+    policies: BTreeMap<String, Policy>,
+    inputs: FeatureInputs,
+    refresh: Duration,
+    session: tokio::sync::RwLock<Option<(Instant, SessionContext)>>,
+}
+
+/// Loads every `*.toml` policy of `dir`, keyed by product id.
+pub(crate) async fn load_policies(dir: &Path) -> anyhow::Result<BTreeMap<String, Policy>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the policy directory {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    paths.sort();
+    let mut policies = BTreeMap::new();
+    for path in paths {
+        let policy = Policy::load(&path).await.map_err(anyhow::Error::msg)?;
+        if let Some(previous) = policies.insert(policy.product.id.clone(), policy) {
+            anyhow::bail!(
+                "two policy files define product {} (the second is {})",
+                previous.product.id,
+                path.display()
+            );
+        }
+    }
+    anyhow::ensure!(
+        !policies.is_empty(),
+        "no policy files (*.toml) in {}",
+        dir.display()
+    );
+    Ok(policies)
+}
+
+/// Renders result rows as JSON objects (dates as `YYYY-MM-DD`, nulls kept).
+fn rows_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>, ApiError> {
+    let mut buffer = Vec::new();
+    {
+        let mut writer = arrow_json::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow_json::writer::JsonArray>(&mut buffer);
+        for batch in batches {
+            writer.write(batch).map_err(ApiError::internal)?;
+        }
+        writer.finish().map_err(ApiError::internal)?;
+    }
+    if buffer.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(&buffer).map_err(ApiError::internal)
+}
+
+/// A string as a SQL literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Identifiers travel into SQL as literals; refuse what no operator or merchant id is.
+fn check_id(name: &str, value: &str) -> Result<(), ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{name} {value:?} is not an id (1–128 letters, digits, '-', '_', '.', ':')"
+        )))
+    }
+}
+
+impl Service {
+    /// Opens the lake and loads policies and reference data.
+    pub(crate) async fn open(
+        lake: Lake,
+        policies: BTreeMap<String, Policy>,
+        inputs: FeatureInputs,
+        refresh: Duration,
+    ) -> Self {
+        Self {
+            lake,
+            policies,
+            inputs,
+            refresh,
+            session: tokio::sync::RwLock::new(None),
+        }
+    }
+
+    fn policy(&self, product: &str) -> Result<&Policy, ApiError> {
+        self.policies.get(product).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_product",
+                format!(
+                    "no product {product:?}; known: {}",
+                    self.policies.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    /// A session over the lake's tables, reopened when older than the refresh period.
+    async fn session(&self) -> Result<SessionContext, ApiError> {
+        if let Some((opened, ctx)) = self.session.read().await.as_ref()
+            && opened.elapsed() < self.refresh
+        {
+            return Ok(ctx.clone());
+        }
+        let mut slot = self.session.write().await;
+        if let Some((opened, ctx)) = slot.as_ref()
+            && opened.elapsed() < self.refresh
+        {
+            return Ok(ctx.clone());
+        }
+        let ctx = self.lake.session().await.map_err(ApiError::internal)?;
+        *slot = Some((Instant::now(), ctx.clone()));
+        Ok(ctx)
+    }
+
+    async fn query(&self, sql: &str) -> Result<Vec<Map<String, Value>>, ApiError> {
+        let ctx = self.session().await?;
+        let table_missing = |e: &dyn std::fmt::Display| e.to_string().contains("not found");
+        let frame = match ctx.sql(sql).await {
+            Ok(frame) => frame,
+            // A lake without the table yet: nothing stored.
+            Err(e) if table_missing(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(ApiError::internal(e)),
+        };
+        let batches = frame.collect().await.map_err(ApiError::internal)?;
+        rows_json(&batches)
+    }
+
+    /// The latest stored decision of a merchant for a product, with the features behind
+    /// its reasons (read from the feature row it was decided on).
+    pub(crate) async fn latest_decision(
+        &self,
+        operator_id: &str,
+        merchant_id: &str,
+        product: &str,
+    ) -> Result<Value, ApiError> {
+        check_id("operator", operator_id)?;
+        check_id("merchant", merchant_id)?;
+        let policy = self.policy(product)?;
+        let filter = format!(
+            "operator_id = {} AND merchant_id = {}",
+            literal(operator_id),
+            literal(merchant_id)
+        );
+        let mut rows = self
+            .query(&format!(
+                "SELECT * FROM credit_decisions WHERE {filter} AND product = {} \
+                 ORDER BY as_of_date DESC LIMIT 1",
+                literal(product)
+            ))
+            .await?;
+        let Some(mut decision) = rows.pop() else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_decision",
+                format!(
+                    "no {product} decision for merchant {merchant_id} of operator {operator_id}"
+                ),
+            ));
+        };
+        let as_of = decision
+            .get("as_of_date")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let features = self
+            .query(&format!(
+                "SELECT * FROM merchant_features WHERE {filter} AND as_of_date = DATE {}",
+                literal(&as_of)
+            ))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let codes: Vec<String> = decision
+            .get("reasons")
+            .and_then(Value::as_array)
+            .map(|codes| {
+                codes
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        decision.insert(
+            "reasons".into(),
+            reasons_json(policy, &codes, &features).into(),
+        );
+        Ok(Value::Object(decision))
+    }
+
+    /// Decides one merchant now (or as of the request's date and knowledge time).
+    pub(crate) async fn evaluate(&self, request: &EvaluateRequest) -> Result<Value, ApiError> {
+        check_id("operator_id", &request.operator_id)?;
+        check_id("merchant_id", &request.merchant_id)?;
+        let policy = self.policy(&request.product)?;
+        let started = Instant::now();
+        let knowledge_time = request.knowledge_time.unwrap_or_else(Utc::now);
+        let calendar = self.inputs.calendars.for_operator(&request.operator_id);
+        let date = request
+            .as_of_date
+            .unwrap_or_else(|| calendar.business_date(&knowledge_time));
+        let as_of = AsOf {
+            date,
+            knowledge_time: Some(knowledge_time),
+        };
+        let (batches, report) = compute_merchant_features(
+            &self.lake,
+            &as_of,
+            &self.inputs,
+            &request.operator_id,
+            &request.merchant_id,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+        if report.rows == 0 {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_merchant",
+                format!(
+                    "merchant {} of operator {} has no events known by {} and no registry entry",
+                    request.merchant_id,
+                    request.operator_id,
+                    knowledge_time.to_rfc3339()
+                ),
+            ));
+        }
+        let ctx = SessionContext::new();
+        let schema = batches[0].schema();
+        let table = MemTable::try_new(schema, vec![batches.clone()]).map_err(ApiError::internal)?;
+        ctx.register_table("merchant_features", Arc::new(table))
+            .map_err(ApiError::internal)?;
+        let decisions = evaluate(&ctx, policy, None)
+            .await
+            .map_err(ApiError::internal)?;
+        let Some(decision) = decisions.into_iter().next() else {
+            return Err(ApiError::internal("the policy query returned no row"));
+        };
+        let features = rows_json(&batches)?.pop().unwrap_or_default();
+        Ok(decision_json(
+            policy,
+            &decision,
+            &as_of,
+            &features,
+            started.elapsed(),
+        ))
+    }
+}
+
+/// Each reason code with its meaning and the feature values behind it.
+fn reasons_json(policy: &Policy, codes: &[String], features: &Map<String, Value>) -> Vec<Value> {
+    let meanings: BTreeMap<&str, &str> = policy.reason_codes().into_iter().collect();
+    codes
+        .iter()
+        .map(|code| {
+            let behind: Map<String, Value> = policy
+                .features_of(code)
+                .iter()
+                .map(|name| {
+                    (
+                        name.clone(),
+                        features.get(name).cloned().unwrap_or(Value::Null),
+                    )
+                })
+                .collect();
+            json!({
+                "code": code,
+                "meaning": meanings.get(code.as_str()).copied().unwrap_or(""),
+                "features": behind,
+            })
+        })
+        .collect()
+}
+
+fn decision_json(
+    policy: &Policy,
+    decision: &Decision,
+    as_of: &AsOf,
+    features: &Map<String, Value>,
+    took: Duration,
+) -> Value {
+    json!({
+        "operator_id": decision.operator_id,
+        "merchant_id": decision.merchant_id,
+        "product": policy.product.id,
+        "policy_version": policy.product.version,
+        "policy_hash": policy.content_hash,
+        "as_of_date": as_of.date.to_string(),
+        "knowledge_time": as_of.knowledge_time.map(|t| t.to_rfc3339()),
+        "decision": decision.decision.as_str(),
+        "limit_fen": decision.limit_fen,
+        "reasons": reasons_json(policy, &decision.reasons, features),
+        "subsidy_sector": decision.subsidy_sector,
+        "subsidy_eligible": decision.subsidy_eligible,
+        "feature_set": decision.feature_set,
+        "bronze_version": decision.bronze_version,
+        "features": features,
+        "computed_ms": took.as_secs_f64() * 1000.0,
+    })
+}
+
+#[derive(Clone)]
+struct AppState {
+    service: Arc<Service>,
+    metrics: Option<PrometheusHandle>,
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let products: Vec<&String> = state.service.policies.keys().collect();
+    axum::Json(json!({"status": "ok", "products": products})).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => handle.render().into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_metrics",
+            "metrics are off in this process",
+        )
+        .into_response(),
+    }
+}
+
+async fn get_decision(
+    State(state): State<AppState>,
+    UrlPath((operator, merchant)): UrlPath<(String, String)>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "product") {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter {unknown:?}; the only one is product"
+        )));
+    }
+    let Some(product) = params.get("product") else {
+        return Err(ApiError::bad_request(
+            "the product parameter is required (?product=…)",
+        ));
+    };
+    let body = state
+        .service
+        .latest_decision(&operator, &merchant, product)
+        .await?;
+    Ok(axum::Json(body).into_response())
+}
+
+async fn post_evaluate(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request: EvaluateRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
+    let answer = state.service.evaluate(&request).await?;
+    Ok(axum::Json(answer).into_response())
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {} {}", request.method(), request.uri().path()),
+    )
+}
+
+/// Counts requests and their latency by route and status.
+async fn observe(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("streetflow_http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("streetflow_http_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The HTTP routes over `service`.
+pub(crate) fn router(service: Arc<Service>, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route(
+            "/v1/merchants/{operator}/{merchant}/decision",
+            get(get_decision),
+        )
+        .route("/v1/decisions:evaluate", post(post_evaluate))
+        .route_layer(middleware::from_fn(observe))
+        .fallback(not_found)
+        .with_state(AppState { service, metrics })
+}
+
+/// Builds the service of `args` (policies, registry, calendars, lake).
+async fn service_of(args: &ServeArgs) -> anyhow::Result<Service> {
+    let config = load_pipeline(args.config.as_deref(), json!({}))?;
+    let inputs = FeatureInputs {
+        calendars: config.calendars()?,
+        registry: match &args.registry {
+            Some(path) => load_registry(path).map_err(anyhow::Error::msg)?,
+            None => Vec::new(),
+        },
+    };
+    let lake = Lake::new(&args.lake, &config.lake.storage)?;
+    let policies = load_policies(&args.policies).await?;
+    Ok(Service::open(
+        lake,
+        policies,
+        inputs,
+        Duration::from_secs(args.refresh_seconds),
+    )
+    .await)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let service = Arc::new(service_of(args).await?);
+        let metrics = PrometheusBuilder::new()
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        metrics::describe_counter!(
+            "streetflow_http_requests_total",
+            "HTTP requests answered, by route and status"
+        );
+        metrics::describe_histogram!(
+            "streetflow_http_request_seconds",
+            "HTTP request latency by route, seconds"
+        );
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let bound = listener.local_addr().context("the bound address")?;
+        tracing::info!(
+            products = ?service.policies.keys().collect::<Vec<_>>(),
+            "serving decisions: listening on http://{bound}"
+        );
+        axum::serve(listener, router(service, Some(metrics)))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}

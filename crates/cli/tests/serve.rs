@@ -1,0 +1,298 @@
+//! `streetflow serve` on a small generated lake: stored decisions with the features behind
+//! their reasons, one-merchant evaluation equal to the batch decision, JSON errors,
+//! health and metrics.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const PRODUCT: &str = "district-turnover-loan";
+
+fn policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/policies")
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Asserts an error answer: the status and the JSON error code.
+fn assert_error(answer: (u16, String), status: u16, code: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(json_of(&answer.1)["error"]["code"], code, "{}", answer.1);
+}
+
+/// Rows of a query as JSON objects, through `streetflow sql --format json`.
+fn rows(dir: &Path, lake: &str, query: &str) -> Vec<Value> {
+    let output = run(dir, &["sql", "--lake", lake, "--format", "json", query]);
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(json_of)
+        .collect()
+}
+
+#[test]
+fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_json() {
+    let (_guard, dir) = workdir();
+    let work = dir.join("bench");
+    let work_arg = work.display().to_string();
+    run(
+        &dir,
+        &[
+            "bench",
+            "features",
+            "--merchants",
+            "12",
+            "--days",
+            "200",
+            "--sales-per-day",
+            "4",
+            "--skip-duckdb",
+            "--workdir",
+            &work_arg,
+        ],
+    );
+    let lake = work.join("lake").display().to_string();
+    run(
+        &dir,
+        &["features", "--lake", &lake, "--as-of", "2026-01-01"],
+    );
+    let policy = policies().join(format!("{PRODUCT}.toml"));
+    run(
+        &dir,
+        &[
+            "decide",
+            "--lake",
+            &lake,
+            "--as-of",
+            "2026-01-01",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    let stored = rows(
+        &dir,
+        &lake,
+        "SELECT operator_id, merchant_id, decision, limit_fen, reasons FROM credit_decisions \
+         ORDER BY cardinality(reasons) DESC, operator_id, merchant_id",
+    );
+    assert_eq!(stored.len(), 12);
+
+    let policies_arg = policies().display().to_string();
+    let mut server = Worker::start(
+        &dir,
+        &[
+            "serve".into(),
+            "--lake".into(),
+            lake.clone(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--policies".into(),
+            policies_arg,
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    let lines = server.wait_for("listening on http://", Duration::from_secs(60));
+    let line = lines.last().unwrap();
+    let addr = line
+        .split("listening on http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+
+    let (status, body) = http(&addr, "GET", "/healthz", "");
+    assert_eq!(status, 200, "{body}");
+    let health = json_of(&body);
+    assert_eq!(health["status"], "ok");
+    assert!(
+        health["products"]
+            .as_array()
+            .unwrap()
+            .contains(&PRODUCT.into())
+    );
+
+    // The stored decision with the most reasons, and the feature values behind them.
+    let first = &stored[0];
+    let (operator, merchant) = (
+        first["operator_id"].as_str().unwrap(),
+        first["merchant_id"].as_str().unwrap(),
+    );
+    let (status, body) = http(
+        &addr,
+        "GET",
+        &format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let decision = json_of(&body);
+    assert_eq!(decision["decision"], first["decision"]);
+    assert_eq!(decision["limit_fen"], first["limit_fen"]);
+    assert_eq!(decision["as_of_date"], "2026-01-01");
+    let reasons = decision["reasons"].as_array().unwrap();
+    let codes: Vec<&Value> = reasons.iter().map(|r| &r["code"]).collect();
+    let stored_codes: Vec<&Value> = first["reasons"].as_array().unwrap().iter().collect();
+    assert_eq!(codes, stored_codes);
+    assert!(!reasons.is_empty(), "{body}");
+    let feature_row = &rows(
+        &dir,
+        &lake,
+        &format!(
+            "SELECT * FROM merchant_features WHERE operator_id = '{operator}' \
+             AND merchant_id = '{merchant}'"
+        ),
+    )[0];
+    let mut features_shown = 0;
+    for reason in reasons {
+        assert!(!reason["meaning"].as_str().unwrap().is_empty(), "{reason}");
+        for (name, value) in reason["features"].as_object().unwrap() {
+            assert_eq!(value, &feature_row[name], "{name} of {reason}");
+            features_shown += 1;
+        }
+    }
+    assert!(features_shown > 0, "{body}");
+
+    // One merchant evaluated on its own bronze rows decides as the batch did.
+    for row in &stored {
+        let request = serde_json::json!({
+            "operator_id": row["operator_id"],
+            "merchant_id": row["merchant_id"],
+            "product": PRODUCT,
+            "as_of_date": "2026-01-01",
+        });
+        let (status, body) = http(
+            &addr,
+            "POST",
+            "/v1/decisions:evaluate",
+            &request.to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let answer = json_of(&body);
+        assert_eq!(answer["decision"], row["decision"], "{body}");
+        assert_eq!(answer["limit_fen"], row["limit_fen"], "{body}");
+        let answer_codes: Vec<&Value> = answer["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["code"])
+            .collect();
+        let row_codes: Vec<&Value> = row["reasons"].as_array().unwrap().iter().collect();
+        assert_eq!(answer_codes, row_codes, "{body}");
+        assert_eq!(answer["policy_version"], "2026.1");
+    }
+
+    // Errors the caller can fix: 4xx with a JSON body naming the problem.
+    let decision_path = format!("/v1/merchants/{operator}/{merchant}/decision");
+    assert_error(http(&addr, "GET", &decision_path, ""), 400, "bad_request");
+    assert_error(
+        http(
+            &addr,
+            "GET",
+            &format!("{decision_path}?product=mortgage"),
+            "",
+        ),
+        404,
+        "unknown_product",
+    );
+    assert_error(
+        http(
+            &addr,
+            "GET",
+            &format!("{decision_path}?product={PRODUCT}&x=1"),
+            "",
+        ),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        http(
+            &addr,
+            "GET",
+            &format!("/v1/merchants/{operator}/nobody/decision?product={PRODUCT}"),
+            "",
+        ),
+        404,
+        "no_decision",
+    );
+    assert_error(
+        http(
+            &addr,
+            "GET",
+            &format!("/v1/merchants/{operator}/x'%20OR%201=1/decision?product={PRODUCT}"),
+            "",
+        ),
+        400,
+        "bad_request",
+    );
+    let unknown = serde_json::json!({
+        "operator_id": operator, "merchant_id": "nobody", "product": PRODUCT,
+        "as_of_date": "2026-01-01",
+    });
+    assert_error(
+        http(
+            &addr,
+            "POST",
+            "/v1/decisions:evaluate",
+            &unknown.to_string(),
+        ),
+        404,
+        "unknown_merchant",
+    );
+    assert_error(
+        http(&addr, "POST", "/v1/decisions:evaluate", "{not json"),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        http(
+            &addr,
+            "POST",
+            "/v1/decisions:evaluate",
+            r#"{"operator_id": "a", "merchant_id": "b", "product": "district-turnover-loan", "as_of_date": "yesterday"}"#,
+        ),
+        400,
+        "bad_request",
+    );
+    assert_error(http(&addr, "GET", "/v2/anything", ""), 404, "not_found");
+
+    let (status, metrics) = http(&addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("streetflow_http_requests_total")
+            && metrics.contains("route=\"/v1/decisions:evaluate\""),
+        "{metrics}"
+    );
+    assert!(server.terminate(Duration::from_secs(30)).success());
+}
