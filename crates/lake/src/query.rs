@@ -3,10 +3,8 @@
 use deltalake::DeltaTableError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
-use std::sync::Arc;
 
 use deltalake::datafusion::execution::context::SQLOptions;
-use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::prelude::SessionConfig;
 use deltalake::datafusion::prelude::{DataFrame, SessionContext};
@@ -44,7 +42,11 @@ impl Lake {
     /// would exceed it spill to temporary files instead of growing without bound.
     pub async fn session(&self) -> Result<SessionContext> {
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(FairSpillPool::new(memory_limit())))
+            // Greedy, not fair: a fair pool splits the limit among every spillable consumer
+            // (each repartition channel, each sort), so queries spilled far below the limit,
+            // and DataFusion 55's repartition spill path then panicked ("partition not used
+            // yet") on the 10,000-merchant features run.
+            .with_memory_limit(memory_limit(), 1.0)
             .build_arc()
             .map_err(datafusion_error("session", "build runtime"))?;
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
