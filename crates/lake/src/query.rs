@@ -5,6 +5,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
 
 use deltalake::datafusion::execution::context::SQLOptions;
+use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::prelude::SessionConfig;
 use deltalake::datafusion::prelude::{DataFrame, SessionContext};
@@ -38,15 +39,18 @@ fn datafusion_error<'a>(
 impl Lake {
     /// A DataFusion session with every existing lake table registered under its name.
     ///
-    /// Queries share a memory pool of [`memory_limit`] bytes: sorts and aggregates that
-    /// would exceed it spill to temporary files instead of growing without bound.
+    /// With `STREETFLOW_MEMORY_LIMIT_MB` set, queries share a fair spilling memory pool of
+    /// that size: sorts and aggregates spill to temporary files instead of growing. Unset,
+    /// memory is unbounded (DataFusion's default). Neither pool kind is safe as a default
+    /// on DataFusion 55: a greedy pool fails external sorts once window and aggregate state
+    /// fill it, and a fair pool once panicked in repartition's spill path ("partition not
+    /// used yet") on the 10,000-merchant features run, though it passed at 12,000 MB.
     pub async fn session(&self) -> Result<SessionContext> {
-        let runtime = RuntimeEnvBuilder::new()
-            // Greedy, not fair: a fair pool splits the limit among every spillable consumer
-            // (each repartition channel, each sort), so queries spilled far below the limit,
-            // and DataFusion 55's repartition spill path then panicked ("partition not used
-            // yet") on the 10,000-merchant features run.
-            .with_memory_limit(memory_limit(), 1.0)
+        let mut builder = RuntimeEnvBuilder::new();
+        if let Some(limit) = memory_limit() {
+            builder = builder.with_memory_pool(std::sync::Arc::new(FairSpillPool::new(limit)));
+        }
+        let runtime = builder
             .build_arc()
             .map_err(datafusion_error("session", "build runtime"))?;
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
@@ -109,35 +113,13 @@ impl Lake {
     }
 }
 
-/// The memory DataFusion may use for one session's queries before spilling: the
-/// `STREETFLOW_MEMORY_LIMIT_MB` environment variable, else 60 % of the machine's memory
-/// (the rest is left to Arrow buffers outside the pool, the OS and other processes), else
-/// 8 GiB where the machine's memory cannot be read.
-pub fn memory_limit() -> usize {
-    const MIB: usize = 1 << 20;
-    if let Some(mb) = std::env::var("STREETFLOW_MEMORY_LIMIT_MB")
+/// The memory pool DataFusion may use for one session's queries before spilling, from
+/// `STREETFLOW_MEMORY_LIMIT_MB`; `None` (unbounded) when unset or not a number.
+pub fn memory_limit() -> Option<usize> {
+    std::env::var("STREETFLOW_MEMORY_LIMIT_MB")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        return mb.saturating_mul(MIB);
-    }
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<usize>()
-                        .ok()
-                })
-        });
-    match total_kib {
-        Some(kib) => kib / 10 * 6 * 1024,
-        None => 8 * 1024 * MIB,
-    }
+        .map(|mb| mb.saturating_mul(1 << 20))
 }
 
 /// Accepts a query or an `EXPLAIN` of one; names anything else in the error.
