@@ -30,7 +30,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, evaluate};
-use streetflow_features::{AsOf, FeatureInputs, compute_merchant_features, load_registry};
+use streetflow_features::{
+    AsOf, FeatureInputs, compute_merchant_features, load_registry, sql_literal,
+};
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::datafusion::datasource::MemTable;
@@ -180,11 +182,6 @@ fn rows_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>, ApiErro
     serde_json::from_slice(&buffer).map_err(ApiError::internal)
 }
 
-/// A string as a SQL literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// Identifiers travel into SQL as literals; refuse what no operator or merchant id is.
 fn check_id(name: &str, value: &str) -> Result<(), ApiError> {
     let ok = !value.is_empty()
@@ -275,14 +272,14 @@ impl Service {
         let policy = self.policy(product)?;
         let filter = format!(
             "operator_id = {} AND merchant_id = {}",
-            literal(operator_id),
-            literal(merchant_id)
+            sql_literal(operator_id),
+            sql_literal(merchant_id)
         );
         let mut rows = self
             .query(&format!(
                 "SELECT * FROM credit_decisions WHERE {filter} AND product = {} \
                  ORDER BY as_of_date DESC LIMIT 1",
-                literal(product)
+                sql_literal(product)
             ))
             .await?;
         let Some(mut decision) = rows.pop() else {
@@ -302,7 +299,7 @@ impl Service {
         let features = self
             .query(&format!(
                 "SELECT * FROM merchant_features WHERE {filter} AND as_of_date = DATE {}",
-                literal(&as_of)
+                sql_literal(&as_of)
             ))
             .await?
             .pop()

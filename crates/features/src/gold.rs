@@ -386,8 +386,8 @@ pub async fn compute_merchant_features(
     compute(lake, as_of, inputs, Some((operator_id, merchant_id))).await
 }
 
-/// A string as a SQL literal.
-fn sql_literal(text: &str) -> String {
+/// A string as a SQL string literal (quotes doubled).
+pub fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

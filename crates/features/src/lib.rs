@@ -16,7 +16,7 @@ pub use error::{Error, Result};
 pub use gold::{
     AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,
     compute_features, compute_merchant_features, daily_view, events_view, load_registry,
-    reference_tables, write_features,
+    reference_tables, sql_literal, write_features,
 };
 pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
 pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};
