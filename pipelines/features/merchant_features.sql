@@ -5,7 +5,7 @@
 --   knowledge(operator_id, knowledge_time)                      per operator: events
 --              ingested after it are not in `daily` or `payer_sales`
 --   calendar(business_date DATE, days_before BIGINT)            D-1 (1) … D-456 (456)
---   daily      daily.sql over resolve.sql over the events ingested by the knowledge
+--   daily      daily.sql over resolved.sql over the events ingested by the knowledge
 --              time with business dates from D-456; business dates < D
 --   payer_sales payer_sales.sql over the same resolved events
 --   (streetflow materializes both once, so the event resolution runs twice per run)

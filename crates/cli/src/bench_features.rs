@@ -423,12 +423,11 @@ con.execute(
 for path in sorted(glob.glob(f"{work}/reference/*.parquet")):
     name = os.path.basename(path)[: -len(".parquet")]
     con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet('{path}')")
-con.execute("CREATE VIEW events AS " + text("events"))
-con.execute("CREATE VIEW resolved AS " + text("resolved"))
-# Materialized, as streetflow does (both engines resolve the events twice).
-con.execute("CREATE TABLE daily AS " + text("daily"))
-con.execute("CREATE TABLE payer_sales AS " + text("payer_sales"))
-con.execute("CREATE TABLE features AS " + text("merchant_features"))
+# The relations in streetflow's order, each a view or a table as streetflow keeps it.
+with open(f"{work}/sql/steps.txt") as f:
+    for line in f:
+        name, kind = line.split()
+        con.execute(f"CREATE {kind} {name} AS " + text(name))
 seconds = time.perf_counter() - started
 rows = con.execute("SELECT count(*) FROM features").fetchone()[0]
 # Sums of BIGINT are HUGEINT in DuckDB; store them as BIGINT for the comparison.
@@ -662,15 +661,24 @@ pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
         )?;
     }
     fs::create_dir_all(work.join("sql"))?;
-    for (name, text) in [
-        ("events", events_view(d)),
-        ("resolved", sql::RESOLVE.to_owned()),
-        ("daily", daily_view(d)),
-        ("payer_sales", sql::PAYER_SALES.to_owned()),
-        ("merchant_features", sql::MERCHANT_FEATURES.to_owned()),
-    ] {
+    let mut relations = vec![("events", events_view(d), false)];
+    relations.extend(
+        sql::RESOLVE_STEPS
+            .iter()
+            .map(|step| (step.name, step.sql.to_owned(), step.materialize)),
+    );
+    relations.extend([
+        ("daily", daily_view(d), true),
+        ("payer_sales", sql::PAYER_SALES.to_owned(), true),
+        ("features", sql::MERCHANT_FEATURES.to_owned(), true),
+    ]);
+    let mut steps = String::new();
+    for (name, text, materialize) in &relations {
         fs::write(work.join("sql").join(format!("{name}.sql")), text)?;
+        let kind = if *materialize { "TABLE" } else { "VIEW" };
+        steps.push_str(&format!("{name} {kind}\n"));
     }
+    fs::write(work.join("sql").join("steps.txt"), steps)?;
 
     println!(
         "bench features: {} merchants, {} days, {} bronze rows ({:.0} MB of Parquet), as of {d}",

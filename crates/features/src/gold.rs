@@ -2,7 +2,7 @@
 //!
 //! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
 //! default the start of business day D in each operator's calendar) with business dates
-//! from D − 456 days, resolves them with `resolve.sql`, builds daily rows with
+//! from D − 456 days, resolves them with the `RESOLVE_STEPS` (`repeated.sql`, `uniq.sql`, `links.sql`, `resolved.sql`), builds daily rows with
 //! `daily.sql` (dates before D) and the 90-day payer table with `payer_sales.sql`, and
 //! applies `merchant_features.sql`. A late event that
 //! arrived after the knowledge time therefore never changes a vector already computed.
@@ -20,11 +20,12 @@ use streetflow_lake::arrow::array::{
 };
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use streetflow_lake::datafusion::datasource::MemTable;
-use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_lake::{Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
+use crate::relations::{
+    explain_if_asked, materialize, mem_table, register_resolved, register_view,
+};
 use crate::sql;
 
 /// Name of the feature set these definitions produce.
@@ -64,19 +65,6 @@ pub struct FeatureReport {
     pub bronze_version: i64,
     /// Knowledge time used per operator.
     pub knowledge_times: BTreeMap<String, DateTime<Utc>>,
-}
-
-fn mem_table(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<()> {
-    let table = MemTable::try_new(schema, vec![batches])
-        .map_err(Error::query(format!("building {name}")))?;
-    ctx.register_table(name, Arc::new(table))
-        .map_err(Error::query(format!("registering {name}")))?;
-    Ok(())
 }
 
 fn arrow_error(
@@ -244,16 +232,6 @@ fn subsidy_industry_batch() -> Result<RecordBatch> {
         Arc::new(end.finish()),
     ];
     RecordBatch::try_new(schema, columns).map_err(arrow_error("subsidy industries"))
-}
-
-async fn register_view(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
-    let frame = ctx
-        .sql(query)
-        .await
-        .map_err(Error::query(format!("planning {name}")))?;
-    ctx.register_table(name, frame.into_view())
-        .map_err(Error::query(format!("registering {name}")))?;
-    Ok(())
 }
 
 /// The tables the feature SQL reads besides bronze, for one as-of date.
@@ -459,29 +437,19 @@ async fn compute(
         ));
     }
     register_view(&ctx, "events", &events).await?;
-    register_view(&ctx, "resolved", sql::RESOLVE).await?;
-    // The feature query reads its inputs several times; DataFusion does not materialize
-    // views, so compute each once (both are small: merchant-days and merchant-payers).
-    for (name, query) in [
-        ("daily", daily_view(d)),
-        ("payer_sales", sql::PAYER_SALES.to_owned()),
-    ] {
-        explain_if_asked(&ctx, name, &query).await?;
-        let frame = ctx
-            .sql(&query)
-            .await
-            .map_err(Error::query(format!("planning {name}")))?;
-        let planned = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame
-            .collect()
-            .await
-            .map_err(Error::query(format!("computing {name}")))?;
-        // The batches' nullability can be looser than the plan's; use theirs.
-        let schema = batches.first().map_or(planned, |b| b.schema());
-        mem_table(&ctx, name, schema, batches)?;
-    }
+    register_resolved(&ctx).await?;
+    // The feature query reads its inputs several times; compute each once (both are
+    // small: merchant-days and merchant-payers).
+    materialize(&ctx, "daily", &daily_view(d)).await?;
+    materialize(&ctx, "payer_sales", sql::PAYER_SALES).await?;
     explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
+    let started = std::time::Instant::now();
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
+    tracing::debug!(
+        relation = "merchant_features",
+        seconds = started.elapsed().as_secs_f64(),
+        "computed"
+    );
     let mut batches = Vec::with_capacity(features.len());
     for batch in &features {
         if batch.num_rows() > 0 {
@@ -494,20 +462,6 @@ async fn compute(
         }
     }
     Ok((batches, report))
-}
-
-/// With `STREETFLOW_EXPLAIN_FEATURES` set, runs `query` once more under EXPLAIN ANALYZE
-/// and prints the plan with its measured times and row counts to stderr (for profiling;
-/// it doubles the work of that step).
-async fn explain_if_asked(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
-    if std::env::var_os("STREETFLOW_EXPLAIN_FEATURES").is_none() {
-        return Ok(());
-    }
-    let plan = collect(ctx, &format!("EXPLAIN ANALYZE {query}"), "explain").await?;
-    if let Ok(text) = streetflow_lake::arrow::util::pretty::pretty_format_batches(&plan) {
-        eprintln!("-- {name}\n{text}");
-    }
-    Ok(())
 }
 
 /// `batch` with `peer_pct_net_90d` set to null (computed without the peers).

@@ -8,6 +8,7 @@
 
 mod error;
 mod gold;
+mod relations;
 mod silver;
 pub mod sql;
 mod training;

@@ -12,6 +12,7 @@ use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
+use crate::relations::register_resolved;
 use crate::sql;
 
 /// The Delta `txn` application id under which silver records the bronze version it
@@ -183,12 +184,7 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         .map_err(Error::query("planning silver input"))?;
     ctx.register_table("events", events.into_view())
         .map_err(Error::query("registering silver input"))?;
-    let resolved = ctx
-        .sql(sql::RESOLVE)
-        .await
-        .map_err(Error::query("planning resolve.sql"))?;
-    ctx.register_table("resolved", resolved.into_view())
-        .map_err(Error::query("registering resolved events"))?;
+    register_resolved(&ctx).await?;
     let daily_query = match &touched {
         Some(_) => format!(
             "SELECT d.* FROM ({}) d JOIN touched t ON d.operator_id = t.operator_id AND d.business_date = t.business_date",

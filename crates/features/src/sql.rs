@@ -1,9 +1,43 @@
 //! The SQL definitions, embedded from `pipelines/features/` so the binary is
 //! self-contained; the files are the documentation and the single source.
 
-/// Each event once, with its voided and orphan flags, over a relation `events` of
-/// bronze rows.
-pub const RESOLVE: &str = include_str!("../../../pipelines/features/resolve.sql");
+/// One relation of the event resolution: its name, its SQL, and whether it is computed
+/// once and kept in memory (a table) or left a view that its readers inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Relation name the later steps read.
+    pub name: &'static str,
+    /// The query.
+    pub sql: &'static str,
+    /// Computed once (small relations read several times) rather than a view.
+    pub materialize: bool,
+}
+
+/// Each event once, with its voided and orphan flags, over a relation `events` of bronze
+/// rows: run in order, the last step is `resolved`. DuckDB runs the same steps in the
+/// features benchmark.
+pub const RESOLVE_STEPS: [Step; 4] = [
+    Step {
+        name: "repeated",
+        sql: include_str!("../../../pipelines/features/repeated.sql"),
+        materialize: true,
+    },
+    Step {
+        name: "uniq",
+        sql: include_str!("../../../pipelines/features/uniq.sql"),
+        materialize: false,
+    },
+    Step {
+        name: "links",
+        sql: include_str!("../../../pipelines/features/links.sql"),
+        materialize: true,
+    },
+    Step {
+        name: "resolved",
+        sql: include_str!("../../../pipelines/features/resolved.sql"),
+        materialize: false,
+    },
+];
 
 /// Daily cash flow per merchant over `resolved`.
 pub const DAILY: &str = include_str!("../../../pipelines/features/daily.sql");

@@ -698,3 +698,97 @@ async fn history_features_match_the_hand_computed_value() {
     close(x("grower", "peer_pct_net_90d"), 0.5, "peer_pct_net_90d");
     close(x("veteran", "peer_pct_net_90d"), 1.0, "peer_pct_net_90d");
 }
+
+/// One delivery of a refund or void naming `reference`.
+fn claim(
+    id: &str,
+    kind: &'static str,
+    amount: i64,
+    reference: &str,
+    occurred: DateTime<Utc>,
+) -> Event {
+    Event {
+        reference: Some(reference.to_owned()),
+        kind,
+        ..sale(id, "m", amount, occurred, None)
+    }
+}
+
+/// `event` delivered again `seconds` after `occurred` (a POS retry or a replay).
+fn redelivered(event: &Event, amount: i64, seconds: i64) -> Event {
+    Event {
+        id: event.id.clone(),
+        merchant: event.merchant,
+        kind: event.kind,
+        amount,
+        occurred: event.occurred,
+        payer: event.payer,
+        reference: event.reference.clone(),
+        ingested: event.occurred + chrono::Duration::seconds(seconds),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_counts_once_and_voids_and_refunds_resolve() {
+    let noon = at(day(2), 12, 0);
+    let s1 = sale("s1", "m", 1_000, noon, Some("p1"));
+    let s2 = sale("s2", "m", 2_000, noon, Some("p2"));
+    let s3_late = Event {
+        ingested: noon + chrono::Duration::seconds(90),
+        ..sale("s3", "m", 7_777, noon, Some("p3"))
+    };
+    let s3 = sale("s3", "m", 3_000, noon, Some("p3"));
+    let events = vec![
+        // s1 twice with the same content: one sale, one extra delivery, no conflict.
+        redelivered(&s1, 1_000, 60),
+        s1,
+        // s2 again later with another amount: the first arrival (2,000) wins; a conflict.
+        redelivered(&s2, 9_999, 30),
+        s2,
+        // s3: the line written first arrived last, so 3,000 wins; a conflict.
+        s3_late,
+        s3,
+        // s4 voided (the void arrives before its sale): not a sale, one voided sale.
+        claim("v4", "void", 4_000, "s4", noon),
+        sale("s4", "m", 4_000, noon, Some("p4")),
+        // s5 with a 500 refund: money out on the refund's date.
+        sale("s5", "m", 5_000, noon, Some("p5")),
+        claim("r5", "refund", 500, "s5", noon),
+        // Refund and void of sales that never arrived: orphans (the refund still pays out).
+        claim("r9", "refund", 900, "missing", noon),
+        claim("v9", "void", 900, "missing-too", noon),
+        // A void naming a refund cancels no sale: an orphan void; r5 stays a refund.
+        claim("v10", "void", 500, "r5", noon),
+        // s6 voided twice: one voided sale, neither void an orphan.
+        sale("s6", "m", 6_000, noon, Some("p6")),
+        claim("v6a", "void", 6_000, "s6", noon),
+        claim("v6b", "void", 6_000, "s6", noon),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &events).await;
+    streetflow_features::refresh_silver(&lake, streetflow_features::SilverMode::Full)
+        .await
+        .unwrap();
+    let daily = lake
+        .read_only_query("SELECT * FROM merchant_daily")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(daily.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
+    let v = |column: &str| value(&daily, "m", column);
+    assert_eq!(v("business_date"), day(2).to_string());
+    assert_eq!(v("sales_count"), "4"); // s1, s2, s3, s5
+    assert_eq!(v("sales_fen"), "11000"); // 1,000 + 2,000 + 3,000 + 5,000
+    assert_eq!(v("refund_count"), "2"); // r5, r9
+    assert_eq!(v("refund_fen"), "1400"); // 500 + 900
+    assert_eq!(v("net_fen"), "9600");
+    assert_eq!(v("void_count"), "2"); // s4, s6
+    assert_eq!(v("orphan_refund_count"), "1"); // r9
+    assert_eq!(v("orphan_void_count"), "2"); // v9, v10
+    assert_eq!(v("duplicate_deliveries"), "3"); // s1, s2, s3
+    assert_eq!(v("conflicting_events"), "2"); // s2, s3
+    assert_eq!(v("distinct_payers"), "4"); // p1, p2, p3, p5
+    assert_eq!(v("max_ticket_fen"), "5000");
+}

@@ -1,0 +1,52 @@
+-- repeated: the first arrival of every event delivered more than once (POS retries,
+-- replays), with what its other deliveries say. Computed once and kept (a table).
+--
+-- Input: `events`, rows with the columns of pos_events (all of bronze for the silver
+-- table; for point-in-time features, only the rows known at the knowledge time).
+-- Output: one row per (operator_id, event_id) delivered twice or more, with every
+-- pos_events column of its first arrival, plus:
+--   extra_deliveries  later deliveries of the same event_id;
+--   conflicting       a later delivery's content differs from the first.
+-- First arrival = earliest ingested_at, then Kafka partition and offset, then file and
+-- line.
+--
+-- Why not a window over every event: most events arrive once, and a window partitioned
+-- by event id sorts all of bronze into millions of one-row partitions (it was most of
+-- the features job's time). A hash aggregate finds the few repeated keys instead, and
+-- only their deliveries are ranked.
+WITH repeated_keys AS (
+    SELECT operator_id, event_id, count(*) AS deliveries
+    FROM events
+    GROUP BY operator_id, event_id
+    HAVING count(*) > 1
+),
+ranked AS (
+    SELECT
+        e.operator_id, e.business_date, e.event_id, e.merchant_id, e.terminal_id, e.kind,
+        e.amount_fen, e.currency, e.occurred_at, e.utc_offset_seconds,
+        e.local_minute_of_day, e.channel, e.ref_event_id, e.payer_ref, e.ingested_at,
+        k.deliveries,
+        row_number() OVER (
+            PARTITION BY e.operator_id, e.event_id
+            ORDER BY e.ingested_at NULLS LAST, e.kafka_partition NULLS LAST,
+                e.kafka_offset NULLS LAST, e.source_file NULLS LAST, e.source_line NULLS LAST
+        ) AS arrival,
+        min(concat_ws('|', e.merchant_id, e.kind, CAST(e.amount_fen AS VARCHAR),
+            CAST(e.occurred_at AS VARCHAR), e.channel, coalesce(e.ref_event_id, ''),
+            coalesce(e.payer_ref, ''), coalesce(e.terminal_id, '')))
+            OVER (PARTITION BY e.operator_id, e.event_id) AS content_min,
+        max(concat_ws('|', e.merchant_id, e.kind, CAST(e.amount_fen AS VARCHAR),
+            CAST(e.occurred_at AS VARCHAR), e.channel, coalesce(e.ref_event_id, ''),
+            coalesce(e.payer_ref, ''), coalesce(e.terminal_id, '')))
+            OVER (PARTITION BY e.operator_id, e.event_id) AS content_max
+    FROM repeated_keys k
+    JOIN events e ON e.operator_id = k.operator_id AND e.event_id = k.event_id
+)
+SELECT
+    operator_id, business_date, event_id, merchant_id, terminal_id, kind, amount_fen,
+    currency, occurred_at, utc_offset_seconds, local_minute_of_day, channel, ref_event_id,
+    payer_ref, ingested_at,
+    deliveries - 1 AS extra_deliveries,
+    content_min <> content_max AS conflicting
+FROM ranked
+WHERE arrival = 1
