@@ -6,9 +6,11 @@
 --   * orphan voids: counted on the void's own date; they cancel nothing;
 --   * night = local wall time 22:00–05:59 in the operator's zone; round = a multiple of
 --     10,000 fen (100 yuan).
--- One pass over `resolved` (conditional aggregates), so the resolution runs once. Rows are
--- summed per payer and day first, then per day, so distinct payers are a plain sum: a
--- COUNT(DISTINCT …) keeps a set per group and cost DataFusion ten times the memory.
+-- Two aggregates over `resolved`: the sums per merchant-day (conditional aggregates, few
+-- groups), and the distinct payers per merchant-day from the distinct (day, payer) pairs
+-- of live sales — one key per sale, so that aggregate carries no sums. (Summing all
+-- columns per payer first cost DataFusion most of the job; COUNT(DISTINCT …) keeps a set
+-- per group and cost it ten times the memory.)
 WITH flagged AS (
     SELECT
         operator_id, merchant_id, business_date, payer_ref, amount_fen, occurred_at,
@@ -22,12 +24,11 @@ WITH flagged AS (
         amount_fen % 10000 = 0 AS round_amount
     FROM resolved
 ),
-per_payer AS (
+days AS (
     SELECT
         operator_id,
         business_date,
         merchant_id,
-        max(CASE WHEN live AND payer_ref IS NOT NULL THEN 1 ELSE 0 END) AS live_payer,
         sum(CASE WHEN live THEN 1 ELSE 0 END) AS sales_count,
         sum(CASE WHEN live THEN amount_fen ELSE 0 END) AS sales_fen,
         sum(CASE WHEN refund THEN 1 ELSE 0 END) AS refund_count,
@@ -53,38 +54,49 @@ per_payer AS (
         sum(extra_deliveries) AS duplicate_deliveries,
         sum(CASE WHEN conflicting THEN 1 ELSE 0 END) AS conflicting_events
     FROM flagged
-    GROUP BY operator_id, merchant_id, business_date, payer_ref
+    GROUP BY operator_id, merchant_id, business_date
+    -- A row per day with a sale, a refund, a voided sale or an orphan void (a void whose
+    -- sale is on another date leaves no row of its own).
+    HAVING sum(CASE WHEN live OR refund OR voided_sale OR orphan_void THEN 1 ELSE 0 END) > 0
+),
+payers AS (
+    SELECT operator_id, merchant_id, business_date, count(*) AS distinct_payers
+    FROM (
+        SELECT DISTINCT operator_id, merchant_id, business_date, payer_ref
+        FROM flagged
+        WHERE live AND payer_ref IS NOT NULL
+    ) day_payers
+    GROUP BY operator_id, merchant_id, business_date
 )
 SELECT
-    operator_id,
-    business_date,
-    merchant_id,
-    sum(sales_count) AS sales_count,
-    sum(sales_fen) AS sales_fen,
-    sum(refund_count) AS refund_count,
-    sum(refund_fen) AS refund_fen,
-    sum(void_count) AS void_count,
-    sum(sales_fen) - sum(refund_fen) AS net_fen,
-    sum(orphan_refund_count) AS orphan_refund_count,
-    sum(orphan_void_count) AS orphan_void_count,
-    sum(live_payer) AS distinct_payers,
-    coalesce(max(max_ticket_fen), 0) AS max_ticket_fen,
-    min(first_sale_at) AS first_sale_at,
-    max(last_sale_at) AS last_sale_at,
-    sum(wechat_fen) AS wechat_fen,
-    sum(alipay_fen) AS alipay_fen,
-    sum(unionpay_qr_fen) AS unionpay_qr_fen,
-    sum(bank_card_fen) AS bank_card_fen,
-    sum(cash_fen) AS cash_fen,
-    sum(other_fen) AS other_fen,
-    sum(night_sales_count) AS night_sales_count,
-    sum(night_sales_fen) AS night_sales_fen,
-    sum(round_sales_count) AS round_sales_count,
-    sum(round_sales_fen) AS round_sales_fen,
-    sum(duplicate_deliveries) AS duplicate_deliveries,
-    sum(conflicting_events) AS conflicting_events
-FROM per_payer
-GROUP BY operator_id, merchant_id, business_date
--- A row per day with a sale, a refund, a voided sale or an orphan void (a void whose sale
--- is on another date leaves no row of its own).
-HAVING sum(sales_count) + sum(refund_count) + sum(void_count) + sum(orphan_void_count) > 0
+    d.operator_id,
+    d.business_date,
+    d.merchant_id,
+    d.sales_count,
+    d.sales_fen,
+    d.refund_count,
+    d.refund_fen,
+    d.void_count,
+    d.sales_fen - d.refund_fen AS net_fen,
+    d.orphan_refund_count,
+    d.orphan_void_count,
+    coalesce(p.distinct_payers, 0) AS distinct_payers,
+    coalesce(d.max_ticket_fen, 0) AS max_ticket_fen,
+    d.first_sale_at,
+    d.last_sale_at,
+    d.wechat_fen,
+    d.alipay_fen,
+    d.unionpay_qr_fen,
+    d.bank_card_fen,
+    d.cash_fen,
+    d.other_fen,
+    d.night_sales_count,
+    d.night_sales_fen,
+    d.round_sales_count,
+    d.round_sales_fen,
+    d.duplicate_deliveries,
+    d.conflicting_events
+FROM payers p
+RIGHT JOIN days d
+    ON p.operator_id = d.operator_id AND p.merchant_id = d.merchant_id
+    AND p.business_date = d.business_date

@@ -4,7 +4,7 @@
 -- Input: `resolved` (resolve.sql) and params(as_of_date). Sales without a payer
 -- reference (cash, anonymous cards) are left out.
 SELECT r.operator_id, r.merchant_id, r.payer_ref, count(*) AS visits, sum(r.amount_fen) AS fen
-FROM resolved r, params p
+FROM params p, resolved r
 WHERE r.kind = 'sale' AND NOT r.voided AND r.payer_ref IS NOT NULL
     AND r.business_date < p.as_of_date
     AND r.business_date >= p.as_of_date - INTERVAL '90 days'

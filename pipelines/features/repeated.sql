@@ -1,26 +1,14 @@
 -- repeated: the first arrival of every event delivered more than once (POS retries,
 -- replays), with what its other deliveries say. Computed once and kept (a table).
 --
--- Input: `events`, rows with the columns of pos_events (all of bronze for the silver
--- table; for point-in-time features, only the rows known at the knowledge time).
+-- Input: `events` and `repeated_keys` (repeated_keys.sql).
 -- Output: one row per (operator_id, event_id) delivered twice or more, with every
 -- pos_events column of its first arrival, plus:
 --   extra_deliveries  later deliveries of the same event_id;
 --   conflicting       a later delivery's content differs from the first.
 -- First arrival = earliest ingested_at, then Kafka partition and offset, then file and
 -- line.
---
--- Why not a window over every event: most events arrive once, and a window partitioned
--- by event id sorts all of bronze into millions of one-row partitions (it was most of
--- the features job's time). A hash aggregate finds the few repeated keys instead, and
--- only their deliveries are ranked.
-WITH repeated_keys AS (
-    SELECT operator_id, event_id, count(*) AS deliveries
-    FROM events
-    GROUP BY operator_id, event_id
-    HAVING count(*) > 1
-),
-ranked AS (
+WITH ranked AS (
     SELECT
         e.operator_id, e.business_date, e.event_id, e.merchant_id, e.terminal_id, e.kind,
         e.amount_fen, e.currency, e.occurred_at, e.utc_offset_seconds,

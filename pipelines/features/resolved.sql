@@ -7,7 +7,6 @@
 --   conflicting       a later delivery's content differs from the first;
 --   voided            a sale that a void cancels (it leaves sales and counts);
 --   orphan            a refund or void whose sale is not in `events`.
--- The small `links` table is written first so it is the side the join builds in memory.
 SELECT
     u.operator_id, u.business_date, u.event_id, u.merchant_id, u.terminal_id, u.kind,
     u.amount_fen, u.currency, u.occurred_at, u.utc_offset_seconds, u.local_minute_of_day,

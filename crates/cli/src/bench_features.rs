@@ -661,7 +661,7 @@ pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
         )?;
     }
     fs::create_dir_all(work.join("sql"))?;
-    let mut relations = vec![("events", events_view(d), false)];
+    let mut relations = vec![("events", events_view(d), true)];
     relations.extend(
         sql::RESOLVE_STEPS
             .iter()

@@ -2,7 +2,7 @@
 //!
 //! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
 //! default the start of business day D in each operator's calendar) with business dates
-//! from D − 456 days, resolves them with the `RESOLVE_STEPS` (`repeated.sql`, `uniq.sql`, `links.sql`, `resolved.sql`), builds daily rows with
+//! from D − 456 days, resolves them with the `RESOLVE_STEPS` (`repeated_keys.sql`, `repeated.sql`, `uniq.sql`, `links.sql`, `resolved.sql`), builds daily rows with
 //! `daily.sql` (dates before D) and the 90-day payer table with `payer_sales.sql`, and
 //! applies `merchant_features.sql`. A late event that
 //! arrived after the knowledge time therefore never changes a vector already computed.
@@ -24,7 +24,7 @@ use streetflow_lake::{Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
 use crate::relations::{
-    explain_if_asked, materialize, mem_table, register_resolved, register_view,
+    broadcast_small_join_sides, explain_if_asked, materialize, mem_table, register_resolved,
 };
 use crate::sql;
 
@@ -327,7 +327,7 @@ pub fn reference_tables(
 pub fn events_view(date: NaiveDate) -> String {
     let window_start = date - Days::new(LOOKBACK_DAYS);
     format!(
-        "SELECT e.* FROM pos_events e JOIN knowledge k ON e.operator_id = k.operator_id \
+        "SELECT e.* FROM knowledge k JOIN pos_events e ON e.operator_id = k.operator_id \
          WHERE e.ingested_at <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
     )
 }
@@ -436,7 +436,11 @@ async fn compute(
             sql_literal(merchant)
         ));
     }
-    register_view(&ctx, "events", &events).await?;
+    broadcast_small_join_sides(&ctx);
+    // Read bronze once: the resolution and the daily rows read the events six times, and
+    // each scan of a year of (operator, day) partitions opens over a thousand files. The
+    // rows of one lookback window (456 days) are kept in memory for the run.
+    materialize(&ctx, "events", &events).await?;
     register_resolved(&ctx).await?;
     // The feature query reads its inputs several times; compute each once (both are
     // small: merchant-days and merchant-payers).

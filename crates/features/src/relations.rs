@@ -61,6 +61,18 @@ pub(crate) async fn materialize(ctx: &SessionContext, name: &str, query: &str) -
     mem_table(ctx, name, schema, batches)
 }
 
+/// Lets DataFusion build one shared hash table from a join side it knows to be small
+/// (up to 4 M rows or 256 MiB — the in-memory `repeated_keys`, `repeated` and `links`
+/// tables) instead of shuffling both sides by hash. Its defaults (128 K rows, 1 MiB) made
+/// it repartition every event, all columns, to join with 170 K repeated keys.
+pub(crate) fn broadcast_small_join_sides(ctx: &SessionContext) {
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    let optimizer = &mut state.config_mut().options_mut().optimizer;
+    optimizer.hash_join_single_partition_threshold = 256 << 20;
+    optimizer.hash_join_single_partition_threshold_rows = 4_000_000;
+}
+
 /// Registers `resolved` (each event once, with its flags) over the relation `events`,
 /// running [`sql::RESOLVE_STEPS`] in order.
 pub(crate) async fn register_resolved(ctx: &SessionContext) -> Result<()> {

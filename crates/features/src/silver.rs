@@ -12,7 +12,7 @@ use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
-use crate::relations::register_resolved;
+use crate::relations::{broadcast_small_join_sides, materialize, register_resolved, register_view};
 use crate::sql;
 
 /// The Delta `txn` application id under which silver records the bronze version it
@@ -178,12 +178,13 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         }
         None => "SELECT * FROM pos_events",
     };
-    let events = ctx
-        .sql(events_query)
-        .await
-        .map_err(Error::query("planning silver input"))?;
-    ctx.register_table("events", events.into_view())
-        .map_err(Error::query("registering silver input"))?;
+    broadcast_small_join_sides(&ctx);
+    match &touched {
+        // The touched partitions' rows are few and read six times: keep them in memory.
+        Some(_) => materialize(&ctx, "events", events_query).await?,
+        // All of bronze may not fit: stream it (each step scans it again).
+        None => register_view(&ctx, "events", events_query).await?,
+    }
     register_resolved(&ctx).await?;
     let daily_query = match &touched {
         Some(_) => format!(

@@ -16,7 +16,12 @@ pub struct Step {
 /// Each event once, with its voided and orphan flags, over a relation `events` of bronze
 /// rows: run in order, the last step is `resolved`. DuckDB runs the same steps in the
 /// features benchmark.
-pub const RESOLVE_STEPS: [Step; 4] = [
+pub const RESOLVE_STEPS: [Step; 5] = [
+    Step {
+        name: "repeated_keys",
+        sql: include_str!("../../../pipelines/features/repeated_keys.sql"),
+        materialize: true,
+    },
     Step {
         name: "repeated",
         sql: include_str!("../../../pipelines/features/repeated.sql"),
@@ -75,14 +80,14 @@ WHERE n.kind = 'sale'";
 /// refunds and voids that name their sales.
 pub(crate) const EVENTS_FOR_TOUCHED: &str = "
 WITH base AS (
-    SELECT b.* FROM pos_events b
-    JOIN touched t ON b.operator_id = t.operator_id AND b.business_date = t.business_date
+    SELECT b.* FROM touched t
+    JOIN pos_events b ON b.operator_id = t.operator_id AND b.business_date = t.business_date
 ),
 ids AS (SELECT DISTINCT operator_id, event_id FROM base),
 refs AS (SELECT DISTINCT operator_id, ref_event_id FROM base WHERE ref_event_id IS NOT NULL),
 sale_ids AS (SELECT DISTINCT operator_id, event_id FROM base WHERE kind = 'sale')
-SELECT b.* FROM pos_events b JOIN ids i ON b.operator_id = i.operator_id AND b.event_id = i.event_id
+SELECT b.* FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
 UNION
-SELECT b.* FROM pos_events b JOIN refs r ON b.operator_id = r.operator_id AND b.event_id = r.ref_event_id
+SELECT b.* FROM refs r JOIN pos_events b ON b.operator_id = r.operator_id AND b.event_id = r.ref_event_id
 UNION
-SELECT b.* FROM pos_events b JOIN sale_ids s ON b.operator_id = s.operator_id AND b.ref_event_id = s.event_id";
+SELECT b.* FROM sale_ids s JOIN pos_events b ON b.operator_id = s.operator_id AND b.ref_event_id = s.event_id";

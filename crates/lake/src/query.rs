@@ -53,7 +53,11 @@ impl Lake {
         let runtime = builder
             .build_arc()
             .map_err(datafusion_error("session", "build runtime"))?;
-        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+        // DataFusion's own settings can be tuned with `DATAFUSION_*` environment
+        // variables (e.g. `DATAFUSION_EXECUTION_TARGET_PARTITIONS`).
+        let config =
+            SessionConfig::from_env().map_err(datafusion_error("session", "read DATAFUSION_*"))?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         for name in table_names() {
             let Some(table) = self.open(name).await? else {
                 continue;
