@@ -2,10 +2,11 @@
 //!
 //! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
 //! default the start of business day D in each operator's calendar) with business dates
-//! from D − 456 days, resolves them with the `RESOLVE_STEPS` (`repeated_keys.sql`, `repeated.sql`, `uniq.sql`, `links.sql`, `resolved.sql`), builds daily rows with
-//! `daily.sql` (dates before D) and the 90-day payer table with `payer_sales.sql`, and
-//! applies `merchant_features.sql`. A late event that
-//! arrived after the knowledge time therefore never changes a vector already computed.
+//! from D − 456 days, resolves them with [`sql::RESOLVE_STEPS`] (`repeated_keys.sql` …
+//! `resolved.sql`), builds daily rows with `daily.sql` (dates before D) and the 90-day
+//! payer table with `payer_sales.sql`, and applies `merchant_features.sql`. A late event
+//! that arrived after the knowledge time therefore never changes a vector already
+//! computed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,7 +25,8 @@ use streetflow_lake::{Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
 use crate::relations::{
-    broadcast_small_join_sides, explain_if_asked, materialize, mem_table, register_resolved,
+    broadcast_small_join_sides, explain_if_asked, log_computed, materialize, mem_table,
+    register_resolved,
 };
 use crate::sql;
 
@@ -437,7 +439,7 @@ async fn compute(
         ));
     }
     broadcast_small_join_sides(&ctx);
-    // Read bronze once: the resolution and the daily rows read the events six times, and
+    // Read bronze once: the resolution and the daily rows read the events seven times, and
     // each scan of a year of (operator, day) partitions opens over a thousand files. The
     // rows of one lookback window (456 days) are kept in memory for the run.
     materialize(&ctx, "events", &events).await?;
@@ -449,11 +451,7 @@ async fn compute(
     explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
     let started = std::time::Instant::now();
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
-    tracing::debug!(
-        relation = "merchant_features",
-        seconds = started.elapsed().as_secs_f64(),
-        "computed"
-    );
+    log_computed("merchant_features", &features, started);
     let mut batches = Vec::with_capacity(features.len());
     for batch in &features {
         if batch.num_rows() > 0 {

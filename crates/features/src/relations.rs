@@ -52,13 +52,18 @@ pub(crate) async fn materialize(ctx: &SessionContext, name: &str, query: &str) -
         .map_err(Error::query(format!("computing {name}")))?;
     // The batches' nullability can be looser than the plan's; use theirs.
     let schema = batches.first().map_or(planned, |b| b.schema());
+    log_computed(name, &batches, started);
+    mem_table(ctx, name, schema, batches)
+}
+
+/// Logs (at debug level) how long computing relation `name` took and its row count.
+pub(crate) fn log_computed(name: &str, batches: &[RecordBatch], started: std::time::Instant) {
     tracing::debug!(
         relation = name,
         rows = batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
         seconds = started.elapsed().as_secs_f64(),
         "computed"
     );
-    mem_table(ctx, name, schema, batches)
 }
 
 /// Lets DataFusion build one shared hash table from a join side it knows to be small

@@ -180,7 +180,7 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
     };
     broadcast_small_join_sides(&ctx);
     match &touched {
-        // The touched partitions' rows are few and read six times: keep them in memory.
+        // The touched partitions' rows are few and read several times: keep them in memory.
         Some(_) => materialize(&ctx, "events", events_query).await?,
         // All of bronze may not fit: stream it (each step scans it again).
         None => register_view(&ctx, "events", events_query).await?,

@@ -13,35 +13,32 @@ pub struct Step {
     pub materialize: bool,
 }
 
+/// A [`Step`] whose SQL is `pipelines/features/<name>.sql`.
+macro_rules! step {
+    ($name:literal, materialize) => {
+        step!($name, true)
+    };
+    ($name:literal, view) => {
+        step!($name, false)
+    };
+    ($name:literal, $materialize:expr) => {
+        Step {
+            name: $name,
+            sql: include_str!(concat!("../../../pipelines/features/", $name, ".sql")),
+            materialize: $materialize,
+        }
+    };
+}
+
 /// Each event once, with its voided and orphan flags, over a relation `events` of bronze
 /// rows: run in order, the last step is `resolved`. DuckDB runs the same steps in the
 /// features benchmark.
 pub const RESOLVE_STEPS: [Step; 5] = [
-    Step {
-        name: "repeated_keys",
-        sql: include_str!("../../../pipelines/features/repeated_keys.sql"),
-        materialize: true,
-    },
-    Step {
-        name: "repeated",
-        sql: include_str!("../../../pipelines/features/repeated.sql"),
-        materialize: true,
-    },
-    Step {
-        name: "uniq",
-        sql: include_str!("../../../pipelines/features/uniq.sql"),
-        materialize: false,
-    },
-    Step {
-        name: "links",
-        sql: include_str!("../../../pipelines/features/links.sql"),
-        materialize: true,
-    },
-    Step {
-        name: "resolved",
-        sql: include_str!("../../../pipelines/features/resolved.sql"),
-        materialize: false,
-    },
+    step!("repeated_keys", materialize),
+    step!("repeated", materialize),
+    step!("uniq", view),
+    step!("links", materialize),
+    step!("resolved", view),
 ];
 
 /// Daily cash flow per merchant over `resolved`.
