@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::Args;
 use streetflow_core::OperatorCalendars;
 use streetflow_credit::{Policy, decide};
-use streetflow_features::{AsOf, FeatureInputs, write_features};
+use streetflow_features::{AsOf, FeatureInputs, LOOKBACK_DAYS, write_features};
 
 use crate::bench_features::{AS_OF, district_args, prepare_lake, registry};
 use crate::ingest::runtime;
@@ -139,12 +139,20 @@ pub(crate) fn bench_decide(args: &BenchDecideArgs) -> anyhow::Result<()> {
     );
 
     let product = policy.product.id.clone();
+    // The evaluation path's bronze cache holds the lookback window of the bench date.
+    let started = Instant::now();
     let service = Arc::new(runtime.block_on(Service::open(
         lake.clone(),
         BTreeMap::from([(product.clone(), policy)]),
         inputs,
         Duration::from_secs(3600),
-    )));
+        Some(AS_OF - chrono::Days::new(LOOKBACK_DAYS)),
+    ))?);
+    println!(
+        "serve: bronze cache of {} days read in {:.1} s",
+        LOOKBACK_DAYS,
+        started.elapsed().as_secs_f64()
+    );
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
     runtime.spawn(async move { axum::serve(listener, router(service, None)).await });

@@ -4,7 +4,10 @@
 //!   decision (`credit_decisions`) with the feature values behind each reason;
 //! * `POST /v1/decisions:evaluate` — decides one merchant now: its features are computed
 //!   from its own bronze rows as of the current business date (knowledge time: now) and
-//!   the product's policy is evaluated on them;
+//!   the product's policy is evaluated on them. The rows come from an in-memory copy of
+//!   recent bronze ([`BronzeCache`]) that a background task brings up to the newest
+//!   bronze version every `--refresh-seconds`, reading only the files each commit added;
+//!   a request whose lookback window starts before the cached dates reads the lake;
 //! * `GET /healthz`, `GET /metrics` (Prometheus).
 //!
 //! Errors are JSON, `{"error": {"code": …, "message": …}}`, with a 4xx status for what
@@ -31,7 +34,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, evaluate};
 use streetflow_features::{
-    AsOf, FeatureInputs, compute_merchant_features, load_registry, sql_literal,
+    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, compute_merchant_features,
+    compute_merchant_features_from_rows, load_registry, sql_literal,
 };
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
@@ -59,9 +63,15 @@ pub(crate) struct ServeArgs {
     /// Pipeline file (operators' calendars, lake storage options).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Reread the lake's tables at most this often (seconds) for stored decisions.
+    /// Reread the lake's tables at most this often (seconds) for stored decisions, and
+    /// bring the evaluation path's bronze cache up to date this often.
     #[arg(long, default_value_t = 5)]
     refresh_seconds: u64,
+    /// Days of bronze (by business date, before today) kept in memory for evaluations;
+    /// 0 reads the lake for every evaluation. The default covers the lookback window of
+    /// a decision as of any day of the last three months.
+    #[arg(long, default_value_t = LOOKBACK_DAYS + 92)]
+    cache_days: u64,
 }
 
 /// An error answered to the caller as JSON.
@@ -135,6 +145,8 @@ pub(crate) struct Service {
     inputs: FeatureInputs,
     refresh: Duration,
     session: tokio::sync::RwLock<Option<(Instant, SessionContext)>>,
+    /// Recent bronze rows by merchant, for evaluations (`None`: read the lake).
+    cache: Option<tokio::sync::RwLock<BronzeCache>>,
 }
 
 /// Loads every `*.toml` policy of `dir`, keyed by product id.
@@ -199,19 +211,65 @@ fn check_id(name: &str, value: &str) -> Result<(), ApiError> {
 }
 
 impl Service {
-    /// Opens the lake and loads policies and reference data.
+    /// Opens the lake and loads policies and reference data; with `cache_since`, reads
+    /// the bronze rows of business dates from then into memory for evaluations.
     pub(crate) async fn open(
         lake: Lake,
         policies: BTreeMap<String, Policy>,
         inputs: FeatureInputs,
         refresh: Duration,
-    ) -> Self {
-        Self {
+        cache_since: Option<NaiveDate>,
+    ) -> anyhow::Result<Self> {
+        let cache = match cache_since {
+            Some(since) => BronzeCache::load(&lake, since)
+                .await
+                .context("reading recent bronze rows into memory")?
+                .map(tokio::sync::RwLock::new),
+            None => None,
+        };
+        Ok(Self {
             lake,
             policies,
             inputs,
             refresh,
             session: tokio::sync::RwLock::new(None),
+            cache,
+        })
+    }
+
+    /// Brings the bronze cache up to the newest bronze version; returns the rows added.
+    /// The new files are read without holding the lock, so evaluations go on meanwhile.
+    pub(crate) async fn refresh_cache(&self) -> anyhow::Result<usize> {
+        let Some(cache) = &self.cache else {
+            return Ok(0);
+        };
+        let changes = cache.read().await.changes(&self.lake).await?;
+        let Some(changes) = changes else {
+            return Ok(0);
+        };
+        let mut cache = cache.write().await;
+        let added = cache.apply(changes)?;
+        tracing::debug!(
+            bronze_version = cache.version(),
+            rows_added = added,
+            "bronze cache refreshed"
+        );
+        Ok(added)
+    }
+
+    /// Refreshes the bronze cache every refresh period, forever (errors are logged and
+    /// the old rows kept: evaluations go on, a little staler).
+    async fn keep_cache_fresh(self: Arc<Self>) {
+        if self.cache.is_none() {
+            return;
+        }
+        let mut ticks = tokio::time::interval(self.refresh.max(Duration::from_millis(100)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(e) = self.refresh_cache().await {
+                tracing::warn!(error = %e, "refreshing the bronze cache failed");
+            }
         }
     }
 
@@ -336,14 +394,44 @@ impl Service {
             date,
             knowledge_time: Some(knowledge_time),
         };
-        let (batches, report) = compute_merchant_features(
-            &self.lake,
-            &as_of,
-            &self.inputs,
-            &request.operator_id,
-            &request.merchant_id,
-        )
-        .await
+        let window_start = date - chrono::Days::new(LOOKBACK_DAYS);
+        let cached = match &self.cache {
+            Some(cache) => {
+                let cache = cache.read().await;
+                (cache.since() <= window_start)
+                    .then(|| {
+                        cache
+                            .merchant_rows(&request.operator_id, &request.merchant_id)
+                            .map(|rows| (rows, cache.version()))
+                    })
+                    .transpose()
+                    .map_err(ApiError::internal)?
+            }
+            None => None,
+        };
+        let (batches, report) = match cached {
+            Some((rows, version)) => {
+                compute_merchant_features_from_rows(
+                    rows,
+                    version,
+                    &as_of,
+                    &self.inputs,
+                    &request.operator_id,
+                    &request.merchant_id,
+                )
+                .await
+            }
+            None => {
+                compute_merchant_features(
+                    &self.lake,
+                    &as_of,
+                    &self.inputs,
+                    &request.operator_id,
+                    &request.merchant_id,
+                )
+                .await
+            }
+        }
         .map_err(ApiError::internal)?;
         if report.rows == 0 {
             return Err(ApiError::new(
@@ -534,13 +622,16 @@ async fn service_of(args: &ServeArgs) -> anyhow::Result<Service> {
     };
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let policies = load_policies(&args.policies).await?;
-    Ok(Service::open(
+    let cache_since =
+        (args.cache_days > 0).then(|| Utc::now().date_naive() - chrono::Days::new(args.cache_days));
+    Service::open(
         lake,
         policies,
         inputs,
         Duration::from_secs(args.refresh_seconds),
+        cache_since,
     )
-    .await)
+    .await
 }
 
 async fn shutdown_signal() {
@@ -578,6 +669,7 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
         let bound = listener.local_addr().context("the bound address")?;
+        tokio::spawn(service.clone().keep_cache_fresh());
         tracing::info!(
             products = ?service.policies.keys().collect::<Vec<_>>(),
             "serving decisions: listening on http://{bound}"

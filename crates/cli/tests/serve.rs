@@ -11,6 +11,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{NaiveDate, Utc};
 use common::*;
 use serde_json::Value;
 
@@ -118,10 +119,20 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
             "127.0.0.1:0".into(),
             "--policies".into(),
             policies_arg,
+            // Cache the bronze rows of the lookback window of 2026-01-01 (the bench's
+            // as-of date) so evaluations below take the in-memory path.
+            "--cache-days".into(),
+            (Utc::now().date_naive() - NaiveDate::from_ymd_opt(2024, 9, 1).unwrap())
+                .num_days()
+                .to_string(),
         ],
         &[("RUST_LOG", "info")],
     );
     let lines = server.wait_for("listening on http://", Duration::from_secs(60));
+    assert!(
+        lines.iter().any(|l| l.contains("bronze cache loaded")),
+        "{lines:?}"
+    );
     let line = lines.last().unwrap();
     let addr = line
         .split("listening on http://")

@@ -21,6 +21,7 @@ use streetflow_lake::arrow::array::{
 };
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use streetflow_lake::datafusion::prelude::{SessionConfig, SessionContext};
 use streetflow_lake::{Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
@@ -349,7 +350,7 @@ pub async fn compute_features(
     as_of: &AsOf,
     inputs: &FeatureInputs,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    compute(lake, as_of, inputs, None).await
+    compute(Bronze::Lake(lake), as_of, inputs, None).await
 }
 
 /// Computes the feature row of one merchant as of `as_of`, reading only that merchant's
@@ -363,7 +364,44 @@ pub async fn compute_merchant_features(
     operator_id: &str,
     merchant_id: &str,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    compute(lake, as_of, inputs, Some((operator_id, merchant_id))).await
+    compute(
+        Bronze::Lake(lake),
+        as_of,
+        inputs,
+        Some((operator_id, merchant_id)),
+    )
+    .await
+}
+
+/// Like [`compute_merchant_features`], from that merchant's bronze rows already in memory
+/// (a [`crate::BronzeCache`]) of bronze version `bronze_version`: the rows must include
+/// every row of the merchant in the lookback window of `as_of`.
+pub async fn compute_merchant_features_from_rows(
+    rows: RecordBatch,
+    bronze_version: i64,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    operator_id: &str,
+    merchant_id: &str,
+) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+    compute(
+        Bronze::Rows {
+            rows,
+            version: bronze_version,
+        },
+        as_of,
+        inputs,
+        Some((operator_id, merchant_id)),
+    )
+    .await
+}
+
+/// Where a features run reads bronze rows.
+enum Bronze<'a> {
+    /// The lake's `pos_events` table.
+    Lake(&'a Lake),
+    /// Rows already read, of this bronze version.
+    Rows { rows: RecordBatch, version: i64 },
 }
 
 /// A string as a SQL string literal (quotes doubled).
@@ -372,7 +410,7 @@ pub fn sql_literal(text: &str) -> String {
 }
 
 async fn compute(
-    lake: &Lake,
+    bronze: Bronze<'_>,
     as_of: &AsOf,
     inputs: &FeatureInputs,
     merchant: Option<(&str, &str)>,
@@ -384,11 +422,23 @@ async fn compute(
         bronze_version: -1,
         knowledge_times: BTreeMap::new(),
     };
-    let Some(bronze) = lake.open(POS_EVENTS.name).await? else {
-        return Ok((Vec::new(), report));
+    let ctx = match bronze {
+        Bronze::Lake(lake) => {
+            let Some(table) = lake.open(POS_EVENTS.name).await? else {
+                return Ok((Vec::new(), report));
+            };
+            report.bronze_version = table.version().map_or(-1, |v| v as i64);
+            lake.session().await?
+        }
+        Bronze::Rows { rows, version } => {
+            report.bronze_version = version;
+            // A few thousand rows: one partition saves the repartitioning of every step.
+            let ctx =
+                SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+            mem_table(&ctx, POS_EVENTS.name, rows.schema(), vec![rows])?;
+            ctx
+        }
     };
-    report.bronze_version = bronze.version().map_or(-1, |v| v as i64);
-    let ctx = lake.session().await?;
 
     let mut operators = Vec::new();
     if let Some((operator, _)) = merchant {

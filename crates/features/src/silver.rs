@@ -13,6 +13,7 @@ use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
 use crate::error::{Error, Result, collect};
 use crate::relations::{broadcast_small_join_sides, materialize, register_resolved, register_view};
+use crate::serving::file_paths;
 use crate::sql;
 
 /// The Delta `txn` application id under which silver records the bronze version it
@@ -44,17 +45,6 @@ pub struct SilverReport {
     pub rows_written: usize,
     /// Another process refreshed silver first; nothing was written.
     pub fenced: bool,
-}
-
-fn file_paths(table: &streetflow_lake::deltalake::DeltaTable) -> Result<HashSet<String>> {
-    let snapshot = table
-        .snapshot()
-        .map_err(|e| streetflow_lake::Error::delta(POS_EVENTS.name, "list files")(e))?;
-    Ok(snapshot
-        .log_data()
-        .iter()
-        .map(|f| f.path().to_string())
-        .collect())
 }
 
 /// Partition keys (operator, `YYYY-MM-DD`) of batches with those two columns first.

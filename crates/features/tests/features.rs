@@ -7,7 +7,10 @@ use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use chrono_tz::Asia::Shanghai;
 use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
-use streetflow_features::{AsOf, FeatureInputs, compute_features};
+use streetflow_features::{
+    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, compute_features,
+    compute_merchant_features, compute_merchant_features_from_rows,
+};
 use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
 use streetflow_lake::arrow::array::RecordBatch;
 use streetflow_lake::arrow::util::display::array_value_to_string;
@@ -791,4 +794,145 @@ async fn each_event_counts_once_and_voids_and_refunds_resolve() {
     assert_eq!(v("conflicting_events"), "2"); // s2, s3
     assert_eq!(v("distinct_payers"), "4"); // p1, p2, p3, p5
     assert_eq!(v("max_ticket_fen"), "5000");
+}
+
+/// Every column of each batch row as text, keyed by merchant (NULL as "").
+fn rows_by_merchant(batches: &[RecordBatch]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut rows = std::collections::BTreeMap::new();
+    for batch in batches {
+        let merchants = batch.column_by_name("merchant_id").unwrap();
+        for row in 0..batch.num_rows() {
+            let values = batch
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(row) {
+                        String::new()
+                    } else {
+                        array_value_to_string(c, row).unwrap()
+                    }
+                })
+                .collect();
+            rows.insert(array_value_to_string(merchants, row).unwrap(), values);
+        }
+    }
+    rows
+}
+
+/// One merchant's features from the bronze cache and from the lake, as text rows.
+async fn both_paths(
+    lake: &Lake,
+    cache: &BronzeCache,
+    as_of: &AsOf,
+    merchant: &str,
+) -> (Vec<String>, Vec<String>) {
+    let rows = cache.merchant_rows("lane", merchant).unwrap();
+    let (cached, cached_report) = compute_merchant_features_from_rows(
+        rows,
+        cache.version(),
+        as_of,
+        &inputs(),
+        "lane",
+        merchant,
+    )
+    .await
+    .unwrap();
+    let (read, read_report) = compute_merchant_features(lake, as_of, &inputs(), "lane", merchant)
+        .await
+        .unwrap();
+    assert_eq!(cached_report, read_report);
+    let cached = rows_by_merchant(&cached).remove(merchant).unwrap();
+    let read = rows_by_merchant(&read).remove(merchant).unwrap();
+    (cached, read)
+}
+
+/// Two feature rows are equal, ratios up to floating-point summation order (the two
+/// paths add the same terms in a different order).
+fn assert_same_row(cached: &[String], read: &[String], merchant: &str) {
+    assert_eq!(cached.len(), read.len());
+    for (a, b) in cached.iter().zip(read) {
+        let floats = (a.contains('.') || b.contains('.'))
+            .then(|| a.parse::<f64>().ok().zip(b.parse::<f64>().ok()))
+            .flatten();
+        match floats {
+            Some((x, y)) => assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0),
+                "{merchant}: {cached:?} != {read:?}"
+            ),
+            None => assert_eq!(a, b, "{merchant}: {cached:?} != {read:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = steady();
+    events.extend(irregular());
+    let lake = lake_with(dir.path(), &events).await;
+    let since = d() - Days::new(LOOKBACK_DAYS);
+    let mut cache = BronzeCache::load(&lake, since).await.unwrap().unwrap();
+    assert_eq!(
+        cache.row_count(),
+        90 + 6,
+        "every bronze row, duplicates included"
+    );
+    assert_eq!(cache.merchant_count(), 2);
+    assert_eq!(
+        cache.merchant_rows("lane", "steady").unwrap().num_rows(),
+        90
+    );
+    assert_eq!(cache.merchant_rows("lane", "nobody").unwrap().num_rows(), 0);
+    assert_eq!(
+        cache.merchant_rows("other", "steady").unwrap().num_rows(),
+        0
+    );
+
+    let now = AsOf {
+        date: d(),
+        knowledge_time: Some(at(d() + Days::new(5), 0, 0)),
+    };
+    for merchant in ["steady", "irregular"] {
+        let (cached, read) = both_paths(&lake, &cache, &now, merchant).await;
+        assert_same_row(&cached, &read, merchant);
+    }
+    assert!(
+        cache.changes(&lake).await.unwrap().is_none(),
+        "no new commit"
+    );
+
+    // A second commit: a late 100,000 fen sale of D − 3 for steady. The cache reads only
+    // the new file and then decides like the lake.
+    let version = cache.version();
+    let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
+    late.ingested = at(d() + Days::new(2), 9, 0);
+    let lake = lake_with(dir.path(), &[late]).await;
+    let changes = cache.changes(&lake).await.unwrap().unwrap();
+    assert!(matches!(changes, BronzeChanges::Appended { .. }));
+    assert_eq!(cache.apply(changes).unwrap(), 1);
+    assert_eq!(cache.version(), version + 1);
+    assert_eq!(
+        cache.merchant_rows("lane", "steady").unwrap().num_rows(),
+        91
+    );
+    let (cached, read) = both_paths(&lake, &cache, &now, "steady").await;
+    assert_same_row(&cached, &read, "steady");
+    let (features, _) = compute_merchant_features_from_rows(
+        cache.merchant_rows("lane", "steady").unwrap(),
+        cache.version(),
+        &now,
+        &inputs(),
+        "lane",
+        "steady",
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(&features, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
+    // Before the late sale was known, the cached rows still give the earlier vector.
+    let before = AsOf {
+        date: d(),
+        knowledge_time: None,
+    };
+    let (cached, read) = both_paths(&lake, &cache, &before, "steady").await;
+    assert_same_row(&cached, &read, "steady");
 }
