@@ -304,6 +304,8 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                     brokers: brokers.clone(),
                     topic: topic.clone(),
                     properties: Vec::new(),
+                    progress: None,
+                    throttle: None,
                 },
             )
         });
@@ -341,6 +343,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                     exit_at_end: true,
                     assignment_timeout: Duration::from_secs(60),
                     after_commit: None,
+                    progress: None,
                 },
                 runtime.handle().clone(),
                 Arc::new(AtomicBool::new(false)),

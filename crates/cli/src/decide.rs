@@ -102,7 +102,8 @@ fn summary_json(summary: &DecisionSummary) -> serde_json::Value {
     })
 }
 
-fn print_summary(policy: &Policy, summary: &DecisionSummary) {
+/// Prints a decision run's counts, limits and top reasons as tables.
+pub(crate) fn print_summary(policy: &Policy, summary: &DecisionSummary) {
     println!(
         "credit_decisions: {} {} as of {} — {} merchants (merchant_features version {})",
         summary.product,

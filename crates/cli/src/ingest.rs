@@ -171,6 +171,7 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         config,
         exit_at_end: args.exit_at_end,
         after_commit,
+        progress: None,
         // Longer than librdkafka's default session timeout (45 s), so a worker restarted
         // after a crash waits for the group to drop its dead predecessor.
         assignment_timeout: Duration::from_secs(60),
@@ -203,6 +204,8 @@ pub(crate) fn run_produce(args: &ProduceArgs) -> anyhow::Result<()> {
             brokers: args.brokers.clone(),
             topic: args.topic.clone(),
             properties: Vec::new(),
+            progress: None,
+            throttle: None,
         },
     )?;
     let seconds = started.elapsed().as_secs_f64();

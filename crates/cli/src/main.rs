@@ -5,6 +5,7 @@ mod bench;
 mod bench_decide;
 mod bench_features;
 mod decide;
+mod demo;
 mod features;
 mod generate;
 mod ingest;
@@ -38,6 +39,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole job with nothing installed: an embedded broker, a generated district,
+    /// streaming workers, silver, features and decisions for both products.
+    Demo(demo::DemoArgs),
     /// Generate a synthetic district: events (JSON Lines), registry and ground truth.
     Gen(generate::GenArgs),
     /// Decode and validate a JSON Lines file; count accepted and rejected lines by reason.
@@ -61,13 +65,15 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, quiet: bool) {
+    // The demo narrates its own steps; its workers' info lines would bury them.
+    let level = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // The Delta kernel narrates every snapshot at info; keep its warnings only.
         .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(
-                "info,buoyant_kernel=warn,deltalake_core=warn,deltalake_core::writer::stats=error",
-            )
+            tracing_subscriber::EnvFilter::new(format!(
+                "{level},buoyant_kernel=warn,deltalake_core=warn,deltalake_core::writer::stats=error"
+            ))
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -80,8 +86,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, matches!(cli.command, Command::Demo(_)));
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Gen(args) => generate::run(&args),
         Command::Validate(args) => validate::run(&args),
         Command::Ingest(args) => ingest::run_ingest(&args),

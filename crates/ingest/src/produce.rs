@@ -35,6 +35,21 @@ pub struct ProduceOptions {
     pub topic: String,
     /// Extra librdkafka producer properties.
     pub properties: Vec<(String, String)>,
+    /// Records handed to the producer so far, for a progress display.
+    pub progress: Option<Arc<AtomicU64>>,
+    /// Keep at most this many records ahead of a consumer's count (see [`Throttle`]).
+    pub throttle: Option<Throttle>,
+}
+
+/// Back-pressure from consumers: the producer waits while it is more than `max_ahead`
+/// records ahead of `done`. For brokers that keep little (the embedded mock broker holds
+/// about 5 MB per partition and drops older records).
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// Records the consumers have finished with.
+    pub done: Arc<AtomicU64>,
+    /// How far ahead of them the producer may run.
+    pub max_ahead: u64,
 }
 
 /// What was published.
@@ -165,6 +180,7 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
     let mut line = Vec::with_capacity(1024);
     let mut clock = StreamClock::default();
     let mut report = ProduceReport::default();
+    let mut sent = 0_u64;
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
@@ -204,6 +220,20 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
             }
         }
         report.bytes += payload.len() as u64;
+        sent += 1;
+        if sent.is_multiple_of(4096)
+            && let Some(progress) = &options.progress
+        {
+            progress.store(sent, Ordering::Relaxed);
+        }
+        if let Some(throttle) = &options.throttle {
+            while sent.saturating_sub(throttle.done.load(Ordering::Relaxed)) > throttle.max_ahead {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    if let Some(progress) = &options.progress {
+        progress.store(sent, Ordering::Relaxed);
     }
     producer
         .flush(Duration::from_secs(120))
