@@ -9,6 +9,7 @@ mod demo;
 mod features;
 mod generate;
 mod ingest;
+mod maintain;
 mod output;
 mod serve;
 mod settings;
@@ -56,6 +57,10 @@ enum Command {
     Features(features::FeaturesArgs),
     /// Decide every merchant as of a date under a credit policy into credit_decisions.
     Decide(decide::DecideArgs),
+    /// Rewrite small files into large ones (optionally Z-ordered); readers are unaffected.
+    Compact(maintain::CompactArgs),
+    /// Delete files no table version of the retention period needs.
+    Vacuum(maintain::VacuumArgs),
     /// Run a read-only SQL query over the lake's tables.
     Sql(sql::SqlArgs),
     /// Serve credit decisions over HTTP: stored decisions and one-merchant evaluation.
@@ -94,6 +99,8 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run_ingest(&args),
         Command::Produce(args) => ingest::run_produce(&args),
         Command::Sql(args) => sql::run(&args),
+        Command::Compact(args) => maintain::run_compact(&args),
+        Command::Vacuum(args) => maintain::run_vacuum(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Aggregate(args) => aggregate::run(&args),
         Command::Features(args) => features::run(&args),

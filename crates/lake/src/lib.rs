@@ -10,11 +10,13 @@
 
 mod error;
 mod lake;
+mod maintenance;
 mod query;
 mod writer;
 
 pub use error::{Error, Result};
 pub use lake::Lake;
+pub use maintenance::{CompactReport, VacuumReport};
 pub use query::memory_limit;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
 
