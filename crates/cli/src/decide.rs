@@ -36,7 +36,7 @@ pub(crate) struct DecideArgs {
 }
 
 /// Yuan with thousands separators, from fen (limits are whole yuan).
-fn yuan(fen: i64) -> String {
+pub(crate) fn yuan(fen: i64) -> String {
     let sign = if fen < 0 { "-" } else { "" };
     format!("{sign}{}", thousands(fen.unsigned_abs() / 100))
 }

@@ -29,7 +29,7 @@ use streetflow_ingest::{
 use streetflow_lake::Lake;
 use streetflow_synth::{GenConfig, generate, write_registry_csv, write_truth_csv};
 
-use crate::decide::print_summary;
+use crate::decide::{print_summary, yuan};
 use crate::ingest::runtime;
 use crate::output::thousands;
 use crate::settings::load_pipeline;
@@ -93,10 +93,6 @@ fn step(number: u32, text: impl std::fmt::Display, started: Instant) {
         "[{number}/7] {text} ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-}
-
-fn yuan(fen: i64) -> String {
-    thousands((fen / 100).max(0) as u64)
 }
 
 pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {

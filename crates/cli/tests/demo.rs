@@ -7,9 +7,6 @@ mod common;
 
 use common::*;
 
-const TRUTH_COLUMNS: &str = "operator_id, merchant_id, business_date, sales_count, sales_fen, refund_count, \
-    refund_fen, void_count, net_fen, orphan_refund_count, orphan_void_count";
-
 #[test]
 fn the_demo_runs_the_whole_job_on_an_embedded_broker() {
     let (_guard, dir) = workdir();
@@ -57,20 +54,7 @@ fn the_demo_runs_the_whole_job_on_an_embedded_broker() {
     // Silver equals the generator's exact daily figures, re-deliveries, late events and
     // voids included.
     let truth = std::fs::read_to_string(demo.join("truth.csv")).unwrap();
-    let silver = run(
-        &dir,
-        &[
-            "sql",
-            "--lake",
-            lake.to_str().unwrap(),
-            "--format",
-            "csv",
-            &format!(
-                "SELECT {TRUTH_COLUMNS} FROM merchant_daily ORDER BY operator_id, merchant_id, business_date"
-            ),
-        ],
-    );
-    assert_eq!(String::from_utf8(silver.stdout).unwrap(), truth);
+    assert_eq!(silver_as_truth(&dir, &lake), truth);
 
     // A feature row per merchant and a decision per merchant and product.
     assert_eq!(row_count(&lake, "merchant_features"), 20);

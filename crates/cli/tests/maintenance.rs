@@ -11,9 +11,6 @@ use std::path::Path;
 use common::*;
 use streetflow_lake::Lake;
 
-const TRUTH_COLUMNS: &str = "operator_id, merchant_id, business_date, sales_count, sales_fen, refund_count, \
-    refund_fen, void_count, net_fen, orphan_refund_count, orphan_void_count";
-
 fn live_files(lake: &Path, table: &str) -> usize {
     let lake = Lake::new(lake.to_str().unwrap(), &Default::default()).unwrap();
     let table = runtime().block_on(lake.open(table)).unwrap().unwrap();
@@ -122,21 +119,8 @@ fn compaction_and_vacuum_keep_every_row_and_remove_small_files() {
 
     // Silver rebuilt from the compacted bronze is still exactly the generator's truth.
     run(&dir, &["aggregate", "--lake", lake_arg, "--full"]);
-    let silver = run(
-        &dir,
-        &[
-            "sql",
-            "--lake",
-            lake_arg,
-            "--format",
-            "csv",
-            &format!(
-                "SELECT {TRUTH_COLUMNS} FROM merchant_daily ORDER BY operator_id, merchant_id, business_date"
-            ),
-        ],
-    );
     let truth = std::fs::read_to_string(demo.join("truth.csv")).unwrap();
-    assert_eq!(String::from_utf8(silver.stdout).unwrap(), truth);
+    assert_eq!(silver_as_truth(&dir, &lake), truth);
 
     let unknown = streetflow()
         .args(["compact", "--lake", lake_arg, "--table", "nope"])

@@ -9,23 +9,10 @@ use std::time::Duration;
 
 use common::*;
 
-const TRUTH_COLUMNS: &str = "operator_id, merchant_id, business_date, sales_count, sales_fen, refund_count, \
-    refund_fen, void_count, net_fen, orphan_refund_count, orphan_void_count";
-
 fn csv(dir: &Path, lake: &Path, query: &str) -> String {
     let lake = lake.display().to_string();
     let output = run(dir, &["sql", "--lake", &lake, "--format", "csv", query]);
     String::from_utf8(output.stdout).unwrap()
-}
-
-fn silver_as_truth(dir: &Path, lake: &Path) -> String {
-    csv(
-        dir,
-        lake,
-        &format!(
-            "SELECT {TRUTH_COLUMNS} FROM merchant_daily ORDER BY operator_id, merchant_id, business_date"
-        ),
-    )
 }
 
 fn all_silver(dir: &Path, lake: &Path) -> String {

@@ -277,3 +277,17 @@ pub fn workdir() -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().to_path_buf();
     (dir, path)
 }
+
+/// The columns of the generator's `truth.csv`, in its order.
+pub const TRUTH_COLUMNS: &str = "operator_id, merchant_id, business_date, sales_count, sales_fen, refund_count, \
+    refund_fen, void_count, net_fen, orphan_refund_count, orphan_void_count";
+
+/// `merchant_daily` as CSV in the layout of the generator's `truth.csv`.
+pub fn silver_as_truth(dir: &Path, lake: &Path) -> String {
+    let lake = lake.display().to_string();
+    let query = format!(
+        "SELECT {TRUTH_COLUMNS} FROM merchant_daily ORDER BY operator_id, merchant_id, business_date"
+    );
+    let output = run(dir, &["sql", "--lake", &lake, "--format", "csv", &query]);
+    String::from_utf8(output.stdout).unwrap()
+}
