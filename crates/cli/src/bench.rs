@@ -343,7 +343,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                     exit_at_end: true,
                     assignment_timeout: Duration::from_secs(60),
                     after_commit: None,
-                    progress: None,
+                    committed: None,
                 },
                 runtime.handle().clone(),
                 Arc::new(AtomicBool::new(false)),

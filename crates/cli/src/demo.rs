@@ -23,9 +23,7 @@ use serde_json::json;
 use streetflow_core::OperatorCalendars;
 use streetflow_credit::{Outcome, Policy, decide};
 use streetflow_features::{AsOf, FeatureInputs, SilverMode, refresh_silver, write_features};
-use streetflow_ingest::{
-    IngestOptions, IngestProgress, IngestReport, ProduceOptions, Throttle, produce_file,
-};
+use streetflow_ingest::{IngestOptions, IngestReport, ProduceOptions, Throttle, produce_file};
 use streetflow_lake::Lake;
 use streetflow_synth::{GenConfig, generate, write_registry_csv, write_truth_csv};
 
@@ -175,7 +173,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             "silver": {"update_after_flush": false},
         }),
     )?;
-    let progress = Arc::new(IngestProgress::default());
+    let committed = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let bars = MultiProgress::new();
@@ -191,7 +189,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                     properties: Vec::new(),
                     progress: Some(sent.clone()),
                     throttle: Some(Throttle {
-                        done: progress.committed.clone(),
+                        done: committed.clone(),
                         max_ahead: MAX_AHEAD,
                     }),
                 },
@@ -204,7 +202,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                     exit_at_end: false,
                     assignment_timeout: Duration::from_secs(60),
                     after_commit: None,
-                    progress: Some(progress.clone()),
+                    committed: Some(committed.clone()),
                 };
                 let (handle, stop) = (runtime.handle().clone(), stop.clone());
                 scope.spawn(move || streetflow_ingest::run_worker(options, handle, stop))
@@ -214,9 +212,9 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let mut produced = None;
         let mut producer = Some(producer);
         loop {
-            let committed = progress.committed.load(Ordering::Relaxed);
+            let done = committed.load(Ordering::Relaxed);
             producing.set_position(sent.load(Ordering::Relaxed));
-            ingesting.set_position(committed);
+            ingesting.set_position(done);
             if producer.as_ref().is_some_and(|p| p.is_finished())
                 && let Some(p) = producer.take()
             {
@@ -227,12 +225,12 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 ingesting.set_length(report.delivered);
                 produced = Some(report);
             }
-            if committed != last_change.0 {
-                last_change = (committed, Instant::now());
+            if done != last_change.0 {
+                last_change = (done, Instant::now());
             }
             let caught_up = produced
                 .as_ref()
-                .is_some_and(|p: &streetflow_ingest::ProduceReport| committed >= p.delivered);
+                .is_some_and(|p: &streetflow_ingest::ProduceReport| done >= p.delivered);
             let stalled = last_change.1.elapsed() > Duration::from_secs(120);
             let worker_ended = workers.iter().any(|w| w.is_finished());
             if caught_up || stalled || worker_ended {

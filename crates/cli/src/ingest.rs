@@ -171,7 +171,7 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         config,
         exit_at_end: args.exit_at_end,
         after_commit,
-        progress: None,
+        committed: None,
         // Longer than librdkafka's default session timeout (45 s), so a worker restarted
         // after a crash waits for the group to drop its dead predecessor.
         assignment_timeout: Duration::from_secs(60),

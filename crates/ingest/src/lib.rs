@@ -17,4 +17,4 @@ mod worker;
 pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
 pub use error::{Error, Result};
 pub use produce::{ProduceOptions, ProduceReport, Throttle, create_topic, produce_file};
-pub use worker::{AfterCommit, IngestOptions, IngestProgress, IngestReport, run_worker};
+pub use worker::{AfterCommit, IngestOptions, IngestReport, run_worker};

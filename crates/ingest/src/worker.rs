@@ -57,23 +57,10 @@ pub struct IngestOptions {
     pub assignment_timeout: Duration,
     /// Runs after each bronze commit (see [`AfterCommit`]).
     pub after_commit: Option<AfterCommit>,
-    /// Live counts for a progress display (updated every second and at each flush).
-    pub progress: Option<Arc<IngestProgress>>,
-}
-
-/// Counts a worker publishes while it runs, for progress bars: records read, and records
-/// committed to `pos_events` and to `dead_letters`.
-#[derive(Debug, Default)]
-pub struct IngestProgress {
-    /// Records read from Kafka.
-    pub consumed: AtomicU64,
-    /// Records committed to `pos_events`.
-    pub accepted: AtomicU64,
-    /// Records committed to `dead_letters`.
-    pub dead_lettered: AtomicU64,
-    /// Records committed to either table (the sum of the two above); shared, so a
-    /// producer can wait on it (see [`crate::Throttle`]).
-    pub committed: Arc<AtomicU64>,
+    /// Records committed to `pos_events` or `dead_letters` so far, added to at each
+    /// flush: for progress displays and for a producer that waits on the workers
+    /// (see [`crate::Throttle`]).
+    pub committed: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for IngestOptions {
@@ -83,7 +70,7 @@ impl std::fmt::Debug for IngestOptions {
             .field("exit_at_end", &self.exit_at_end)
             .field("assignment_timeout", &self.assignment_timeout)
             .field("after_commit", &self.after_commit.is_some())
-            .field("progress", &self.progress.is_some())
+            .field("committed", &self.committed.is_some())
             .finish()
     }
 }
@@ -543,11 +530,6 @@ impl Worker {
                 let report = &self.state.report;
                 metrics::counter!(names::RECORDS_IN).increment(report.consumed - reported.0);
                 metrics::counter!(names::RECORDS_REPLAYED).increment(report.replayed - reported.1);
-                if let Some(progress) = &self.state.options.progress {
-                    progress
-                        .consumed
-                        .fetch_add(report.consumed - reported.0, Ordering::Relaxed);
-                }
                 reported = (report.consumed, report.replayed);
             }
             let new_assignment = self.assignments_seen != self.state.assignments;
@@ -1100,13 +1082,9 @@ impl Worker {
         metrics::counter!(names::FLUSHES).increment(1);
         metrics::histogram!(names::FLUSH_RECORDS).record(records as f64);
         metrics::counter!(names::RECORDS_ACCEPTED).increment(accepted);
-        if let Some(progress) = &self.state.options.progress {
-            progress.accepted.fetch_add(accepted, Ordering::Relaxed);
+        if let Some(committed) = &self.state.options.committed {
             let dead: u64 = self.state.buffer.dead_by_reason.values().sum();
-            progress.dead_lettered.fetch_add(dead, Ordering::Relaxed);
-            progress
-                .committed
-                .fetch_add(accepted + dead, Ordering::Relaxed);
+            committed.fetch_add(accepted + dead, Ordering::Relaxed);
         }
         for (reason, n) in &self.state.buffer.dead_by_reason {
             metrics::counter!(names::RECORDS_DEAD_LETTERED, "reason" => *reason).increment(*n);
