@@ -1,6 +1,7 @@
 //! The `streetflow` command line.
 
 mod aggregate;
+mod backfill;
 mod bench;
 mod bench_decide;
 mod bench_features;
@@ -51,6 +52,8 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Publish a JSON Lines file to a topic, keyed by merchant, with simulated arrival times.
     Produce(ingest::ProduceArgs),
+    /// Load operator exports (JSON Lines, gzip, CSV) into bronze and silver, resumably.
+    Backfill(backfill::BackfillArgs),
     /// Bring the daily cash-flow table (merchant_daily) up to date with pos_events.
     Aggregate(aggregate::AggregateArgs),
     /// Compute point-in-time merchant features as of a date into merchant_features.
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Vacuum(args) => maintain::run_vacuum(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Aggregate(args) => aggregate::run(&args),
+        Command::Backfill(args) => backfill::run(&args),
         Command::Features(args) => features::run(&args),
         Command::Decide(args) => decide::run(&args),
         Command::Bench(command) => bench::run(&command),

@@ -415,6 +415,34 @@ impl RowAppender {
         origin: Origin<'_>,
         dead_letter_already_stored: bool,
     ) -> Appended {
+        self.append_with_raw(
+            events,
+            dead_letters,
+            payload,
+            payload,
+            key,
+            ingested_at,
+            origin,
+            dead_letter_already_stored,
+        )
+    }
+
+    /// Like [`RowAppender::append`] for a message converted from another form (a CSV
+    /// row turned into the event JSON): `message` is decoded, and a dead letter keeps
+    /// `raw`, the input as the operator wrote it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_with_raw(
+        &mut self,
+        events: &mut EventRows,
+        dead_letters: &mut DeadLetterRows,
+        message: Option<&[u8]>,
+        raw: Option<&[u8]>,
+        key: Option<&[u8]>,
+        ingested_at: DateTime<Utc>,
+        origin: Origin<'_>,
+        dead_letter_already_stored: bool,
+    ) -> Appended {
+        let payload = message;
         let result = match payload {
             Some(bytes) => decode(bytes, ingested_at, &self.decode_options),
             None => Err(Rejection {
@@ -451,7 +479,7 @@ impl RowAppender {
                     operator_id: operator.as_deref().unwrap_or(UNKNOWN_OPERATOR),
                     ingest_date,
                     rejection: &rejection,
-                    payload,
+                    payload: raw,
                     key,
                     ingested_at,
                     origin,

@@ -32,6 +32,10 @@ pub enum Error {
     /// The settings are unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A backfill cannot go on (a concurrent load of the same file, an unreadable
+    /// export).
+    #[error("backfill: {0}")]
+    Backfill(String),
     /// Reading an input file failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -55,7 +59,7 @@ impl Error {
         match self {
             Error::Kafka { .. } | Error::Io { .. } => true,
             Error::Lake(e) => e.is_retryable(),
-            Error::Arrow { .. } | Error::Config(_) => false,
+            Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) => false,
         }
     }
 }

@@ -4,9 +4,12 @@
 //! each record with the `core` decoder, buffers accepted events and dead letters as Arrow
 //! rows, and commits them to `pos_events` and `dead_letters` together with the Kafka
 //! offsets they cover (Delta `txn` actions). [`produce_file`] publishes a JSON Lines file
-//! with simulated arrival times, for tests, demos and benchmarks.
+//! with simulated arrival times, for tests, demos and benchmarks. [`backfill_file`] loads
+//! operator exports (JSON Lines, gzip, CSV with a mapping) through the same decoder.
 
+mod backfill;
 mod batch;
+mod csv_input;
 mod error;
 mod freeze;
 mod group;
@@ -14,7 +17,12 @@ pub mod metrics;
 mod produce;
 mod worker;
 
+pub use backfill::{
+    BackfillOptions, FileReport, InputFormat, KnowledgeTime, backfill_file, expand_inputs,
+    file_identity,
+};
 pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
+pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};
 pub use error::{Error, Result};
 pub use produce::{ProduceOptions, ProduceReport, Throttle, create_topic, produce_file};
 pub use worker::{AfterCommit, IngestOptions, IngestReport, run_worker};

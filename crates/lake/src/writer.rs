@@ -191,7 +191,17 @@ impl OffsetWriter {
                 version: p.last_offset,
             })
             .collect();
-        self.commit_actions(staged, Vec::new(), &progress, SaveMode::Append)
+        self.commit_appended(staged, &progress).await
+    }
+
+    /// Appends staged files in one commit that records `progress` (any application
+    /// ids, e.g. a backfilled file's), under the same checks as [`OffsetWriter::commit`].
+    pub async fn commit_appended(
+        &mut self,
+        staged: &StagedFiles,
+        progress: &[AppProgress],
+    ) -> Result<CommitOutcome> {
+        self.commit_actions(staged, Vec::new(), progress, SaveMode::Append)
             .await
     }
 

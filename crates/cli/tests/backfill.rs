@@ -1,0 +1,288 @@
+//! `streetflow backfill`: files into bronze and silver, the same rows as streaming, and
+//! exactly once across crashes and re-runs.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+fn backfill_args(lake: &Path, input: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "backfill",
+        "--lake",
+        lake.to_str().unwrap(),
+        "--input",
+        input,
+        "--json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn faulty_district(dir: &Path, merchants: &str, days: &str) -> serde_json::Value {
+    generate(
+        dir,
+        &[
+            "--merchants",
+            merchants,
+            "--days",
+            days,
+            "--seed",
+            "29",
+            "--truth",
+            "truth.csv",
+            "--duplicate-rate",
+            "0.02",
+            "--late-rate",
+            "0.02",
+            "--malformed-rate",
+            "0.01",
+        ],
+    )
+}
+
+/// Every bronze row with its file coordinates, in a stable order.
+fn bronze_rows(lake: &Path) -> (String, String) {
+    (
+        sql_table(
+            lake,
+            "SELECT source_file, source_line, operator_id, business_date, event_id, merchant_id, kind, amount_fen, \
+             occurred_at, channel, ref_event_id, payer_ref, ingested_at FROM pos_events ORDER BY source_line",
+        ),
+        sql_table(
+            lake,
+            "SELECT source_file, source_line, operator_id, reason, detail, payload, ingested_at \
+             FROM dead_letters ORDER BY source_line",
+        ),
+    )
+}
+
+#[test]
+fn a_backfill_killed_at_each_commit_resumes_to_the_truth_and_a_rerun_adds_nothing() {
+    let (_guard, dir) = workdir();
+    let summary = faulty_district(&dir, "10", "45");
+    let lines = summary["lines"].as_i64().unwrap();
+    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
+    let knowledge = ["--knowledge-time", "2026-01-01T00:00:00+08:00"];
+
+    // Reference: one uninterrupted load.
+    let reference = dir.join("reference-lake");
+    let report = run_json(
+        &dir,
+        &backfill_args(&reference, "events.jsonl", &knowledge)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        report["accepted"].as_i64().unwrap() + report["dead_lettered"].as_i64().unwrap(),
+        lines
+    );
+    assert_eq!(silver_as_truth(&dir, &reference), truth);
+
+    // Killed right after a dead-letter commit (before its events), then right after an
+    // events commit, then finished: the same rows, none twice.
+    let crashed = dir.join("crashed-lake");
+    let mut chunked = knowledge.to_vec();
+    chunked.extend(["--commit-every", "7000"]);
+    for point in ["dead_letters_committed:2", "events_committed:3"] {
+        let mut worker = Worker::start(
+            &dir,
+            &backfill_args(&crashed, "events.jsonl", &chunked),
+            &[("STREETFLOW_FREEZE_AT", point)],
+        );
+        worker.wait_for("FROZEN AT", Duration::from_secs(120));
+        worker.kill();
+    }
+    let resumed = run_json(
+        &dir,
+        &backfill_args(&crashed, "events.jsonl", &chunked)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(resumed["files"][0]["resumed_after_line"].as_i64().unwrap() >= 3 * 7000);
+    assert_eq!(bronze_rows(&crashed), bronze_rows(&reference));
+    assert_eq!(
+        row_count(&crashed, "pos_events") + row_count(&crashed, "dead_letters"),
+        lines
+    );
+    assert_eq!(silver_as_truth(&dir, &crashed), truth);
+
+    // The same file again, under another name: recognised by content, nothing added.
+    std::fs::copy(dir.join("events.jsonl"), dir.join("copy.jsonl")).unwrap();
+    let rerun = run_json(
+        &dir,
+        &backfill_args(&crashed, "copy.jsonl", &chunked)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(rerun["files"][0]["already_loaded"], true);
+    assert_eq!(rerun["accepted"], 0);
+    assert_eq!(
+        row_count(&crashed, "pos_events") + row_count(&crashed, "dead_letters"),
+        lines
+    );
+}
+
+#[test]
+fn gzip_folders_and_csv_exports_load_through_the_same_decoder() {
+    let (_guard, dir) = workdir();
+    let summary = faulty_district(&dir, "6", "30");
+    let lines = summary["lines"].as_i64().unwrap();
+    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
+
+    // A folder holding the export split in two, gzipped.
+    // (split on bytes: the malformed lines include invalid UTF-8)
+    let bytes = std::fs::read(dir.join("events.jsonl")).unwrap();
+    let mut middle = bytes.len() / 2;
+    while bytes[middle - 1] != b'\n' {
+        middle += 1;
+    }
+    let (first, second) = bytes.split_at(middle);
+    std::fs::create_dir_all(dir.join("exports/2025")).unwrap();
+    for (name, part) in [("a.jsonl.gz", first), ("b.jsonl.gz", second)] {
+        let file = std::fs::File::create(dir.join("exports/2025").join(name)).unwrap();
+        let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, part).unwrap();
+        encoder.finish().unwrap();
+    }
+    std::fs::write(dir.join("exports/README.txt"), "not an export").unwrap();
+    let lake = dir.join("lake");
+    let report = run_json(
+        &dir,
+        &backfill_args(&lake, "exports", &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(report["files"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        report["accepted"].as_i64().unwrap() + report["dead_lettered"].as_i64().unwrap(),
+        lines
+    );
+    assert_eq!(silver_as_truth(&dir, &lake), truth);
+
+    // A CSV export in yuan and local time, with the operator's own codes.
+    std::fs::write(
+        dir.join("mapping.toml"),
+        r#"
+amount_unit = "yuan"
+timezone = "Asia/Shanghai"
+[columns]
+event_id = "txn"
+merchant_id = "shop"
+occurred_at = "time"
+amount = "amount"
+kind = "type"
+channel = "pay"
+ref_event_id = "orig"
+[constants]
+operator_id = "csv-lane"
+currency = "CNY"
+[values.kind]
+S = "sale"
+R = "refund"
+V = "void"
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("shop.csv"),
+        "txn,shop,time,amount,type,pay,orig\n\
+         c1,m1,2025-03-01 12:00:00,12.50,S,wechat,\n\
+         c2,m1,2025-03-01 13:00:00,100,S,cash,\n\
+         c3,m1,2025-03-01 23:30:00,3.5,R,cash,c2\n\
+         c4,m1,2025-03-02 00:10:00,8,S,alipay,\n\
+         c5,m1,2025-03-02 09:00:00,8,V,alipay,c4\n\
+         c6,m1,2025-03-02 10:00:00,1.234,S,cash,\n\
+         c7,m1,2025-03-02 10:00:00,5,X,cash,\n\
+         c1,m1,2025-03-01 12:00:00,12.50,S,wechat,\n",
+    )
+    .unwrap();
+    let csv_lake = dir.join("csv-lake");
+    let report = run_json(
+        &dir,
+        &backfill_args(&csv_lake, "shop.csv", &["--csv-mapping", "mapping.toml"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(report["accepted"], 6);
+    assert_eq!(report["dead_lettered"], 2);
+    assert_eq!(
+        sql_table(
+            &csv_lake,
+            "SELECT business_date, sales_count, sales_fen, refund_fen, void_count, net_fen, duplicate_deliveries \
+             FROM merchant_daily ORDER BY business_date"
+        ),
+        sql_table(
+            &csv_lake,
+            "SELECT * FROM (VALUES (DATE '2025-03-01', 2, 11250, 350, 0, 10900, 1), \
+             (DATE '2025-03-02', 0, 0, 0, 1, 0, 0)) AS t(business_date, sales_count, sales_fen, refund_fen, void_count, net_fen, duplicate_deliveries)"
+        )
+    );
+    // Rejected rows keep the operator's CSV line and say why.
+    assert_eq!(
+        sql_table(
+            &csv_lake,
+            "SELECT source_line, reason, CAST(payload AS VARCHAR) AS payload FROM dead_letters ORDER BY source_line"
+        ),
+        sql_table(
+            &csv_lake,
+            "SELECT * FROM (VALUES (7, 'bad_amount', 'c6,m1,2025-03-02 10:00:00,1.234,S,cash,'), \
+             (8, 'bad_kind', 'c7,m1,2025-03-02 10:00:00,5,X,cash,')) AS t(source_line, reason, payload)"
+        )
+    );
+}
+
+#[test]
+fn streamed_and_backfilled_events_give_the_same_silver() {
+    let (_guard, dir) = workdir();
+    faulty_district(&dir, "8", "40");
+    let topic = unique("backfill");
+    produce(&dir, &topic, 3);
+    let streamed = dir.join("streamed-lake");
+    let mut args = ingest_args_with_silver(&topic, &unique("g"), &streamed);
+    args.extend([
+        "--max-records".into(),
+        "5000".into(),
+        "--exit-at-end".into(),
+    ]);
+    run(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let backfilled = dir.join("backfilled-lake");
+    run_json(
+        &dir,
+        &backfill_args(&backfilled, "events.jsonl", &["--knowledge-from-occurred"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let silver = "SELECT * FROM merchant_daily ORDER BY operator_id, merchant_id, business_date";
+    let expected = sql_table(&streamed, silver);
+    assert_eq!(sql_table(&backfilled, silver), expected);
+    // With arrival times from the file, bronze knows each event when the stream did.
+    let known = "SELECT operator_id, event_id, min(ingested_at) AS known FROM pos_events GROUP BY 1, 2 ORDER BY 1, 2";
+    assert_eq!(sql_table(&backfilled, known), sql_table(&streamed, known));
+
+    // Backfilling what was streamed over the streamed lake changes no daily figure: the
+    // events are duplicates, counted once (and reported as extra deliveries).
+    run_json(
+        &dir,
+        &backfill_args(&streamed, "events.jsonl", &["--knowledge-from-occurred"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
+    assert_eq!(silver_as_truth(&dir, &streamed), truth);
+}
