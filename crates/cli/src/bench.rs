@@ -34,6 +34,9 @@ pub(crate) enum BenchCommand {
     /// As-of features of a city-sized lake: streetflow vs DuckDB on the same SQL and
     /// Parquet, with the results compared.
     Features(crate::bench_features::BenchFeaturesArgs),
+    /// A multi-GB JSON Lines export into bronze + silver, against DuckDB reading the same
+    /// file and writing the same daily aggregates.
+    Backfill(crate::bench_backfill::BenchBackfillArgs),
     /// Credit decisions on a generated district lake: p50 / p99 latency of one-merchant
     /// evaluation over HTTP, and the time of a batch decide over every merchant.
     Decide(crate::bench_decide::BenchDecideArgs),
@@ -85,6 +88,7 @@ pub(crate) fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => bench_ingest(args),
         BenchCommand::Features(args) => crate::bench_features::bench_features(args),
         BenchCommand::Decide(args) => crate::bench_decide::bench_decide(args),
+        BenchCommand::Backfill(args) => crate::bench_backfill::bench_backfill(args),
     }
 }
 

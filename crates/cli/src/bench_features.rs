@@ -389,7 +389,7 @@ fn read_parquet(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
 }
 
 /// Peak resident memory of this process since the last reset, in bytes.
-fn peak_rss() -> Option<u64> {
+pub(crate) fn peak_rss() -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -397,7 +397,7 @@ fn peak_rss() -> Option<u64> {
 }
 
 /// Resets the peak resident memory counter (Linux), so the peak measures one phase.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = fs::write("/proc/self/clear_refs", "5");
 }
 

@@ -3,6 +3,7 @@
 mod aggregate;
 mod backfill;
 mod bench;
+mod bench_backfill;
 mod bench_decide;
 mod bench_features;
 mod decide;

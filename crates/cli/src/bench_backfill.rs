@@ -1,0 +1,339 @@
+//! `streetflow bench backfill`: a multi-GB JSON Lines export into bronze + silver, timed
+//! against DuckDB reading the same file and writing the same daily aggregates to Parquet.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use streetflow_core::PipelineConfig;
+use streetflow_features::{SilverMode, refresh_silver, sql};
+use streetflow_ingest::{BackfillOptions, InputFormat, KnowledgeTime, backfill_file};
+use streetflow_lake::Lake;
+use streetflow_lake::arrow::array::{Array, AsArray};
+use streetflow_lake::arrow::datatypes::Int64Type;
+use streetflow_synth::{GenConfig, generate};
+
+use crate::bench_features::{peak_rss, reset_peak_rss};
+use crate::ingest::runtime;
+use crate::output::{create, table, thousands};
+
+/// Options of `streetflow bench backfill`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchBackfillArgs {
+    /// Merchants of the generated export (220 × 400 days ≈ 8.5 M lines, 2.1 GB).
+    #[arg(long, default_value_t = 220)]
+    merchants: u32,
+    /// Days of the generated export.
+    #[arg(long, default_value_t = 400)]
+    days: u32,
+    /// Working directory; an export generated there with the same settings is reused.
+    #[arg(long, default_value = "./bench-backfill")]
+    workdir: PathBuf,
+    /// Python interpreter that has the `duckdb` package.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Measure streetflow only.
+    #[arg(long)]
+    skip_duckdb: bool,
+}
+
+/// What the generator says the daily table must hold (saved beside the export).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Totals {
+    days: i64,
+    sales_count: i64,
+    net_fen: i64,
+    refund_fen: i64,
+}
+
+/// The export's settings, so a reused file is known to match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Export {
+    merchants: u32,
+    days: u32,
+    lines: u64,
+    bytes: u64,
+    truth: Totals,
+}
+
+const DUCKDB_SCRIPT: &str = r#"
+import json, sys, time
+import duckdb
+
+events, work, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def text(name):
+    with open(f"{work}/sql/{name}.sql") as f:
+        return f.read()
+
+started = time.perf_counter()
+con = duckdb.connect(f"{work}/duck.db")
+con.execute(f"SET threads = {threads}")
+con.execute(f"SET temp_directory = '{work}/duck.tmp'")
+# The generator writes every occurred_at in +08:00 (Asia/Shanghai, no daylight saving),
+# so the business date and local minute are read off the text; streetflow places each
+# event on its operator's calendar instead (a little more work, kept on DuckDB's side).
+con.execute(f"""
+CREATE TABLE events AS
+SELECT
+  operator_id,
+  CAST(substr(occurred_at, 1, 10) AS DATE) AS business_date,
+  event_id, merchant_id, terminal_id, kind, amount_fen, currency,
+  CAST(occurred_at AS TIMESTAMPTZ) AS occurred_at,
+  28800 AS utc_offset_seconds,
+  CAST(substr(occurred_at, 12, 2) AS INTEGER) * 60 + CAST(substr(occurred_at, 15, 2) AS INTEGER)
+    AS local_minute_of_day,
+  channel, ref_event_id, payer_ref,
+  TIMESTAMPTZ '2026-01-01 00:00:00+00' AS ingested_at,
+  CAST(NULL AS VARCHAR) AS kafka_topic, CAST(NULL AS INTEGER) AS kafka_partition,
+  CAST(NULL AS BIGINT) AS kafka_offset,
+  'events.jsonl' AS source_file, row_number() OVER () AS source_line
+FROM read_json('{events}', format = 'newline_delimited', columns = {{
+  'event_id': 'VARCHAR', 'operator_id': 'VARCHAR', 'merchant_id': 'VARCHAR',
+  'terminal_id': 'VARCHAR', 'kind': 'VARCHAR', 'amount_fen': 'BIGINT', 'currency': 'VARCHAR',
+  'occurred_at': 'VARCHAR', 'channel': 'VARCHAR', 'ref_event_id': 'VARCHAR',
+  'payer_ref': 'VARCHAR'}})
+""")
+with open(f"{work}/sql/steps.txt") as f:
+    for line in f:
+        name, kind = line.split()
+        con.execute(f"CREATE {kind} {name} AS " + text(name))
+columns = [
+    f'CAST("{name}" AS BIGINT) AS "{name}"' if kind == "HUGEINT" else f'"{name}"'
+    for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE daily)").fetchall()
+]
+con.execute(f"COPY (SELECT {', '.join(columns)} FROM daily) TO '{work}/duckdb_daily.parquet' (FORMAT parquet)")
+seconds = time.perf_counter() - started
+days, sales, net, refunds = con.execute(
+    "SELECT count(*), sum(sales_count), sum(net_fen), sum(refund_fen) FROM daily").fetchone()
+with open("/proc/self/status") as f:
+    peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "version": duckdb.__version__, "peak_rss": peak,
+                  "totals": {"days": days, "sales_count": int(sales), "net_fen": int(net),
+                             "refund_fen": int(refunds)}}))
+"#;
+
+#[derive(Debug, Deserialize)]
+struct DuckRun {
+    seconds: f64,
+    version: String,
+    peak_rss: u64,
+    totals: Totals,
+}
+
+fn prepare_export(args: &BenchBackfillArgs, events: &Path) -> anyhow::Result<Export> {
+    let meta = args.workdir.join("events.json");
+    if let Ok(text) = fs::read_to_string(&meta)
+        && let Ok(export) = serde_json::from_str::<Export>(&text)
+        && export.merchants == args.merchants
+        && export.days == args.days
+        && fs::metadata(events).map(|m| m.len()).ok() == Some(export.bytes)
+    {
+        return Ok(export);
+    }
+    println!(
+        "generating {} merchants × {} days (duplicates 1 %, late arrivals 1 %) …",
+        args.merchants, args.days
+    );
+    let config = GenConfig {
+        merchants: args.merchants,
+        days: args.days,
+        duplicate_rate: 0.01,
+        late_rate: 0.01,
+        ..GenConfig::default()
+    };
+    let generated = generate(&config, create(events)?)?;
+    let truth = generated.truth.iter().fold(
+        Totals {
+            days: 0,
+            sales_count: 0,
+            net_fen: 0,
+            refund_fen: 0,
+        },
+        |t, row| Totals {
+            days: t.days + 1,
+            sales_count: t.sales_count + i64::from(row.sales_count),
+            net_fen: t.net_fen + row.sales_fen - row.refund_fen,
+            refund_fen: t.refund_fen + row.refund_fen,
+        },
+    );
+    let export = Export {
+        merchants: args.merchants,
+        days: args.days,
+        lines: generated.summary.lines,
+        bytes: generated.summary.bytes,
+        truth,
+    };
+    fs::write(&meta, serde_json::to_string(&export)?)?;
+    Ok(export)
+}
+
+async fn silver_totals(lake: &Lake) -> anyhow::Result<Totals> {
+    let batches = lake
+        .query(
+            "SELECT count(*), CAST(sum(sales_count) AS BIGINT), CAST(sum(net_fen) AS BIGINT), \
+             CAST(sum(refund_fen) AS BIGINT) FROM merchant_daily",
+        )
+        .await?;
+    let batch = batches.first().context("no totals")?;
+    let value = |i: usize| batch.column(i).as_primitive::<Int64Type>().value(0);
+    anyhow::ensure!(
+        batch.num_rows() == 1 && !batch.column(1).is_null(0),
+        "no totals"
+    );
+    Ok(Totals {
+        days: value(0),
+        sales_count: value(1),
+        net_fen: value(2),
+        refund_fen: value(3),
+    })
+}
+
+fn write_duckdb_sql(work: &Path) -> anyhow::Result<()> {
+    let dir = work.join("sql");
+    fs::create_dir_all(&dir)?;
+    let mut steps = String::new();
+    let relations = sql::RESOLVE_STEPS
+        .iter()
+        .map(|s| (s.name, s.sql, s.materialize))
+        .chain([("daily", sql::DAILY, true)]);
+    for (name, text, materialize) in relations {
+        fs::write(dir.join(format!("{name}.sql")), text)?;
+        steps.push_str(&format!(
+            "{name} {}\n",
+            if materialize { "TABLE" } else { "VIEW" }
+        ));
+    }
+    fs::write(dir.join("steps.txt"), steps)?;
+    Ok(())
+}
+
+pub(crate) fn bench_backfill(args: &BenchBackfillArgs) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; measure with `cargo run --release -- bench …`");
+    }
+    fs::create_dir_all(&args.workdir)?;
+    let work = fs::canonicalize(&args.workdir)?;
+    let events = work.join("events.jsonl");
+    let export = prepare_export(args, &events)?;
+    println!(
+        "bench backfill: {} lines, {:.2} GB of JSON Lines ({} merchants × {} days)",
+        thousands(export.lines),
+        export.bytes as f64 / 1e9,
+        args.merchants,
+        args.days
+    );
+
+    // streetflow: the `streetflow backfill` path, in process.
+    let lake_dir = work.join("lake");
+    let _ = fs::remove_dir_all(&lake_dir);
+    let lake = Lake::new(
+        lake_dir.to_str().context("non-UTF-8 path")?,
+        &Default::default(),
+    )?;
+    let options = BackfillOptions {
+        config: PipelineConfig::defaults(),
+        knowledge: KnowledgeTime::At(Utc::now()),
+        commit_every_lines: 2_000_000,
+        bytes_read: None,
+    };
+    let runtime = runtime()?;
+    reset_peak_rss();
+    let started = Instant::now();
+    let report = runtime.block_on(backfill_file(
+        &lake,
+        &events,
+        &options,
+        &InputFormat::JsonLines,
+    ))?;
+    let bronze_seconds = started.elapsed().as_secs_f64();
+    runtime.block_on(refresh_silver(&lake, SilverMode::Incremental))?;
+    let ours_seconds = started.elapsed().as_secs_f64();
+    let ours_peak = peak_rss();
+    let ours = runtime.block_on(silver_totals(&lake))?;
+    anyhow::ensure!(
+        report.accepted + report.dead_lettered == export.lines,
+        "lines do not reconcile: {} accepted + {} dead letters != {} lines",
+        report.accepted,
+        report.dead_lettered,
+        export.lines
+    );
+
+    let mut t = table(&[
+        "engine",
+        "seconds",
+        "MB/s",
+        "lines/s",
+        "peak RSS MB",
+        "daily rows",
+        "= truth",
+    ]);
+    let row = |engine: String, seconds: f64, peak: Option<u64>, totals: Totals| {
+        vec![
+            engine,
+            format!("{seconds:.1}"),
+            format!("{:.0}", export.bytes as f64 / 1e6 / seconds),
+            thousands((export.lines as f64 / seconds) as u64),
+            peak.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6)),
+            thousands(totals.days as u64),
+            if totals == export.truth { "yes" } else { "NO" }.to_owned(),
+        ]
+    };
+    t.add_row(row(
+        format!("streetflow (bronze {bronze_seconds:.1} s + silver)"),
+        ours_seconds,
+        ours_peak,
+        ours,
+    ));
+    let mut ratio = None;
+    if !args.skip_duckdb {
+        write_duckdb_sql(&work)?;
+        let _ = fs::remove_file(work.join("duck.db"));
+        let script = work.join("duckdb_backfill.py");
+        fs::write(&script, DUCKDB_SCRIPT)?;
+        let output = Command::new(&args.python)
+            .arg(&script)
+            .arg(&events)
+            .arg(&work)
+            .arg(
+                std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .to_string(),
+            )
+            .output()
+            .with_context(|| format!("starting {}", args.python))?;
+        let _ = fs::remove_file(work.join("duck.db"));
+        anyhow::ensure!(
+            output.status.success(),
+            "DuckDB run failed (is the `duckdb` package installed for {}?):\n{}",
+            args.python,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let duck: DuckRun = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .with_context(|| format!("reading DuckDB's report {stdout:?}"))?;
+        t.add_row(row(
+            format!("DuckDB {}", duck.version),
+            duck.seconds,
+            Some(duck.peak_rss),
+            duck.totals,
+        ));
+        ratio = Some(duck.seconds / ours_seconds);
+    }
+    println!("{t}");
+    if let Some(ratio) = ratio {
+        println!(
+            "streetflow is {ratio:.2}× DuckDB's speed (goal ≥ 1.5×); peak memory goal < 2,000 MB"
+        );
+    }
+    anyhow::ensure!(
+        ours == export.truth,
+        "streetflow's merchant_daily differs from the generator's truth: {ours:?} vs {:?}",
+        export.truth
+    );
+    Ok(())
+}
