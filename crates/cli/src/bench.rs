@@ -310,6 +310,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                     properties: Vec::new(),
                     progress: None,
                     throttle: None,
+                    key_partitions: None,
                 },
             )
         });
@@ -348,6 +349,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                     assignment_timeout: Duration::from_secs(60),
                     after_commit: None,
                     committed: None,
+                    partition_watermarks: None,
                 },
                 runtime.handle().clone(),
                 Arc::new(AtomicBool::new(false)),

@@ -35,6 +35,31 @@ pub(crate) struct DecideArgs {
     json: bool,
 }
 
+/// The shipped credit products, embedded so the demo and reports work from any directory.
+const SHIPPED_POLICIES: [(&str, &str); 2] = [
+    (
+        "district-turnover-loan.toml",
+        include_str!("../../../pipelines/policies/district-turnover-loan.toml"),
+    ),
+    (
+        "daily-takings-line.toml",
+        include_str!("../../../pipelines/policies/daily-takings-line.toml"),
+    ),
+];
+
+/// The shipped policies, parsed and checked.
+pub(crate) async fn shipped_policies() -> anyhow::Result<Vec<Policy>> {
+    let mut policies = Vec::with_capacity(SHIPPED_POLICIES.len());
+    for (file, text) in SHIPPED_POLICIES {
+        policies.push(
+            Policy::parse(text, file)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    Ok(policies)
+}
+
 /// Yuan with thousands separators, from fen (limits are whole yuan).
 pub(crate) fn yuan(fen: i64) -> String {
     let sign = if fen < 0 { "-" } else { "" };

@@ -7,6 +7,7 @@
 //! today (gold) and credit decisions for both shipped products, and says what each step
 //! did and where the tables are.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -21,28 +22,18 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::mocking::MockCluster;
 use serde_json::json;
 use streetflow_core::OperatorCalendars;
-use streetflow_credit::{Outcome, Policy, decide};
+use streetflow_credit::{Outcome, decide};
 use streetflow_features::{AsOf, FeatureInputs, SilverMode, refresh_silver, write_features};
-use streetflow_ingest::{IngestOptions, IngestReport, ProduceOptions, Throttle, produce_file};
+use streetflow_ingest::{
+    IngestOptions, IngestReport, PartitionWatermarks, ProduceOptions, Throttle, produce_file,
+};
 use streetflow_lake::Lake;
 use streetflow_synth::{GenConfig, generate, write_registry_csv, write_truth_csv};
 
-use crate::decide::{print_summary, yuan};
+use crate::decide::{print_summary, shipped_policies, yuan};
 use crate::ingest::runtime;
 use crate::output::thousands;
 use crate::settings::load_pipeline;
-
-/// The shipped credit products, embedded so the demo runs from any directory.
-const POLICIES: [(&str, &str); 2] = [
-    (
-        "district-turnover-loan.toml",
-        include_str!("../../../pipelines/policies/district-turnover-loan.toml"),
-    ),
-    (
-        "daily-takings-line.toml",
-        include_str!("../../../pipelines/policies/daily-takings-line.toml"),
-    ),
-];
 
 /// Options of `streetflow demo`.
 #[derive(Debug, Args)]
@@ -150,9 +141,11 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     // 2–3. The embedded broker, the producer and the streaming workers, all at once: the
-    // mock broker keeps only about 5 MB per partition, so the producer runs at most
-    // MAX_AHEAD records ahead of what the workers have committed to the lake.
+    // mock broker keeps only 5 MB per partition, so the producer runs at most
+    // MAX_AHEAD_PER_PARTITION records (~2.5 MB) ahead of what the workers have committed
+    // from each partition, and MAX_AHEAD in all.
     const MAX_AHEAD: u64 = 100_000;
+    const MAX_AHEAD_PER_PARTITION: i64 = 10_000;
     let started = Instant::now();
     let cluster = MockCluster::new(1).context("starting the embedded Kafka broker")?;
     let topic = "pos.transactions.v1";
@@ -173,6 +166,17 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             "silver": {"update_after_flush": false},
         }),
     )?;
+    // Merchants dealt to partitions in turn (the producer then knows each record's
+    // partition, for the per-partition throttle).
+    let key_partitions: Arc<HashMap<String, i32>> = Arc::new(
+        generated
+            .registry
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.merchant_id.clone(), (i % partitions as usize) as i32))
+            .collect(),
+    );
+    let watermarks = Arc::new(PartitionWatermarks::new(partitions as usize));
     let committed = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -191,7 +195,9 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                     throttle: Some(Throttle {
                         done: committed.clone(),
                         max_ahead: MAX_AHEAD,
+                        per_partition: Some((watermarks.clone(), MAX_AHEAD_PER_PARTITION)),
                     }),
+                    key_partitions: Some(key_partitions.clone()),
                 },
             )
         });
@@ -203,6 +209,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                     assignment_timeout: Duration::from_secs(60),
                     after_commit: None,
                     committed: Some(committed.clone()),
+                    partition_watermarks: Some(watermarks.clone()),
                 };
                 let (handle, stop) = (runtime.handle().clone(), stop.clone());
                 scope.spawn(move || streetflow_ingest::run_worker(options, handle, stop))
@@ -345,19 +352,36 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     // 6. Decisions for both products.
     let started = Instant::now();
     let mut decided = Vec::new();
-    for (file, text) in POLICIES {
-        let policy = runtime
-            .block_on(Policy::parse(text, file))
-            .map_err(anyhow::Error::msg)?;
-        let (_, summary) = runtime.block_on(decide(&lake, today, &policy))?;
+    let policies = runtime.block_on(shipped_policies())?;
+    for policy in &policies {
+        let (_, summary) = runtime.block_on(decide(&lake, today, policy))?;
         println!();
-        print_summary(&policy, &summary);
+        print_summary(policy, &summary);
         decided.push(summary);
     }
     println!();
+    // A credit officer's page for a few approved, referred and declined merchants.
+    let report_path = out.join("report.html");
+    let policies = policies
+        .into_iter()
+        .map(|p| (p.product.id.clone(), p))
+        .collect();
+    let report = runtime.block_on(crate::report::write_report(
+        &lake,
+        today,
+        &[],
+        2,
+        &policies,
+        &report_path,
+    ))?;
     step(
         6,
-        format_args!("credit_decisions for {} products", decided.len()),
+        format_args!(
+            "credit_decisions for {} products; report of {} merchants in {}",
+            decided.len(),
+            report.merchants.len(),
+            report_path.display()
+        ),
         started,
     );
 
@@ -390,7 +414,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
 fn print_next_steps(out: &Path, lake: &Path, today: NaiveDate) {
     let lake = lake.display();
     println!(
-        "\nWritten to {}: events.jsonl, merchants.csv (registry), truth.csv (the generator's exact daily figures), lake/ (Delta tables pos_events, dead_letters, merchant_daily, merchant_features, credit_decisions).",
+        "\nWritten to {}: report.html (open it in a browser), events.jsonl, merchants.csv (registry), truth.csv (the generator's exact daily figures), lake/ (Delta tables pos_events, dead_letters, merchant_daily, merchant_features, credit_decisions).",
         out.display()
     );
     println!("Try:");

@@ -172,6 +172,7 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         exit_at_end: args.exit_at_end,
         after_commit,
         committed: None,
+        partition_watermarks: None,
         // Longer than librdkafka's default session timeout (45 s), so a worker restarted
         // after a crash waits for the group to drop its dead predecessor.
         assignment_timeout: Duration::from_secs(60),
@@ -206,6 +207,7 @@ pub(crate) fn run_produce(args: &ProduceArgs) -> anyhow::Result<()> {
             properties: Vec::new(),
             progress: None,
             throttle: None,
+            key_partitions: None,
         },
     )?;
     let seconds = started.elapsed().as_secs_f64();

@@ -13,6 +13,7 @@ mod generate;
 mod ingest;
 mod maintain;
 mod output;
+mod report;
 mod serve;
 mod settings;
 mod sql;
@@ -65,6 +66,8 @@ enum Command {
     Compact(maintain::CompactArgs),
     /// Delete files no table version of the retention period needs.
     Vacuum(maintain::VacuumArgs),
+    /// A credit officer's HTML page per merchant: cash-flow charts, decisions, reasons.
+    Report(report::ReportArgs),
     /// Run a read-only SQL query over the lake's tables.
     Sql(sql::SqlArgs),
     /// Serve credit decisions over HTTP: stored decisions and one-merchant evaluation.
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run_ingest(&args),
         Command::Produce(args) => ingest::run_produce(&args),
         Command::Sql(args) => sql::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Compact(args) => maintain::run_compact(&args),
         Command::Vacuum(args) => maintain::run_vacuum(&args),
         Command::Serve(args) => serve::run(&args),

@@ -28,6 +28,26 @@ pub(crate) fn create(path: &Path) -> anyhow::Result<Box<dyn Write>> {
     Ok(Box::new(BufWriter::with_capacity(1 << 20, file)))
 }
 
+/// Result rows as JSON objects (dates as `YYYY-MM-DD`, nulls kept).
+pub(crate) fn rows_json(
+    batches: &[streetflow_lake::arrow::array::RecordBatch],
+) -> anyhow::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let mut buffer = Vec::new();
+    {
+        let mut writer = arrow_json::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow_json::writer::JsonArray>(&mut buffer);
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        writer.finish()?;
+    }
+    if buffer.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(serde_json::from_slice(&buffer)?)
+}
+
 /// Groups digits in threes: `1234567` → `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();

@@ -178,20 +178,7 @@ pub(crate) async fn load_policies(dir: &Path) -> anyhow::Result<BTreeMap<String,
 
 /// Renders result rows as JSON objects (dates as `YYYY-MM-DD`, nulls kept).
 fn rows_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>, ApiError> {
-    let mut buffer = Vec::new();
-    {
-        let mut writer = arrow_json::WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, arrow_json::writer::JsonArray>(&mut buffer);
-        for batch in batches {
-            writer.write(batch).map_err(ApiError::internal)?;
-        }
-        writer.finish().map_err(ApiError::internal)?;
-    }
-    if buffer.is_empty() {
-        return Ok(Vec::new());
-    }
-    serde_json::from_slice(&buffer).map_err(ApiError::internal)
+    crate::output::rows_json(batches).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Identifiers travel into SQL as literals; refuse what no operator or merchant id is.

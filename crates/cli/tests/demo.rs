@@ -65,4 +65,77 @@ fn the_demo_runs_the_whole_job_on_an_embedded_broker() {
         ),
         vec![20, 20]
     );
+
+    // The credit officer's page: a section per chosen merchant with its decisions, the
+    // features behind each reason and three inline charts; nothing loaded from outside.
+    let html = std::fs::read_to_string(demo.join("report.html")).unwrap();
+    let sections = html.matches("<section id=").count();
+    assert!(sections >= 2, "{sections} merchants in the report");
+    assert_eq!(html.matches("<svg").count(), 3 * sections);
+    for forbidden in ["<script", "<link", " src="] {
+        assert!(!html.contains(forbidden), "report loads {forbidden}");
+    }
+    // Each stored decision of a shown merchant appears with its limit.
+    let declined = sql_table(
+        &lake,
+        "SELECT merchant_id FROM credit_decisions WHERE decision <> 'approve' ORDER BY merchant_id LIMIT 1",
+    );
+    let merchant = declined
+        .lines()
+        .nth(3)
+        .unwrap()
+        .trim_matches(|c| c == '|' || c == ' ');
+    let page = dir.join("one.html");
+    let as_of = html
+        .split("Credit report as of ")
+        .nth(1)
+        .unwrap()
+        .get(..10)
+        .unwrap()
+        .to_owned();
+    run(
+        &dir,
+        &[
+            "report",
+            "--lake",
+            lake.to_str().unwrap(),
+            "--as-of",
+            &as_of,
+            "--merchant",
+            merchant,
+            "--out",
+            page.to_str().unwrap(),
+        ],
+    );
+    let one = std::fs::read_to_string(&page).unwrap();
+    assert_eq!(one.matches("<section id=").count(), 1);
+    let reasons = sql_table(
+        &lake,
+        &format!(
+            "SELECT DISTINCT unnest(reasons) FROM credit_decisions WHERE merchant_id = '{merchant}'"
+        ),
+    );
+    for code in reasons.lines().skip(3).filter(|l| l.starts_with('|')) {
+        let code = code.trim_matches(|c| c == '|' || c == ' ');
+        assert!(
+            one.contains(&format!("<code>{code}</code>")),
+            "{code} missing"
+        );
+    }
+    // A date without decisions is a clear error, not an empty page.
+    let failed = streetflow()
+        .args([
+            "report",
+            "--lake",
+            lake.to_str().unwrap(),
+            "--as-of",
+            "2001-01-01",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("no credit decisions as of 2001-01-01")
+    );
 }

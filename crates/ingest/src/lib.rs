@@ -24,5 +24,7 @@ pub use backfill::{
 pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
 pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};
 pub use error::{Error, Result};
-pub use produce::{ProduceOptions, ProduceReport, Throttle, create_topic, produce_file};
+pub use produce::{
+    PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, produce_file,
+};
 pub use worker::{AfterCommit, IngestOptions, IngestReport, run_worker};

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -22,6 +22,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use std::collections::HashMap;
+
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -39,6 +41,10 @@ pub struct ProduceOptions {
     pub progress: Option<Arc<AtomicU64>>,
     /// Keep at most this many records ahead of a consumer's count (see [`Throttle`]).
     pub throttle: Option<Throttle>,
+    /// Partition of each key, instead of librdkafka's hash of the key (keys not listed
+    /// are hashed). A merchant still always lands on one partition; an even spread keeps
+    /// any partition from holding much more than its share (see [`Throttle`]).
+    pub key_partitions: Option<Arc<HashMap<String, i32>>>,
 }
 
 /// Back-pressure from consumers: the producer waits while it is more than `max_ahead`
@@ -50,6 +56,45 @@ pub struct Throttle {
     pub done: Arc<AtomicU64>,
     /// How far ahead of them the producer may run.
     pub max_ahead: u64,
+    /// With [`ProduceOptions::key_partitions`]: the workers' per-partition progress and
+    /// how many records one partition may hold beyond it (a partition nobody consumes
+    /// yet, e.g. during a rebalance, would otherwise fill while the others drain).
+    pub per_partition: Option<(Arc<PartitionWatermarks>, i64)>,
+}
+
+/// The next offset not yet committed to the lake, per partition of a topic: advanced by
+/// the workers after each lake commit, read by a producer that must not outrun them on
+/// any one partition.
+#[derive(Debug)]
+pub struct PartitionWatermarks {
+    next: Vec<AtomicI64>,
+}
+
+impl PartitionWatermarks {
+    /// Watermarks at 0 for `partitions` partitions.
+    pub fn new(partitions: usize) -> Self {
+        Self {
+            next: (0..partitions).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    /// Records that everything before `next` is committed (never moves back).
+    pub fn advance(&self, partition: i32, next: i64) {
+        if let Some(slot) = usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.next.get(p))
+        {
+            slot.fetch_max(next, Ordering::Relaxed);
+        }
+    }
+
+    /// The next uncommitted offset of a partition (0 if unknown).
+    pub fn get(&self, partition: i32) -> i64 {
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.next.get(p))
+            .map_or(0, |slot| slot.load(Ordering::Relaxed))
+    }
 }
 
 /// What was published.
@@ -181,6 +226,8 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
     let mut clock = StreamClock::default();
     let mut report = ProduceReport::default();
     let mut sent = 0_u64;
+    // Records handed to each explicitly chosen partition (for the per-partition throttle).
+    let mut sent_to: Vec<i64> = Vec::new();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
@@ -204,8 +251,30 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&options.topic)
             .payload(payload)
             .timestamp(clock.now_ms());
+        let mut chosen_partition = None;
         if let Some(key) = key {
             record = record.key(key);
+            if let Some(partition) = options.key_partitions.as_ref().and_then(|m| m.get(key)) {
+                record = record.partition(*partition);
+                chosen_partition = Some(*partition);
+            }
+        }
+        if let (
+            Some(partition),
+            Some(Throttle {
+                per_partition: Some((marks, max_ahead)),
+                ..
+            }),
+        ) = (chosen_partition, &options.throttle)
+        {
+            let index = usize::try_from(partition).unwrap_or_default();
+            if sent_to.len() <= index {
+                sent_to.resize(index + 1, 0);
+            }
+            while sent_to[index] - marks.get(partition) >= *max_ahead {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent_to[index] += 1;
         }
         loop {
             match producer.send(record) {

@@ -40,6 +40,7 @@ use crate::batch::{Appended, DeadLetterRows, EventRows, Origin, RowAppender};
 use crate::error::{Error, Result};
 use crate::freeze::{self, points};
 use crate::metrics as names;
+use crate::produce::PartitionWatermarks;
 
 /// Work to run after each bronze commit, at start-up and before exit, on the worker's
 /// thread with the lake and the runtime handle (the binary refreshes `merchant_daily`).
@@ -61,6 +62,9 @@ pub struct IngestOptions {
     /// flush: for progress displays and for a producer that waits on the workers
     /// (see [`crate::Throttle`]).
     pub committed: Option<Arc<AtomicU64>>,
+    /// Per-partition progress, advanced after each lake commit (for a producer that
+    /// waits on each partition, see [`crate::Throttle::per_partition`]).
+    pub partition_watermarks: Option<Arc<PartitionWatermarks>>,
 }
 
 impl std::fmt::Debug for IngestOptions {
@@ -71,6 +75,7 @@ impl std::fmt::Debug for IngestOptions {
             .field("assignment_timeout", &self.assignment_timeout)
             .field("after_commit", &self.after_commit.is_some())
             .field("committed", &self.committed.is_some())
+            .field("partition_watermarks", &self.partition_watermarks.is_some())
             .finish()
     }
 }
@@ -1059,6 +1064,9 @@ impl Worker {
                     "partition range committed"
                 );
                 state.bases.events = Some(p.last_offset);
+                if let Some(marks) = &self.state.options.partition_watermarks {
+                    marks.advance(p.partition, p.last_offset + 1);
+                }
                 state.first_buffered = None;
                 state.last_buffered = None;
             }
