@@ -24,7 +24,7 @@ pub(crate) fn load_pipeline(
         );
         figment = figment.merge(Toml::file_exact(path));
     }
-    let config: PipelineConfig = figment
+    let mut config: PipelineConfig = figment
         .merge(Env::prefixed("STREETFLOW__").split("__"))
         .merge(Serialized::defaults(overrides))
         .extract()
@@ -32,6 +32,7 @@ pub(crate) fn load_pipeline(
             Some(path) => format!("reading pipeline {}", path.display()),
             None => "reading pipeline settings".to_owned(),
         })?;
+    config.kafka.properties = librdkafka_names(std::mem::take(&mut config.kafka.properties));
     if let Err(problems) = config.validate() {
         anyhow::bail!(
             "invalid pipeline settings:\n  - {}",
@@ -39,6 +40,18 @@ pub(crate) fn load_pipeline(
         );
     }
     Ok(config)
+}
+
+/// Property names as librdkafka spells them. Environment variable names cannot hold dots,
+/// so `STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD` arrives as `sasl_password`;
+/// librdkafka's names use dots and never underscores.
+fn librdkafka_names(
+    properties: std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    properties
+        .into_iter()
+        .map(|(key, value)| (key.replace('_', "."), value))
+        .collect()
 }
 
 /// Sets `value` at a dotted `path` of a JSON object when present.
@@ -84,6 +97,21 @@ mod tests {
             }
         }
         assert!(seen >= 2, "found {seen} pipeline files");
+    }
+
+    #[test]
+    fn property_names_from_the_environment_get_their_dots_back() {
+        let from_env = [("sasl_password".to_owned(), "s3cret".to_owned())];
+        let from_file = [("security.protocol".to_owned(), "SASL_SSL".to_owned())];
+        let names = librdkafka_names(from_env.into_iter().chain(from_file).collect());
+        assert_eq!(
+            names.get("sasl.password").map(String::as_str),
+            Some("s3cret")
+        );
+        assert_eq!(
+            names.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
     }
 
     #[test]

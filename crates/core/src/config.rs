@@ -56,7 +56,7 @@ pub struct PipelineSection {
 }
 
 /// `[kafka]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSection {
     /// Bootstrap servers, `host:port[,host:port…]`.
@@ -72,6 +72,38 @@ pub struct KafkaSection {
     /// environment, not in files.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property holds a secret (its value is never printed).
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token", "key.pem", "keystore"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+impl std::fmt::Debug for KafkaSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSection")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 /// `[lake]`
@@ -280,5 +312,26 @@ mod tests {
         let text = DEFAULT_TOML.replace("[flush]", "[flush]\nmax_recrods = 5");
         let err = PipelineConfig::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("max_recrods"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut config = PipelineConfig::defaults();
+        for (key, value) in [
+            ("sasl.password", "hunter2"),
+            ("ssl.key.password", "pem-pass"),
+            ("sasl.oauthbearer.client.secret", "oauth-secret"),
+            ("security.protocol", "SASL_SSL"),
+        ] {
+            config
+                .kafka
+                .properties
+                .insert(key.to_owned(), value.to_owned());
+        }
+        let shown = format!("{config:?}");
+        for secret in ["hunter2", "pem-pass", "oauth-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("SASL_SSL"));
     }
 }
