@@ -25,8 +25,8 @@ use crate::output::{create, table, thousands};
 /// Options of `streetflow bench backfill`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchBackfillArgs {
-    /// Merchants of the generated export (220 × 400 days ≈ 8.5 M lines, 2.1 GB).
-    #[arg(long, default_value_t = 220)]
+    /// Merchants of the generated export (250 × 400 days ≈ 8.4 M lines, 2.1 GB).
+    #[arg(long, default_value_t = 250)]
     merchants: u32,
     /// Days of the generated export.
     #[arg(long, default_value_t = 400)]
