@@ -8,6 +8,8 @@ mod bench_decide;
 mod bench_features;
 mod decide;
 mod demo;
+#[cfg(test)]
+mod deploy_check;
 mod features;
 mod generate;
 mod ingest;

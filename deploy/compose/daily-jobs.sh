@@ -1,0 +1,14 @@
+#!/bin/sh
+# The scheduler of the compose stack: the batch jobs of a day, then sleep until the next.
+# Each job is idempotent, so a failed night is repaired by the next run.
+set -eu
+while true; do
+  today="$(date +%F)"
+  streetflow aggregate --lake /lake
+  streetflow features --lake /lake --as-of "$today" --config /etc/streetflow/pipeline.toml
+  streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/district-turnover-loan.toml
+  streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/daily-takings-line.toml
+  streetflow compact --lake /lake --table pos_events --zorder-by merchant_id
+  streetflow vacuum --lake /lake --retain-hours 168
+  sleep 86400
+done
