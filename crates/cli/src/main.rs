@@ -10,6 +10,7 @@ mod decide;
 mod demo;
 #[cfg(test)]
 mod deploy_check;
+mod doctor;
 mod features;
 mod generate;
 mod ingest;
@@ -74,6 +75,8 @@ enum Command {
     Sql(sql::SqlArgs),
     /// Serve credit decisions over HTTP: stored decisions and one-merchant evaluation.
     Serve(serve::ServeArgs),
+    /// Check a pipeline's brokers, topic, lake and tables; say what is wrong.
+    Doctor(doctor::DoctorArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Backfill(args) => backfill::run(&args),
         Command::Features(args) => features::run(&args),
         Command::Decide(args) => decide::run(&args),
+        Command::Doctor(args) => doctor::run(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

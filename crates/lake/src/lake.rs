@@ -15,6 +15,17 @@ use crate::error::{Error, Result};
 /// Commits between Delta checkpoints: readers replay at most this many JSON commits.
 const CHECKPOINT_INTERVAL: &str = "50";
 
+/// A table's state as [`Lake::inspect`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableState {
+    /// Latest Delta version.
+    pub version: i64,
+    /// Data files in that version.
+    pub files: usize,
+    /// How the table's columns differ from the contract, if they do.
+    pub schema_problem: Option<String>,
+}
+
 /// A lake: a root location with one Delta table per directory.
 #[derive(Debug, Clone)]
 pub struct Lake {
@@ -155,6 +166,42 @@ impl Lake {
         };
         self.check_schema(&table, def)?;
         Ok(table)
+    }
+
+    /// What an operator needs to know about one table: `None` when it does not exist.
+    pub async fn inspect(&self, def: &TableDef) -> Result<Option<TableState>> {
+        let Some(table) = self.open(def.name).await? else {
+            return Ok(None);
+        };
+        let snapshot = table
+            .snapshot()
+            .map_err(Error::delta(def.name, "read state"))?;
+        let files = snapshot.log_data().iter().count();
+        let schema_problem = match self.check_schema(&table, def) {
+            Ok(()) => None,
+            Err(Error::SchemaMismatch { detail, .. }) => Some(detail),
+            Err(other) => return Err(other),
+        };
+        Ok(Some(TableState {
+            version: table.version().unwrap_or_default() as i64,
+            files,
+            schema_problem,
+        }))
+    }
+
+    /// The version a Delta `txn` application id recorded in table `name` (`None`: the
+    /// table or the id is absent).
+    pub async fn app_version(&self, name: &str, app_id: &str) -> Result<Option<i64>> {
+        let Some(table) = self.open(name).await? else {
+            return Ok(None);
+        };
+        let snapshot = table
+            .snapshot()
+            .map_err(Error::delta(name, "read application versions"))?;
+        snapshot
+            .transaction_version(table.log_store().as_ref(), app_id)
+            .await
+            .map_err(Error::delta(name, "read application versions"))
     }
 
     fn check_schema(&self, table: &DeltaTable, def: &TableDef) -> Result<()> {

@@ -15,7 +15,7 @@ mod query;
 mod writer;
 
 pub use error::{Error, Result};
-pub use lake::Lake;
+pub use lake::{Lake, TableState};
 pub use maintenance::{CompactReport, VacuumReport};
 pub use query::memory_limit;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
