@@ -57,6 +57,10 @@ pub(crate) struct BenchIngestArgs {
     /// Records per flush (one Delta commit each).
     #[arg(long, default_value_t = 200_000)]
     flush_records: usize,
+    /// With a broker: also ingest the topic with this many workers in one group (threads
+    /// of this process, a fresh lake) and print the speed-up over one worker.
+    #[arg(long, default_value_t = 3)]
+    scale_workers: usize,
     /// Working directory for the events file and lakes (default: a temp directory).
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -332,7 +336,12 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
             consume_cpu,
         );
 
-        let mut pipeline = PipelineConfig::defaults();
+        let mut pipeline_template = PipelineConfig::defaults();
+        pipeline_template.kafka.brokers = brokers.clone();
+        pipeline_template.kafka.topic = topic.clone();
+        pipeline_template.flush.max_records = args.flush_records;
+        pipeline_template.silver.update_after_flush = false;
+        let mut pipeline = pipeline_template.clone();
         pipeline.kafka.brokers = brokers.clone();
         pipeline.kafka.topic = topic.clone();
         pipeline.kafka.group = format!("{topic}.group");
@@ -371,6 +380,70 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                 consume_seconds / ingest_seconds,
             ),
         );
+
+        // 3. Scale-out: the same topic, N workers sharing its partitions.
+        if args.scale_workers > 1 {
+            let mut pipeline = pipeline_template.clone();
+            pipeline.kafka.group = format!("{topic}.group{}", args.scale_workers);
+            pipeline.lake.url = dir.join("kafka-lake-scaled").display().to_string();
+            let started = Instant::now();
+            let reports = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..args.scale_workers)
+                    .map(|_| {
+                        let options = IngestOptions {
+                            config: pipeline.clone(),
+                            exit_at_end: true,
+                            assignment_timeout: Duration::from_secs(60),
+                            after_commit: None,
+                            committed: None,
+                            partition_watermarks: None,
+                        };
+                        let handle = runtime.handle().clone();
+                        scope.spawn(move || {
+                            streetflow_ingest::run_worker(
+                                options,
+                                handle,
+                                Arc::new(AtomicBool::new(false)),
+                            )
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| {
+                        w.join()
+                            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))?
+                            .map_err(anyhow::Error::from)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            let scaled_seconds = started.elapsed().as_secs_f64();
+            let stored: u64 = reports
+                .iter()
+                .map(|r| r.accepted + r.dead_lettered_total())
+                .sum();
+            anyhow::ensure!(
+                stored == n,
+                "{} workers stored {stored} of {n} records",
+                args.scale_workers
+            );
+            row(
+                &format!(
+                    "full ingest ({} workers, one group, {} partitions)",
+                    args.scale_workers, args.partitions
+                ),
+                stored,
+                scaled_seconds,
+                None,
+            );
+            ratios.insert(
+                1,
+                (
+                    "speed-up of the workers over one worker",
+                    ingest_seconds / scaled_seconds,
+                ),
+            );
+        }
     }
     println!("{t}");
     for (label, ratio) in ratios {
