@@ -37,6 +37,10 @@ impl Lake {
     /// A lake at `location`: a local directory (created if missing) or an object-store
     /// URL such as `s3://bucket/prefix`.
     pub fn new(location: &str, storage_options: &BTreeMap<String, String>) -> Result<Self> {
+        // s3:// and s3a:// URLs: deltalake's S3 object and log stores (commits by
+        // conditional put, If-None-Match, which S3 and compatible stores support).
+        static S3_HANDLERS: std::sync::Once = std::sync::Once::new();
+        S3_HANDLERS.call_once(|| deltalake::aws::register_handlers(None));
         let bad = |reason: String| Error::BadLocation {
             location: location.to_owned(),
             reason,
@@ -106,8 +110,19 @@ impl Lake {
                 return Ok(None);
             }
         }
-        let table = self.load(name).await?;
-        Ok(table.version().is_some().then_some(table))
+        match self.load(name).await {
+            Ok(table) => Ok(table.version().is_some().then_some(table)),
+            // An object store has no directories: a table without a log is just absent.
+            Err(Error::Delta { source, .. })
+                if matches!(
+                    source.as_ref(),
+                    DeltaTableError::NotATable(_) | DeltaTableError::InvalidTableLocation(_)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// Opens the table, creating it with the contract's schema if it does not exist yet,

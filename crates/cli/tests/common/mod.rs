@@ -291,3 +291,82 @@ pub fn silver_as_truth(dir: &Path, lake: &Path) -> String {
     let output = run(dir, &["sql", "--lake", &lake, "--format", "csv", &query]);
     String::from_utf8(output.stdout).unwrap()
 }
+
+static OWN_S3: Mutex<Option<Child>> = Mutex::new(None);
+
+/// The test S3-compatible endpoint: `STREETFLOW_TEST_S3_ENDPOINT` when set (`.ci/run`
+/// starts moto's server and sets it); otherwise the first test starts moto itself.
+pub fn s3_endpoint() -> &'static str {
+    static ADDRESS: OnceLock<String> = OnceLock::new();
+    ADDRESS.get_or_init(|| {
+        if let Ok(endpoint) = std::env::var("STREETFLOW_TEST_S3_ENDPOINT") {
+            return endpoint;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let script = format!(
+            "python3 -m moto.server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        *OWN_S3.lock().unwrap() = Some(child);
+        let address = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no S3 test server: set STREETFLOW_TEST_S3_ENDPOINT or install moto[server] (.ci/run does both)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("http://{address}")
+    })
+}
+
+/// The AWS environment a process needs to use the test S3 server.
+pub fn s3_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", s3_endpoint().to_owned()),
+        ("AWS_ACCESS_KEY_ID", "streetflow-test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "streetflow-test".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ]
+}
+
+/// Creates a bucket on the test S3 server (moto accepts unsigned requests).
+pub fn create_bucket(bucket: &str) {
+    use std::io::{Read, Write};
+    let address = s3_endpoint().trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "creating bucket {bucket}: {response}"
+    );
+}
+
+/// Runs streetflow with extra environment variables; panics with its output on failure.
+pub fn run_with_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut command = streetflow();
+    command.args(args).current_dir(dir);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "streetflow {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
