@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::json;
 use streetflow_features::{SilverMode, refresh_silver};
 use streetflow_ingest::{
-    AfterCommit, IngestOptions, IngestReport, ProduceOptions, create_topic, produce_file,
+    AfterCommit, IngestOptions, IngestReport, ProduceOptions, create_topic_with, produce_file,
     run_worker,
 };
 
@@ -76,9 +76,19 @@ pub(crate) struct ProduceArgs {
     /// Create the topic with this many partitions if it does not exist.
     #[arg(long)]
     partitions: Option<i32>,
+    /// A librdkafka producer property, e.g. `security.protocol=SSL`; repeatable.
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -196,7 +206,13 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
 pub(crate) fn run_produce(args: &ProduceArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     if let Some(partitions) = args.partitions {
-        create_topic(&args.brokers, &args.topic, partitions, runtime.handle())?;
+        create_topic_with(
+            &args.brokers,
+            &args.properties,
+            &args.topic,
+            partitions,
+            runtime.handle(),
+        )?;
     }
     let started = Instant::now();
     let report = produce_file(
@@ -204,7 +220,7 @@ pub(crate) fn run_produce(args: &ProduceArgs) -> anyhow::Result<()> {
         &ProduceOptions {
             brokers: args.brokers.clone(),
             topic: args.topic.clone(),
-            properties: Vec::new(),
+            properties: args.properties.clone(),
             progress: None,
             throttle: None,
             key_partitions: None,

@@ -25,6 +25,7 @@ pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppe
 pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};
 pub use error::{Error, Result};
 pub use produce::{
-    PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, produce_file,
+    PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, create_topic_with,
+    produce_file,
 };
 pub use worker::{AfterCommit, IngestOptions, IngestReport, run_worker};

@@ -141,8 +141,23 @@ pub fn create_topic(
     partitions: i32,
     handle: &tokio::runtime::Handle,
 ) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    create_topic_with(brokers, &[], topic, partitions, handle)
+}
+
+/// [`create_topic`] with librdkafka properties (TLS, SASL).
+pub fn create_topic_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+    handle: &tokio::runtime::Handle,
+) -> Result<()> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = config
         .create()
         .map_err(Error::kafka("create admin client"))?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
