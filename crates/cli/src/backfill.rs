@@ -14,7 +14,7 @@ use serde_json::json;
 use streetflow_features::{SilverMode, refresh_silver};
 use streetflow_ingest::{
     BackfillOptions, CsvMapping, FileReport, InputFormat, KnowledgeTime, backfill_file,
-    expand_inputs,
+    expand_inputs, is_csv_file,
 };
 use streetflow_lake::Lake;
 
@@ -59,13 +59,7 @@ pub(crate) struct BackfillArgs {
 }
 
 fn format_of(path: &Path, mapping: Option<&Arc<CsvMapping>>) -> anyhow::Result<InputFormat> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let name = name.strip_suffix(".gz").unwrap_or(&name);
-    if name.ends_with(".csv") {
+    if is_csv_file(path) {
         let mapping = mapping.with_context(|| {
             format!(
                 "{} is CSV: say which column is which with --csv-mapping",

@@ -160,16 +160,26 @@ pub fn expand_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn is_input_name(path: &Path) -> bool {
+/// The file name in lower case without a `.gz` suffix.
+fn plain_name(path: &Path) -> String {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    name.strip_suffix(".gz").map(str::to_owned).unwrap_or(name)
+}
+
+fn is_input_name(path: &Path) -> bool {
+    let name = plain_name(path);
     [".jsonl", ".ndjson", ".json", ".csv"]
         .iter()
         .any(|ext| name.ends_with(ext))
+}
+
+/// Whether a file is a CSV export (`.csv` or `.csv.gz`) rather than JSON Lines.
+pub fn is_csv_file(path: &Path) -> bool {
+    plain_name(path).ends_with(".csv")
 }
 
 /// Counts bytes as they are read (before decompression).

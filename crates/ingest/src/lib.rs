@@ -19,7 +19,7 @@ mod worker;
 
 pub use backfill::{
     BackfillOptions, FileReport, InputFormat, KnowledgeTime, backfill_file, expand_inputs,
-    file_identity,
+    file_identity, is_csv_file,
 };
 pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
 pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};

@@ -28,27 +28,35 @@ pub fn broker() -> &'static str {
             return address;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let script = format!(
-            "tansu broker --listener-url tcp://127.0.0.1:{port} --advertised-listener-url tcp://127.0.0.1:{port} \
-             --storage-engine memory://tansu/ >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"
-        );
-        let child = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        *OWN_BROKER.lock().unwrap() = Some(child);
         let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "no test broker: set STREETFLOW_TEST_BROKERS or install Tansu (.ci/run does both)"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        start_server(
+            &format!(
+                "tansu broker --listener-url tcp://{address} --advertised-listener-url tcp://{address} \
+                 --storage-engine memory://tansu/"
+            ),
+            &address,
+            &OWN_BROKER,
+            "no test broker: set STREETFLOW_TEST_BROKERS or install Tansu (.ci/run does both)",
+        );
         address
     })
+}
+
+/// Starts `command` in the background behind a shell that stops it when this test
+/// process exits (its stdin closes), and waits until `address` accepts connections.
+fn start_server(command: &str, address: &str, keeper: &Mutex<Option<Child>>, missing: &str) {
+    let script = format!("{command} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid");
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    *keeper.lock().unwrap() = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(address).is_err() {
+        assert!(Instant::now() < deadline, "{missing}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A name no other test uses (topics, groups).
@@ -303,24 +311,13 @@ pub fn s3_endpoint() -> &'static str {
             return endpoint;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let script = format!(
-            "python3 -m moto.server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"
-        );
-        let child = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        *OWN_S3.lock().unwrap() = Some(child);
         let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "no S3 test server: set STREETFLOW_TEST_S3_ENDPOINT or install moto[server] (.ci/run does both)"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        start_server(
+            &format!("python3 -m moto.server -H 127.0.0.1 -p {port}"),
+            &address,
+            &OWN_S3,
+            "no S3 test server: set STREETFLOW_TEST_S3_ENDPOINT or install moto[server] (.ci/run does both)",
+        );
         format!("http://{address}")
     })
 }
