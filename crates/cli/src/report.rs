@@ -11,6 +11,7 @@ use clap::Args;
 use plotters::prelude::*;
 use serde_json::{Map, Value};
 use streetflow_core::Channel;
+use streetflow_core::tables::CREDIT_DECISIONS;
 use streetflow_credit::Policy;
 use streetflow_lake::Lake;
 
@@ -107,7 +108,7 @@ fn esc(value: &str) -> String {
 
 async fn load_decisions(lake: &Lake, as_of: NaiveDate) -> anyhow::Result<Vec<DecisionRow>> {
     anyhow::ensure!(
-        lake.open("credit_decisions").await?.is_some(),
+        lake.open(CREDIT_DECISIONS.name).await?.is_some(),
         "the lake has no credit_decisions table: run `streetflow decide --as-of {as_of}` first"
     );
     let batches = lake

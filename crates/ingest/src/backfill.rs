@@ -24,7 +24,7 @@ use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 use tokio::sync::mpsc;
 
-use crate::batch::{Appended, DeadLetterRows, EventRows, Origin, RowAppender};
+use crate::batch::{DeadLetterRows, EventRows, Origin, RowAppender};
 use crate::csv_input::{CsvMapping, row_as_csv};
 use crate::error::{Error, Result};
 use crate::freeze::{self, points};
@@ -229,14 +229,6 @@ enum Piece {
     Checkpoint { last_line: i64, end_of_file: bool },
 }
 
-/// Per-run counts of the reader.
-#[derive(Debug, Default)]
-struct ReadCounts {
-    lines: u64,
-    accepted: u64,
-    dead_lettered: u64,
-}
-
 #[derive(Deserialize)]
 struct OccurredProbe<'a> {
     #[serde(borrow, default)]
@@ -257,7 +249,8 @@ struct Reader {
     dead_letters_done: i64,
     commit_every: u64,
     since_checkpoint: u64,
-    counts: ReadCounts,
+    /// Lines read in this run (skipped ones included).
+    lines: u64,
     sender: mpsc::Sender<Piece>,
 }
 
@@ -282,7 +275,7 @@ impl Reader {
         raw: &[u8],
         occurred_at: Option<&str>,
     ) -> Result<()> {
-        self.counts.lines += 1;
+        self.lines += 1;
         if line <= self.events_done {
             return Ok(());
         }
@@ -291,7 +284,7 @@ impl Reader {
             path: &self.path_text,
             line,
         };
-        match self.appender.append_with_raw(
+        self.appender.append_with_raw(
             &mut self.events,
             &mut self.dead_letters,
             Some(message),
@@ -300,11 +293,7 @@ impl Reader {
             ingested_at,
             origin,
             line <= self.dead_letters_done,
-        ) {
-            Appended::Event => self.counts.accepted += 1,
-            Appended::DeadLetter(_) => self.counts.dead_lettered += 1,
-            Appended::DeadLetterAlreadyStored(_) => {}
-        }
+        );
         if self.events.len() + self.dead_letters.len() >= ROWS_PER_PIECE {
             self.send_rows()?;
         }
@@ -404,11 +393,8 @@ impl Reader {
                 Ok(true) => {
                     let line = record.position().map_or(last_line + 1, |p| p.line() as i64);
                     last_line = line;
-                    let message = bound.to_event_json(&record);
+                    let (message, occurred) = bound.to_event_json(&record);
                     let raw = row_as_csv(&record, delimiter);
-                    let occurred = serde_json::from_slice::<OccurredProbe<'_>>(&message)
-                        .ok()
-                        .and_then(|p| p.occurred_at.map(|c| c.into_owned()));
                     self.line(line, &message, &raw, occurred.as_deref())?;
                 }
                 Err(error) if matches!(error.kind(), csv::ErrorKind::Io(_)) => {
@@ -480,7 +466,7 @@ pub async fn backfill_file(
         dead_letters_done: dead_done.unwrap_or(0),
         commit_every: options.commit_every_lines.max(1),
         since_checkpoint: 0,
-        counts: ReadCounts::default(),
+        lines: 0,
         sender,
     };
     let input = open_input(path, options.bytes_read.clone())?;
@@ -491,7 +477,7 @@ pub async fn backfill_file(
             InputFormat::JsonLines => reader.read_json_lines(input, &owned_path),
             InputFormat::Csv(mapping) => reader.read_csv(input, mapping, &owned_path),
         };
-        result.map(|()| reader.counts)
+        result.map(|()| reader.lines)
     });
 
     let mut staged_rows = (0_u64, 0_u64);
@@ -562,10 +548,10 @@ pub async fn backfill_file(
             }
         }
     }
-    let counts = read
+    let lines = read
         .await
         .map_err(|e| Error::Backfill(format!("the file reader failed: {e}")))??;
-    report.lines = counts.lines;
+    report.lines = lines;
     Ok(report)
 }
 

@@ -224,8 +224,9 @@ pub struct BoundMapping {
 }
 
 impl BoundMapping {
-    /// The event JSON of one row (empty cells leave the field out).
-    pub fn to_event_json(&self, row: &csv::StringRecord) -> Vec<u8> {
+    /// The event JSON of one row (empty cells leave the field out), and its
+    /// `occurred_at` as written there (for a stream clock, without parsing the JSON back).
+    pub fn to_event_json(&self, row: &csv::StringRecord) -> (Vec<u8>, Option<String>) {
         let mut object = Map::new();
         for (field, value) in &self.constants {
             object.insert(field.clone(), Value::String(value.clone()));
@@ -246,7 +247,12 @@ impl BoundMapping {
             };
             object.insert(field.clone(), value);
         }
-        serde_json::to_vec(&Value::Object(object)).unwrap_or_default()
+        let occurred_at = object
+            .get("occurred_at")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let json = serde_json::to_vec(&Value::Object(object)).unwrap_or_default();
+        (json, occurred_at)
     }
 
     /// An RFC 3339 timestamp for a cell: kept when it has an offset, placed in the
@@ -365,8 +371,10 @@ mod tests {
             "原流水号",
         ]);
         let bound = mapping.bind(Some(&header)).expect("header has the columns");
-        serde_json::from_slice(&bound.to_event_json(&csv::StringRecord::from(row.to_vec())))
-            .expect("valid JSON")
+        let (json, occurred_at) = bound.to_event_json(&csv::StringRecord::from(row.to_vec()));
+        let event: Value = serde_json::from_slice(&json).expect("valid JSON");
+        assert_eq!(event["occurred_at"].as_str(), occurred_at.as_deref());
+        event
     }
 
     #[test]
