@@ -6,6 +6,7 @@
 //! rows touch or from scratch. Both give the same rows, because both run the one daily
 //! definition in `pipelines/features/daily.sql`.
 
+mod daily;
 mod error;
 mod gold;
 mod relations;
@@ -14,6 +15,7 @@ mod silver;
 pub mod sql;
 mod training;
 
+pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder};
 pub use error::{Error, Result};
 pub use gold::{
     AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,

@@ -3,16 +3,19 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use chrono::NaiveDate;
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
-use streetflow_lake::arrow::array::{Array, AsArray, RecordBatch};
+use streetflow_lake::arrow::array::{AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
+use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder};
 use crate::error::{Error, Result, collect};
-use crate::relations::{broadcast_small_join_sides, materialize, register_resolved, register_view};
+use crate::relations::broadcast_small_join_sides;
 use crate::serving::file_paths;
 use crate::sql;
 
@@ -47,9 +50,9 @@ pub struct SilverReport {
     pub fenced: bool,
 }
 
-/// Partition keys (operator, `YYYY-MM-DD`) of batches with those two columns first.
-fn partition_keys(batches: &[RecordBatch]) -> Result<HashSet<Vec<String>>> {
-    let mut keys = HashSet::new();
+/// (operator, business date) pairs of batches with those two columns first.
+fn touched_days(batches: &[RecordBatch]) -> Result<HashSet<(String, i32)>> {
+    let mut days = HashSet::new();
     for batch in batches {
         let operators = cast(batch.column(0), &DataType::Utf8).map_err(|source| Error::Arrow {
             context: "reading touched operators".to_owned(),
@@ -58,45 +61,20 @@ fn partition_keys(batches: &[RecordBatch]) -> Result<HashSet<Vec<String>>> {
         let operators = operators.as_string::<i32>();
         let dates = batch.column(1).as_primitive::<Date32Type>();
         for i in 0..batch.num_rows() {
-            let date = NaiveDate::from_epoch_days(dates.value(i)).unwrap_or_default();
-            keys.insert(vec![
-                operators.value(i).to_owned(),
-                date.format("%Y-%m-%d").to_string(),
-            ]);
+            days.insert((operators.value(i).to_owned(), dates.value(i)));
         }
     }
-    Ok(keys)
+    Ok(days)
 }
 
-/// Gives daily rows the exact column types and order of `merchant_daily`.
-fn conform(batch: &RecordBatch) -> Result<RecordBatch> {
-    let schema = MERCHANT_DAILY.schema.clone();
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let column = batch
-                .column_by_name(field.name())
-                .ok_or_else(|| Error::Arrow {
-                    context: format!("daily.sql has no column {}", field.name()),
-                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(
-                        field.name().clone(),
-                    ),
-                })?;
-            if column.data_type() == field.data_type() {
-                Ok(column.clone())
-            } else {
-                cast(column, field.data_type()).map_err(|source| Error::Arrow {
-                    context: format!("casting {}", field.name()),
-                    source,
-                })
-            }
+/// Delta partition values (operator, `YYYY-MM-DD`) of (operator, date) pairs.
+fn partition_keys(days: &HashSet<(String, i32)>) -> HashSet<Vec<String>> {
+    days.iter()
+        .map(|(operator, date)| {
+            let date = NaiveDate::from_epoch_days(*date).unwrap_or_default();
+            vec![operator.clone(), date.format("%Y-%m-%d").to_string()]
         })
-        .collect::<Result<Vec<_>>>()?;
-    RecordBatch::try_new(schema, columns).map_err(|source| Error::Arrow {
-        context: "building merchant_daily rows".to_owned(),
-        source,
-    })
+        .collect()
 }
 
 /// Brings `merchant_daily` up to the newest `pos_events` version.
@@ -154,7 +132,8 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         _ => None,
     };
 
-    let events_query = match &touched {
+    let mut builder = DailyBuilder::new();
+    match &touched {
         Some(batches) => {
             let schema = batches
                 .first()
@@ -164,38 +143,44 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
                 .map_err(Error::query("registering touched partitions"))?;
             ctx.register_table("touched", Arc::new(table))
                 .map_err(Error::query("registering touched partitions"))?;
-            sql::EVENTS_FOR_TOUCHED
+            broadcast_small_join_sides(&ctx);
+            let events = collect(&ctx, sql::EVENTS_FOR_TOUCHED, "events of touched days").await?;
+            for batch in &events {
+                builder.push(batch)?;
+            }
         }
-        None => "SELECT * FROM pos_events",
-    };
-    broadcast_small_join_sides(&ctx);
-    match &touched {
-        // The touched partitions' rows are few and read several times: keep them in memory.
-        Some(_) => materialize(&ctx, "events", events_query).await?,
-        // All of bronze may not fit: stream it (each step scans it again).
-        None => register_view(&ctx, "events", events_query).await?,
+        None => {
+            // All of bronze, streamed: only the columns the daily rows depend on.
+            let query = format!("SELECT {} FROM pos_events", DAILY_INPUT_COLUMNS.join(", "));
+            let mut stream = ctx
+                .sql(&query)
+                .await
+                .map_err(Error::query("planning the bronze scan"))?
+                .execute_stream()
+                .await
+                .map_err(Error::query("scanning bronze"))?;
+            while let Some(batch) = stream.next().await {
+                builder.push(&batch.map_err(Error::query("scanning bronze"))?)?;
+            }
+        }
     }
-    register_resolved(&ctx).await?;
-    let daily_query = match &touched {
-        Some(_) => format!(
-            "SELECT d.* FROM ({}) d JOIN touched t ON d.operator_id = t.operator_id AND d.business_date = t.business_date",
-            sql::DAILY
-        ),
-        None => sql::DAILY.to_owned(),
+    let keep = match &touched {
+        Some(batches) => Some(touched_days(batches)?),
+        None => None,
     };
-    let daily = collect(&ctx, &daily_query, "daily.sql").await?;
+    let daily = builder.finish(|operator, date| {
+        keep.as_ref()
+            .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
+    })?;
 
     for batch in &daily {
         if batch.num_rows() > 0 {
             report.rows_written += batch.num_rows();
-            silver.write(conform(batch)?).await?;
+            silver.write(batch.clone()).await?;
         }
     }
     let staged = silver.stage().await?;
-    let partitions = match &touched {
-        Some(batches) => Some(partition_keys(batches)?),
-        None => None,
-    };
+    let partitions = keep.as_ref().map(partition_keys);
     report.partitions_rewritten = partitions.as_ref().map(HashSet::len);
     let progress = [AppProgress {
         app_id: BRONZE_APP_ID.to_owned(),

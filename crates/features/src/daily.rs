@@ -1,0 +1,888 @@
+//! `merchant_daily` rows computed in one pass over bronze rows, without SQL.
+//!
+//! The rows are exactly those of `pipelines/features/daily.sql` over the resolution steps
+//! (`repeated_keys.sql` … `resolved.sql`); the SQL stays the specification, and the tests
+//! compare the two on generated and hand-made edge cases. Silver uses this path because
+//! the SQL re-scans all of bronze for every resolution step and holds its hash tables as
+//! strings: on 8.6 M events it took 15 s and 4 GB, where this takes a fraction of both.
+//!
+//! How: every `(operator_id, event_id)` key, and every key a refund or void names, is
+//! interned once into a compact table. Each key keeps its first arrival's content, its
+//! delivery count and whether any delivery disagreed. Then the claims (refunds and voids)
+//! are resolved against the keys they name, and the surviving events are summed per
+//! (operator, merchant, business date).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
+use streetflow_core::Channel;
+use streetflow_core::tables::MERCHANT_DAILY;
+use streetflow_lake::arrow::array::{
+    Array, ArrayRef, AsArray, Date32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use streetflow_lake::arrow::compute::cast;
+use streetflow_lake::arrow::datatypes::{
+    DataType, Date32Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType,
+};
+use streetflow_lake::arrow::error::ArrowError;
+
+use crate::error::{Error, Result};
+
+/// The bronze columns the daily rows depend on.
+pub const DAILY_INPUT_COLUMNS: [&str; 17] = [
+    "operator_id",
+    "business_date",
+    "event_id",
+    "merchant_id",
+    "terminal_id",
+    "kind",
+    "amount_fen",
+    "occurred_at",
+    "local_minute_of_day",
+    "channel",
+    "ref_event_id",
+    "payer_ref",
+    "ingested_at",
+    "kafka_partition",
+    "kafka_offset",
+    "source_file",
+    "source_line",
+];
+
+/// No value (a NULL column, or no key).
+const NONE: u32 = u32::MAX;
+/// Elements per chunk of a [`Chunked`] vector.
+const CHUNK: usize = 1 << 16;
+/// Bytes per chunk of interned text.
+const TEXT_CHUNK: usize = 1 << 20;
+/// Rows per output batch.
+const OUTPUT_BATCH_ROWS: usize = 1 << 16;
+
+/// A vector stored in fixed-size chunks: growing it never copies what it holds, so a
+/// table of millions of events never exists twice in memory during a reallocation.
+struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T: Copy> Chunked<T> {
+    fn new() -> Self {
+        Chunked {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, value: T) {
+        if self.len % CHUNK == 0 {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(value);
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, index: u32) -> &T {
+        let index = index as usize;
+        &self.chunks[index / CHUNK][index % CHUNK]
+    }
+
+    fn get_mut(&mut self, index: u32) -> &mut T {
+        let index = index as usize;
+        &mut self.chunks[index / CHUNK][index % CHUNK]
+    }
+}
+
+/// Where one interned string lives.
+#[derive(Clone, Copy)]
+struct Span {
+    namespace: u32,
+    chunk: u32,
+    start: u32,
+    len: u32,
+}
+
+/// Strings (within a namespace, e.g. an operator) numbered densely from 0 in the order
+/// first seen. Exact: keys are compared byte for byte, never by hash alone.
+struct Interner {
+    table: HashTable<u32>,
+    spans: Chunked<Span>,
+    text: Vec<Vec<u8>>,
+    hasher: FixedState,
+}
+
+impl Interner {
+    fn new() -> Self {
+        Interner {
+            table: HashTable::new(),
+            spans: Chunked::new(),
+            text: Vec::new(),
+            hasher: FixedState::with_seed(0x5eed_da11),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    fn bytes_of<'a>(text: &'a [Vec<u8>], span: &Span) -> &'a [u8] {
+        let start = span.start as usize;
+        &text[span.chunk as usize][start..start + span.len as usize]
+    }
+
+    /// The number of `value` in `namespace`, numbering it if it is new.
+    fn intern(&mut self, namespace: u32, value: &str) -> Result<u32> {
+        let Interner {
+            table,
+            spans,
+            text,
+            hasher,
+        } = self;
+        let bytes = value.as_bytes();
+        let hash = hasher.hash_one((namespace, bytes));
+        let entry = table.entry(
+            hash,
+            |&id| {
+                let span = spans.get(id);
+                span.namespace == namespace && Self::bytes_of(text, span) == bytes
+            },
+            |&id| {
+                let span = spans.get(id);
+                hasher.hash_one((span.namespace, Self::bytes_of(text, span)))
+            },
+        );
+        match entry {
+            Entry::Occupied(found) => Ok(*found.get()),
+            Entry::Vacant(vacant) => {
+                let id = u32::try_from(spans.len())
+                    .ok()
+                    .filter(|&id| id != NONE)
+                    .ok_or_else(|| too_many("distinct keys"))?;
+                let room = text
+                    .last()
+                    .is_some_and(|chunk| chunk.capacity() - chunk.len() >= bytes.len());
+                if !room {
+                    text.push(Vec::with_capacity(TEXT_CHUNK.max(bytes.len())));
+                }
+                let chunk_index = text.len() - 1;
+                let chunk = &mut text[chunk_index];
+                let span = Span {
+                    namespace,
+                    chunk: u32::try_from(chunk_index).map_err(|_| too_many("text chunks"))?,
+                    start: u32::try_from(chunk.len()).map_err(|_| too_many("text bytes"))?,
+                    len: u32::try_from(bytes.len()).map_err(|_| too_many("key length"))?,
+                };
+                chunk.extend_from_slice(bytes);
+                spans.push(span);
+                vacant.insert(id);
+                Ok(id)
+            }
+        }
+    }
+
+    fn bytes(&self, id: u32) -> &[u8] {
+        Self::bytes_of(&self.text, self.spans.get(id))
+    }
+
+    fn text(&self, id: u32) -> String {
+        String::from_utf8_lossy(self.bytes(id)).into_owned()
+    }
+
+    fn is_empty_text(&self, id: u32) -> bool {
+        id != NONE && self.spans.get(id).len == 0
+    }
+}
+
+fn too_many(what: &str) -> Error {
+    Error::Arrow {
+        context: "computing merchant_daily".to_owned(),
+        source: ArrowError::ComputeError(format!("more {what} than one pass can number")),
+    }
+}
+
+/// What an event kind means to the daily rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sale,
+    Refund,
+    Void,
+    /// Any other spelling: a claim (it is not a sale) that counts nowhere.
+    Other,
+}
+
+/// A few distinct labels (kinds, channels) numbered in the order first seen.
+struct Labels<T> {
+    names: Vec<String>,
+    meanings: Vec<T>,
+}
+
+impl<T: Copy> Labels<T> {
+    fn new() -> Self {
+        Labels {
+            names: Vec::new(),
+            meanings: Vec::new(),
+        }
+    }
+
+    fn id(&mut self, name: &str, meaning: impl FnOnce(&str) -> T) -> Result<u16> {
+        if let Some(found) = self.names.iter().position(|known| known == name) {
+            return Ok(found as u16);
+        }
+        let id = u16::try_from(self.names.len()).map_err(|_| too_many("labels"))?;
+        self.meanings.push(meaning(name));
+        self.names.push(name.to_owned());
+        Ok(id)
+    }
+
+    fn meaning(&self, id: u16) -> T {
+        self.meanings[id as usize]
+    }
+}
+
+/// When a delivery arrived: `repeated.sql`'s order (earliest `ingested_at`, then Kafka
+/// partition and offset, then file and line; NULLs last).
+#[derive(Clone, Copy)]
+struct Arrival {
+    ingested_at: i64,
+    kafka_offset: i64,
+    source_line: i64,
+    kafka_partition: i32,
+    /// Interned `source_file`, or [`NONE`].
+    source_file: u32,
+}
+
+/// One event key: its first arrival's content, and what its deliveries and the other
+/// events say about it.
+#[derive(Clone, Copy)]
+struct Event {
+    arrival: Arrival,
+    amount_fen: i64,
+    occurred_at: i64,
+    business_date: i32,
+    merchant: u32,
+    terminal: u32,
+    payer: u32,
+    /// The key `ref_event_id` names, or [`NONE`].
+    reference: u32,
+    /// Deliveries seen; 0 for a key that is only named by a refund or void.
+    deliveries: u32,
+    local_minute_of_day: u16,
+    kind: u16,
+    channel: u16,
+    conflicting: bool,
+    voided: bool,
+    orphan: bool,
+}
+
+impl Event {
+    const UNSEEN: Event = Event {
+        arrival: Arrival {
+            ingested_at: 0,
+            kafka_offset: 0,
+            source_line: 0,
+            kafka_partition: 0,
+            source_file: NONE,
+        },
+        amount_fen: 0,
+        occurred_at: 0,
+        business_date: 0,
+        merchant: NONE,
+        terminal: NONE,
+        payer: NONE,
+        reference: NONE,
+        deliveries: 0,
+        local_minute_of_day: 0,
+        kind: 0,
+        channel: 0,
+        conflicting: false,
+        voided: false,
+        orphan: false,
+    };
+}
+
+/// Per-day sums of one (operator, merchant, business date).
+#[derive(Clone, Copy, Default)]
+struct DayTotals {
+    sales_count: i64,
+    sales_fen: i64,
+    refund_count: i64,
+    refund_fen: i64,
+    void_count: i64,
+    orphan_refund_count: i64,
+    orphan_void_count: i64,
+    max_ticket_fen: i64,
+    first_sale_at: Option<i64>,
+    last_sale_at: Option<i64>,
+    channel_fen: [i64; 6],
+    night_sales_count: i64,
+    night_sales_fen: i64,
+    round_sales_count: i64,
+    round_sales_fen: i64,
+    duplicate_deliveries: i64,
+    conflicting_events: i64,
+    distinct_payers: i64,
+    net_fen: i64,
+    /// Live sales, refunds, voided sales and orphan voids: a day with none has no row.
+    counted: i64,
+}
+
+/// Adds, failing loudly instead of wrapping (money is never allowed to wrap).
+fn add(total: &mut i64, value: i64) -> Result<()> {
+    *total = total.checked_add(value).ok_or_else(|| Error::Arrow {
+        context: "computing merchant_daily".to_owned(),
+        source: ArrowError::ComputeError("a daily sum overflows 64 bits".to_owned()),
+    })?;
+    Ok(())
+}
+
+/// Builds `merchant_daily` rows from bronze batches pushed in any order.
+pub struct DailyBuilder {
+    operators: Interner,
+    keys: Interner,
+    merchants: Interner,
+    terminals: Interner,
+    payers: Interner,
+    files: Interner,
+    kinds: Labels<Kind>,
+    channels: Labels<Option<usize>>,
+    events: Chunked<Event>,
+    rows: u64,
+}
+
+impl Default for DailyBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A string column as `Utf8`, whatever string or dictionary type the scan gave.
+fn strings(batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
+    let column = column(batch, name)?;
+    if column.data_type() == &DataType::Utf8 {
+        return Ok(column.clone());
+    }
+    cast(column, &DataType::Utf8).map_err(|source| Error::Arrow {
+        context: format!("reading bronze column {name}"),
+        source,
+    })
+}
+
+/// A column cast to `to` when it has another type.
+fn typed(batch: &RecordBatch, name: &str, to: &DataType) -> Result<ArrayRef> {
+    let column = column(batch, name)?;
+    if column.data_type() == to {
+        return Ok(column.clone());
+    }
+    cast(column, to).map_err(|source| Error::Arrow {
+        context: format!("reading bronze column {name}"),
+        source,
+    })
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| Error::Arrow {
+        context: "reading bronze rows".to_owned(),
+        source: ArrowError::SchemaError(format!("no column {name}")),
+    })
+}
+
+fn no_nulls(array: &ArrayRef, name: &str) -> Result<()> {
+    if array.null_count() > 0 {
+        return Err(Error::Arrow {
+            context: "reading bronze rows".to_owned(),
+            source: ArrowError::InvalidArgumentError(format!(
+                "{name} is NULL in a bronze row; the pos_events contract requires it"
+            )),
+        });
+    }
+    Ok(())
+}
+
+/// An optional interned string.
+fn intern_optional(
+    interner: &mut Interner,
+    namespace: u32,
+    array: &StringArray,
+    row: usize,
+) -> Result<u32> {
+    if array.is_null(row) {
+        Ok(NONE)
+    } else {
+        interner.intern(namespace, array.value(row))
+    }
+}
+
+impl DailyBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        DailyBuilder {
+            operators: Interner::new(),
+            keys: Interner::new(),
+            merchants: Interner::new(),
+            terminals: Interner::new(),
+            payers: Interner::new(),
+            files: Interner::new(),
+            kinds: Labels::new(),
+            channels: Labels::new(),
+            events: Chunked::new(),
+            rows: 0,
+        }
+    }
+
+    /// Bronze rows pushed so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The event slot of `(operator, event_id)`, created unseen when new.
+    fn key(&mut self, operator: u32, event_id: &str) -> Result<u32> {
+        let id = self.keys.intern(operator, event_id)?;
+        if id as usize == self.events.len() {
+            self.events.push(Event::UNSEEN);
+        }
+        Ok(id)
+    }
+
+    /// Adds bronze rows (any column order; extra columns are ignored).
+    pub fn push(&mut self, batch: &RecordBatch) -> Result<()> {
+        let micros = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let operator_id = strings(batch, "operator_id")?;
+        let business_date = typed(batch, "business_date", &DataType::Date32)?;
+        let event_id = strings(batch, "event_id")?;
+        let merchant_id = strings(batch, "merchant_id")?;
+        let terminal_id = strings(batch, "terminal_id")?;
+        let kind = strings(batch, "kind")?;
+        let amount_fen = typed(batch, "amount_fen", &DataType::Int64)?;
+        let occurred_at = timestamps(batch, "occurred_at", &micros)?;
+        let local_minute = typed(batch, "local_minute_of_day", &DataType::Int32)?;
+        let channel = strings(batch, "channel")?;
+        let ref_event_id = strings(batch, "ref_event_id")?;
+        let payer_ref = strings(batch, "payer_ref")?;
+        let ingested_at = timestamps(batch, "ingested_at", &micros)?;
+        let kafka_partition = typed(batch, "kafka_partition", &DataType::Int32)?;
+        let kafka_offset = typed(batch, "kafka_offset", &DataType::Int64)?;
+        let source_file = strings(batch, "source_file")?;
+        let source_line = typed(batch, "source_line", &DataType::Int64)?;
+        for (array, name) in [
+            (&operator_id, "operator_id"),
+            (&business_date, "business_date"),
+            (&event_id, "event_id"),
+            (&merchant_id, "merchant_id"),
+            (&kind, "kind"),
+            (&amount_fen, "amount_fen"),
+            (&occurred_at, "occurred_at"),
+            (&local_minute, "local_minute_of_day"),
+            (&channel, "channel"),
+        ] {
+            no_nulls(array, name)?;
+        }
+
+        let operator_id = operator_id.as_string::<i32>();
+        let business_date = business_date.as_primitive::<Date32Type>();
+        let event_id = event_id.as_string::<i32>();
+        let merchant_id = merchant_id.as_string::<i32>();
+        let terminal_id = terminal_id.as_string::<i32>();
+        let kind = kind.as_string::<i32>();
+        let amount_fen = amount_fen.as_primitive::<Int64Type>();
+        let occurred_at = occurred_at.as_primitive::<TimestampMicrosecondType>();
+        let local_minute = local_minute.as_primitive::<Int32Type>();
+        let channel = channel.as_string::<i32>();
+        let ref_event_id = ref_event_id.as_string::<i32>();
+        let payer_ref = payer_ref.as_string::<i32>();
+        let ingested_at = ingested_at.as_primitive::<TimestampMicrosecondType>();
+        let kafka_partition = kafka_partition.as_primitive::<Int32Type>();
+        let kafka_offset = kafka_offset.as_primitive::<Int64Type>();
+        let source_file = source_file.as_string::<i32>();
+        let source_line = source_line.as_primitive::<Int64Type>();
+
+        // Partition columns and file names repeat row after row: look them up once per run.
+        let mut last_operator: Option<(&str, u32)> = None;
+        let mut last_file: Option<(&str, u32)> = None;
+        for row in 0..batch.num_rows() {
+            let operator_text = operator_id.value(row);
+            let operator = match last_operator {
+                Some((text, id)) if text == operator_text => id,
+                _ => {
+                    let id = self.operators.intern(0, operator_text)?;
+                    last_operator = Some((operator_text, id));
+                    id
+                }
+            };
+            let file = if source_file.is_null(row) {
+                NONE
+            } else {
+                let file_text = source_file.value(row);
+                match last_file {
+                    Some((text, id)) if text == file_text => id,
+                    _ => {
+                        let id = self.files.intern(0, file_text)?;
+                        last_file = Some((file_text, id));
+                        id
+                    }
+                }
+            };
+            let reference = if ref_event_id.is_null(row) {
+                NONE
+            } else {
+                self.key(operator, ref_event_id.value(row))?
+            };
+            let minute = local_minute.value(row);
+            let delivery = Event {
+                arrival: Arrival {
+                    ingested_at: if ingested_at.is_null(row) {
+                        i64::MAX
+                    } else {
+                        ingested_at.value(row)
+                    },
+                    kafka_partition: if kafka_partition.is_null(row) {
+                        i32::MAX
+                    } else {
+                        kafka_partition.value(row)
+                    },
+                    kafka_offset: if kafka_offset.is_null(row) {
+                        i64::MAX
+                    } else {
+                        kafka_offset.value(row)
+                    },
+                    source_file: file,
+                    source_line: if source_line.is_null(row) {
+                        i64::MAX
+                    } else {
+                        source_line.value(row)
+                    },
+                },
+                amount_fen: amount_fen.value(row),
+                occurred_at: occurred_at.value(row),
+                business_date: business_date.value(row),
+                merchant: self.merchants.intern(0, merchant_id.value(row))?,
+                terminal: intern_optional(&mut self.terminals, 0, terminal_id, row)?,
+                payer: intern_optional(&mut self.payers, 0, payer_ref, row)?,
+                reference,
+                deliveries: 1,
+                local_minute_of_day: u16::try_from(minute).map_err(|_| Error::Arrow {
+                    context: "reading bronze rows".to_owned(),
+                    source: ArrowError::InvalidArgumentError(format!(
+                        "local_minute_of_day {minute} is outside a day"
+                    )),
+                })?,
+                kind: self.kinds.id(kind.value(row), |name| match name {
+                    "sale" => Kind::Sale,
+                    "refund" => Kind::Refund,
+                    "void" => Kind::Void,
+                    _ => Kind::Other,
+                })?,
+                channel: self.channels.id(channel.value(row), |name| {
+                    Channel::ALL.iter().position(|c| c.as_str() == name)
+                })?,
+                conflicting: false,
+                voided: false,
+                orphan: false,
+            };
+            let key = self.key(operator, event_id.value(row))?;
+            let known = *self.events.get(key);
+            let merged = if known.deliveries == 0 {
+                delivery
+            } else {
+                let conflicting = known.conflicting || !self.same_content(&known, &delivery);
+                let mut first = if self.arrives_before(&delivery.arrival, &known.arrival) {
+                    delivery
+                } else {
+                    known
+                };
+                first.deliveries = known.deliveries.saturating_add(1);
+                first.conflicting = conflicting;
+                first
+            };
+            *self.events.get_mut(key) = merged;
+            self.rows += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether two optional interned strings are equal once NULL reads as `''`, as
+    /// `repeated.sql`'s `coalesce(…, '')` compares them.
+    fn same_or_empty(interner: &Interner, a: u32, b: u32) -> bool {
+        a == b
+            || (a == NONE && interner.is_empty_text(b))
+            || (b == NONE && interner.is_empty_text(a))
+    }
+
+    /// `repeated.sql`'s content comparison: merchant, kind, amount, time, channel,
+    /// reference, payer and terminal.
+    fn same_content(&self, a: &Event, b: &Event) -> bool {
+        a.merchant == b.merchant
+            && a.kind == b.kind
+            && a.amount_fen == b.amount_fen
+            && a.occurred_at == b.occurred_at
+            && a.channel == b.channel
+            && Self::same_or_empty(&self.keys, a.reference, b.reference)
+            && Self::same_or_empty(&self.payers, a.payer, b.payer)
+            && Self::same_or_empty(&self.terminals, a.terminal, b.terminal)
+    }
+
+    /// Whether `a` comes strictly before `b` in `repeated.sql`'s arrival order.
+    fn arrives_before(&self, a: &Arrival, b: &Arrival) -> bool {
+        let file = match (a.source_file, b.source_file) {
+            (x, y) if x == y => Ordering::Equal,
+            (NONE, _) => Ordering::Greater,
+            (_, NONE) => Ordering::Less,
+            (x, y) => self.files.bytes(x).cmp(self.files.bytes(y)),
+        };
+        a.ingested_at
+            .cmp(&b.ingested_at)
+            .then(a.kafka_partition.cmp(&b.kafka_partition))
+            .then(a.kafka_offset.cmp(&b.kafka_offset))
+            .then(file)
+            .then(a.source_line.cmp(&b.source_line))
+            == Ordering::Less
+    }
+
+    /// Resolves refunds and voids against the sales they name (`links.sql`).
+    fn resolve_claims(&mut self) {
+        for index in 0..self.events.len() as u32 {
+            let claim = *self.events.get(index);
+            if claim.deliveries == 0 {
+                continue;
+            }
+            let kind = self.kinds.meaning(claim.kind);
+            if kind == Kind::Sale {
+                continue;
+            }
+            let answered = claim.reference != NONE && {
+                let named = self.events.get(claim.reference);
+                named.deliveries > 0 && self.kinds.meaning(named.kind) == Kind::Sale
+            };
+            self.events.get_mut(index).orphan = !answered;
+            if kind == Kind::Void && claim.reference != NONE {
+                self.events.get_mut(claim.reference).voided = true;
+            }
+        }
+    }
+
+    /// The daily rows of every (operator, business date) `keep` accepts, sorted by
+    /// operator, date and merchant, in the exact `merchant_daily` schema.
+    pub fn finish(mut self, keep: impl Fn(&str, i32) -> bool) -> Result<Vec<RecordBatch>> {
+        self.resolve_claims();
+        let mut groups: HashMap<(u32, u32, i32), u32, FixedState> =
+            HashMap::with_hasher(FixedState::with_seed(7));
+        let mut group_keys: Vec<(u32, u32, i32)> = Vec::new();
+        let mut totals: Vec<DayTotals> = Vec::new();
+        // (group, payer) of every live sale with a payer, for the distinct count.
+        let mut day_payers: Vec<u64> = Vec::new();
+        let operator_of = |keys: &Interner, index: u32| keys.spans.get(index).namespace;
+
+        for index in 0..self.events.len() as u32 {
+            let event = *self.events.get(index);
+            if event.deliveries == 0 {
+                continue;
+            }
+            let operator = operator_of(&self.keys, index);
+            let group_key = (operator, event.merchant, event.business_date);
+            let group = *groups.entry(group_key).or_insert_with(|| {
+                group_keys.push(group_key);
+                totals.push(DayTotals::default());
+                (totals.len() - 1) as u32
+            });
+            let day = &mut totals[group as usize];
+            let kind = self.kinds.meaning(event.kind);
+            let live = kind == Kind::Sale && !event.voided;
+            let voided_sale = kind == Kind::Sale && event.voided;
+            let refund = kind == Kind::Refund;
+            let orphan_void = kind == Kind::Void && event.orphan;
+            let amount = event.amount_fen;
+            let minute = event.local_minute_of_day;
+            let night = minute >= 1320 || minute < 360;
+            let round = amount % 10_000 == 0;
+            add(
+                &mut day.duplicate_deliveries,
+                i64::from(event.deliveries) - 1,
+            )?;
+            if event.conflicting {
+                day.conflicting_events += 1;
+            }
+            if live {
+                day.counted += 1;
+                day.sales_count += 1;
+                add(&mut day.sales_fen, amount)?;
+                day.max_ticket_fen = if day.sales_count == 1 {
+                    amount
+                } else {
+                    day.max_ticket_fen.max(amount)
+                };
+                let at = event.occurred_at;
+                day.first_sale_at = Some(day.first_sale_at.map_or(at, |t| t.min(at)));
+                day.last_sale_at = Some(day.last_sale_at.map_or(at, |t| t.max(at)));
+                if let Some(channel) = self.channels.meaning(event.channel) {
+                    add(&mut day.channel_fen[channel], amount)?;
+                }
+                if night {
+                    day.night_sales_count += 1;
+                    add(&mut day.night_sales_fen, amount)?;
+                }
+                if round {
+                    day.round_sales_count += 1;
+                    add(&mut day.round_sales_fen, amount)?;
+                }
+                if event.payer != NONE {
+                    day_payers.push((u64::from(group) << 32) | u64::from(event.payer));
+                }
+            }
+            if refund {
+                day.counted += 1;
+                day.refund_count += 1;
+                add(&mut day.refund_fen, amount)?;
+                if event.orphan {
+                    day.orphan_refund_count += 1;
+                }
+            }
+            if voided_sale {
+                day.counted += 1;
+                day.void_count += 1;
+            }
+            if orphan_void {
+                day.counted += 1;
+                day.orphan_void_count += 1;
+            }
+        }
+        // Free the event table before building the output.
+        drop(std::mem::replace(&mut self.events, Chunked::new()));
+        day_payers.sort_unstable();
+        day_payers.dedup();
+        for pair in &day_payers {
+            totals[(pair >> 32) as usize].distinct_payers += 1;
+        }
+        drop(day_payers);
+        for day in &mut totals {
+            day.net_fen =
+                day.sales_fen
+                    .checked_sub(day.refund_fen)
+                    .ok_or_else(|| Error::Arrow {
+                        context: "computing merchant_daily".to_owned(),
+                        source: ArrowError::ComputeError("net_fen overflows 64 bits".to_owned()),
+                    })?;
+        }
+
+        let operator_names: Vec<String> = (0..self.operators.len() as u32)
+            .map(|id| self.operators.text(id))
+            .collect();
+        let mut kept: Vec<(usize, String)> = group_keys
+            .iter()
+            .enumerate()
+            .filter(|(group, (operator, _, date))| {
+                totals[*group].counted > 0 && keep(&operator_names[*operator as usize], *date)
+            })
+            .map(|(group, (_, merchant, _))| (group, self.merchants.text(*merchant)))
+            .collect();
+        kept.sort_unstable_by(|(a, a_merchant), (b, b_merchant)| {
+            let (a_operator, _, a_date) = group_keys[*a];
+            let (b_operator, _, b_date) = group_keys[*b];
+            operator_names[a_operator as usize]
+                .cmp(&operator_names[b_operator as usize])
+                .then(a_date.cmp(&b_date))
+                .then(a_merchant.cmp(b_merchant))
+        });
+        kept.chunks(OUTPUT_BATCH_ROWS)
+            .map(|rows| {
+                output_batch(
+                    rows.iter().map(|(group, merchant)| {
+                        let (operator, _, date) = group_keys[*group];
+                        (
+                            operator_names[operator as usize].as_str(),
+                            date,
+                            merchant.as_str(),
+                            &totals[*group],
+                        )
+                    }),
+                    rows.len(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A timestamp column as microsecond values (the time zone does not change them).
+fn timestamps(batch: &RecordBatch, name: &str, micros: &DataType) -> Result<ArrayRef> {
+    let column = column(batch, name)?;
+    match column.data_type() {
+        DataType::Timestamp(TimeUnit::Microsecond, _) => Ok(column.clone()),
+        _ => cast(column, micros).map_err(|source| Error::Arrow {
+            context: format!("reading bronze column {name}"),
+            source,
+        }),
+    }
+}
+
+/// One `merchant_daily` batch from (operator, date, merchant, totals) rows.
+fn output_batch<'a>(
+    rows: impl Iterator<Item = (&'a str, i32, &'a str, &'a DayTotals)> + Clone,
+    len: usize,
+) -> Result<RecordBatch> {
+    let long = |value: fn(&DayTotals) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(
+            rows.clone().map(|(_, _, _, day)| value(day)),
+        ))
+    };
+    let utc = |value: fn(&DayTotals) -> Option<i64>| -> ArrayRef {
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(rows.clone().map(|(_, _, _, day)| value(day)))
+                .with_timezone("UTC"),
+        )
+    };
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(MERCHANT_DAILY.schema.fields().len());
+    columns.push(Arc::new(StringArray::from_iter_values(
+        rows.clone().map(|(operator, _, _, _)| operator),
+    )));
+    columns.push(Arc::new(Date32Array::from_iter_values(
+        rows.clone().map(|(_, date, _, _)| date),
+    )));
+    columns.push(Arc::new(StringArray::from_iter_values(
+        rows.clone().map(|(_, _, merchant, _)| merchant),
+    )));
+    columns.extend([
+        long(|d| d.sales_count),
+        long(|d| d.sales_fen),
+        long(|d| d.refund_count),
+        long(|d| d.refund_fen),
+        long(|d| d.void_count),
+        long(|d| d.net_fen),
+        long(|d| d.orphan_refund_count),
+        long(|d| d.orphan_void_count),
+        long(|d| d.distinct_payers),
+        long(|d| d.max_ticket_fen),
+        utc(|d| d.first_sale_at),
+        utc(|d| d.last_sale_at),
+        long(|d| d.channel_fen[0]),
+        long(|d| d.channel_fen[1]),
+        long(|d| d.channel_fen[2]),
+        long(|d| d.channel_fen[3]),
+        long(|d| d.channel_fen[4]),
+        long(|d| d.channel_fen[5]),
+        long(|d| d.night_sales_count),
+        long(|d| d.night_sales_fen),
+        long(|d| d.round_sales_count),
+        long(|d| d.round_sales_fen),
+        long(|d| d.duplicate_deliveries),
+        long(|d| d.conflicting_events),
+    ]);
+    debug_assert_eq!(columns.len(), MERCHANT_DAILY.schema.fields().len());
+    debug_assert!(columns.iter().all(|c| c.len() == len));
+    RecordBatch::try_new(MERCHANT_DAILY.schema.clone(), columns).map_err(|source| Error::Arrow {
+        context: "building merchant_daily rows".to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+#[path = "daily_tests.rs"]
+mod tests;
