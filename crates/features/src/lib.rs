@@ -3,8 +3,10 @@
 //!
 //! The entry point for silver is [`refresh_silver`]: it brings `merchant_daily` up to the
 //! newest `pos_events` version, either by recomputing only the partitions the new bronze
-//! rows touch or from scratch. Both give the same rows, because both run the one daily
-//! definition in `pipelines/features/daily.sql`.
+//! rows touch or from scratch. Both give the same rows, because both feed the touched
+//! events to [`DailyBuilder`], a one-pass implementation of the definition in
+//! `pipelines/features/daily.sql` (the specification, which gold and the DuckDB
+//! benchmarks run as SQL; unit tests hold the two equal).
 
 mod daily;
 mod error;

@@ -132,6 +132,7 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         _ => None,
     };
 
+    let started = std::time::Instant::now();
     let mut builder = DailyBuilder::new();
     match &touched {
         Some(batches) => {
@@ -168,10 +169,18 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         Some(batches) => Some(touched_days(batches)?),
         None => None,
     };
+    let bronze_rows = builder.rows();
+    let read_seconds = started.elapsed().as_secs_f64();
     let daily = builder.finish(|operator, date| {
         keep.as_ref()
             .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
     })?;
+    tracing::debug!(
+        bronze_rows,
+        read_seconds,
+        resolve_seconds = started.elapsed().as_secs_f64() - read_seconds,
+        "daily rows computed"
+    );
 
     for batch in &daily {
         if batch.num_rows() > 0 {

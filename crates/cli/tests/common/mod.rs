@@ -44,7 +44,7 @@ pub fn broker() -> &'static str {
 
 /// Starts `command` in the background behind a shell that stops it when this test
 /// process exits (its stdin closes), and waits until `address` accepts connections.
-fn start_server(command: &str, address: &str, keeper: &Mutex<Option<Child>>, missing: &str) {
+pub fn start_server(command: &str, address: &str, keeper: &Mutex<Option<Child>>, missing: &str) {
     let script = format!("{command} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid");
     let child = Command::new("sh")
         .args(["-c", &script])
