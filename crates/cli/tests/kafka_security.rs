@@ -1,14 +1,195 @@
 //! Secured Kafka settings: the binary's librdkafka has TLS and SCRAM (OpenSSL), a secret
 //! given through the environment reaches librdkafka and never shows in a worker's log.
 //!
-//! An end-to-end TLS run is not here: Tansu 0.6, the test broker, refuses `--cert` with
-//! `--key`, and with a combined PEM its listener does not answer a TLS handshake.
+//! End to end over TLS: Tansu 0.6 cannot serve TLS itself (its `--cert` and `--key`
+//! options are one clap group, so they exclude each other and TLS never starts), so the
+//! test puts a TLS terminator (`common/tls_proxy.py`, Python's `ssl`) in front of a
+//! Tansu of its own that advertises the terminator's address: every byte a client sends
+//! or reads crosses TLS, and the client verifies the server certificate.
 
 #![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
 
 mod common;
 
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Mutex;
+
 use common::*;
+
+static TLS_BROKER: Mutex<Option<Child>> = Mutex::new(None);
+static TLS_TERMINATOR: Mutex<Option<Child>> = Mutex::new(None);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throwaway self-signed certificate for 127.0.0.1 (its own CA): `(cert, key)`.
+fn certificate(dir: &Path, name: &str) -> (String, String) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (.ci/run installs it)");
+    assert!(status.status.success(), "{status:?}");
+    (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    )
+}
+
+/// Starts a Tansu reachable only through TLS; returns its bootstrap address.
+fn tls_broker(dir: &Path, cert: &str, key: &str) -> String {
+    let (plain, tls) = (free_port(), free_port());
+    let tls_address = format!("127.0.0.1:{tls}");
+    start_server(
+        &format!(
+            "tansu broker --listener-url tcp://127.0.0.1:{plain} \
+             --advertised-listener-url tcp://{tls_address} --storage-engine memory://tansu/"
+        ),
+        &format!("127.0.0.1:{plain}"),
+        &TLS_BROKER,
+        "Tansu did not start (.ci/run installs it)",
+    );
+    let proxy = dir.join("tls_proxy.py");
+    std::fs::write(&proxy, include_str!("common/tls_proxy.py")).unwrap();
+    start_server(
+        &format!("python3 {} {tls} {plain} {cert} {key}", proxy.display()),
+        &tls_address,
+        &TLS_TERMINATOR,
+        "the TLS terminator did not start",
+    );
+    tls_address
+}
+
+#[test]
+fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
+    let (_guard, dir) = workdir();
+    let (cert, key) = certificate(&dir, "broker");
+    let (other_ca, _) = certificate(&dir, "stranger");
+    let brokers = tls_broker(&dir, &cert, &key);
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "4",
+            "--days",
+            "20",
+            "--seed",
+            "5",
+            "--truth",
+            "truth.csv",
+            "--duplicate-rate",
+            "0.03",
+            "--malformed-rate",
+            "0.01",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("tls");
+
+    let ca_property = format!("ssl.ca.location={cert}");
+    run(
+        &dir,
+        &[
+            "produce",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--input",
+            "events.jsonl",
+            "--partitions",
+            "2",
+            "--property",
+            "security.protocol=SSL",
+            "--property",
+            &ca_property,
+        ],
+    );
+    let tls_env = |ca: &str| {
+        vec![
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                "SSL".to_owned(),
+            ),
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SSL_CA_LOCATION",
+                ca.to_owned(),
+            ),
+        ]
+    };
+    run_with_env(
+        &dir,
+        &[
+            "ingest",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--group",
+            &unique("g"),
+            "--lake",
+            "lake",
+            "--exit-at-end",
+        ],
+        &tls_env(&cert),
+    );
+    let lake = dir.join("lake");
+    assert_eq!(
+        row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
+        lines,
+        "every produced line crossed TLS into the lake"
+    );
+    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
+    assert_eq!(silver_as_truth(&dir, &lake), truth);
+
+    // The same broker through a client that trusts another CA: the handshake fails, so
+    // the client really verifies the certificate.
+    let doctor = |ca: &str| {
+        let mut command = streetflow();
+        command
+            .args([
+                "doctor",
+                "--brokers",
+                &brokers,
+                "--topic",
+                &topic,
+                "--lake",
+                "lake",
+            ])
+            .args(["--json", "--timeout-seconds", "5"])
+            .current_dir(&dir);
+        for (name, value) in tls_env(ca) {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let brokers_check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "brokers")
+            .cloned()
+            .unwrap();
+        brokers_check["status"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(doctor(&cert), "ok");
+    assert_eq!(doctor(&other_ca), "PROBLEM");
+}
 
 #[test]
 fn a_secret_from_the_environment_never_reaches_the_log() {
