@@ -84,7 +84,7 @@ impl<T: Copy> Chunked<T> {
     }
 
     fn push(&mut self, value: T) {
-        if self.len % CHUNK == 0 {
+        if self.len.is_multiple_of(CHUNK) {
             self.chunks.push(Vec::with_capacity(CHUNK));
         }
         if let Some(chunk) = self.chunks.last_mut() {
@@ -796,7 +796,8 @@ impl DailyBuilder {
             let orphan_void = kind == Kind::Void && event.orphan;
             let amount = event.amount_fen;
             let minute = event.local_minute_of_day;
-            let night = minute >= 1320 || minute < 360;
+            // 22:00–05:59 local wall time.
+            let night = !(360..1320).contains(&minute);
             let round = amount % 10_000 == 0;
             add(
                 &mut day.duplicate_deliveries,
