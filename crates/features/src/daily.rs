@@ -23,12 +23,13 @@ use hashbrown::hash_table::Entry;
 use streetflow_core::Channel;
 use streetflow_core::tables::MERCHANT_DAILY;
 use streetflow_lake::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Int64Array, RecordBatch, StringArray, StringViewArray,
-    TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, Date32Array, Int64Array, PrimitiveArray, RecordBatch, StringArray,
+    StringViewArray, TimestampMicrosecondArray,
 };
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{
-    DataType, Date32Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType,
+    ArrowPrimitiveType, DataType, Date32Type, Int32Type, Int64Type, TimeUnit,
+    TimestampMicrosecondType,
 };
 use streetflow_lake::arrow::error::ArrowError;
 
@@ -204,6 +205,23 @@ impl Interner {
                 Ok(id)
             }
         }
+    }
+
+    /// [`Interner::intern`] in namespace 0 for a value that usually equals the previous
+    /// row's (partition columns, file names): `last` remembers it.
+    fn intern_repeated<'a>(
+        &mut self,
+        last: &mut Option<(&'a str, u32)>,
+        value: &'a str,
+    ) -> Result<u32> {
+        if let Some((text, id)) = *last
+            && text == value
+        {
+            return Ok(id);
+        }
+        let id = self.intern(0, value)?;
+        *last = Some((value, id));
+        Ok(id)
     }
 
     fn bytes(&self, id: u32) -> &[u8] {
@@ -495,6 +513,20 @@ impl<'a> Strs<'a> {
     }
 }
 
+/// A nullable value in `repeated.sql`'s arrival order, where NULL sorts after every
+/// value: `last` stands for it.
+fn nulls_last<T: ArrowPrimitiveType>(
+    array: &PrimitiveArray<T>,
+    row: usize,
+    last: T::Native,
+) -> T::Native {
+    if array.is_null(row) {
+        last
+    } else {
+        array.value(row)
+    }
+}
+
 /// An optional interned string.
 fn intern_optional(
     interner: &mut Interner,
@@ -596,27 +628,14 @@ impl DailyBuilder {
         let mut last_operator: Option<(&str, u32)> = None;
         let mut last_file: Option<(&str, u32)> = None;
         for row in 0..batch.num_rows() {
-            let operator_text = operator_id.value(row);
-            let operator = match last_operator {
-                Some((text, id)) if text == operator_text => id,
-                _ => {
-                    let id = self.operators.intern(0, operator_text)?;
-                    last_operator = Some((operator_text, id));
-                    id
-                }
-            };
+            let operator = self
+                .operators
+                .intern_repeated(&mut last_operator, operator_id.value(row))?;
             let file = if source_file.is_null(row) {
                 NONE
             } else {
-                let file_text = source_file.value(row);
-                match last_file {
-                    Some((text, id)) if text == file_text => id,
-                    _ => {
-                        let id = self.files.intern(0, file_text)?;
-                        last_file = Some((file_text, id));
-                        id
-                    }
-                }
+                self.files
+                    .intern_repeated(&mut last_file, source_file.value(row))?
             };
             let reference = if ref_event_id.is_null(row) {
                 NONE
@@ -626,27 +645,11 @@ impl DailyBuilder {
             let minute = local_minute.value(row);
             let delivery = Event {
                 arrival: Arrival {
-                    ingested_at: if ingested_at.is_null(row) {
-                        i64::MAX
-                    } else {
-                        ingested_at.value(row)
-                    },
-                    kafka_partition: if kafka_partition.is_null(row) {
-                        i32::MAX
-                    } else {
-                        kafka_partition.value(row)
-                    },
-                    kafka_offset: if kafka_offset.is_null(row) {
-                        i64::MAX
-                    } else {
-                        kafka_offset.value(row)
-                    },
+                    ingested_at: nulls_last(ingested_at, row, i64::MAX),
+                    kafka_partition: nulls_last(kafka_partition, row, i32::MAX),
+                    kafka_offset: nulls_last(kafka_offset, row, i64::MAX),
                     source_file: file,
-                    source_line: if source_line.is_null(row) {
-                        i64::MAX
-                    } else {
-                        source_line.value(row)
-                    },
+                    source_line: nulls_last(source_line, row, i64::MAX),
                 },
                 amount_fen: amount_fen.value(row),
                 occurred_at: occurred_at.value(row),
