@@ -8,7 +8,7 @@
 --   daily      daily.sql over resolved.sql over the events ingested by the knowledge
 --              time with business dates from D-456; business dates < D
 --   payer_sales payer_sales.sql over the same resolved events
---   (streetflow materializes both once, so the event resolution runs twice per run)
+--   (streetflow computes both in one pass over the events, equal to these definitions)
 --   registry(operator_id, merchant_id, mcc, industry_code, opened_on, monthly_rent_fen)
 --              the registry versions valid on D-1 (empty without --registry)
 --   subsidy_sectors(sector, mcc_from, mcc_to, effective_from, effective_to)

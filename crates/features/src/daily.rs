@@ -28,8 +28,8 @@ use streetflow_lake::arrow::array::{
 };
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Date32Type, Int32Type, Int64Type, TimeUnit,
-    TimestampMicrosecondType,
+    ArrowPrimitiveType, DataType, Date32Type, Field, Int32Type, Int64Type, Schema, SchemaRef,
+    TimeUnit, TimestampMicrosecondType,
 };
 use streetflow_lake::arrow::error::ArrowError;
 
@@ -348,6 +348,9 @@ struct Event {
     payer: [u64; 2],
     /// The key `ref_event_id` names, or [`NONE`].
     reference: u32,
+    /// Interned `payer_ref` when the builder sums payers and this delivery's business
+    /// date is in the payer window, else [`NONE`].
+    payer_text: u32,
     /// Deliveries seen; 0 for a key that is only named by a refund or void.
     deliveries: u32,
     local_minute_of_day: u16,
@@ -374,6 +377,7 @@ impl Event {
         terminal: NONE,
         payer: NO_PAYER,
         reference: NONE,
+        payer_text: NONE,
         deliveries: 0,
         local_minute_of_day: 0,
         kind: 0,
@@ -419,6 +423,36 @@ fn add(total: &mut i64, value: i64) -> Result<()> {
     Ok(())
 }
 
+/// Business dates (days since 1970-01-01, as in `Date32`) from `from` up to but not
+/// including `until`, whose live sales are also summed per payer (`payer_sales.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayerWindow {
+    /// First business date in the window.
+    pub from: i32,
+    /// First business date after the window.
+    pub until: i32,
+}
+
+impl PayerWindow {
+    fn contains(&self, business_date: i32) -> bool {
+        (self.from..self.until).contains(&business_date)
+    }
+}
+
+/// The columns of the `payer_sales` relation (`payer_sales.sql`).
+pub fn payer_sales_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("payer_ref", DataType::Utf8, false),
+        Field::new("visits", DataType::Int64, false),
+        Field::new("fen", DataType::Int64, false),
+    ]))
+}
+
+/// Live sales and their sum per (operator, merchant, payer).
+type PayerTotals = HashMap<(u32, u32, u32), (i64, i64), FixedState>;
+
 /// Builds `merchant_daily` rows from bronze batches pushed in any order.
 pub struct DailyBuilder {
     operators: Interner,
@@ -426,6 +460,9 @@ pub struct DailyBuilder {
     merchants: Interner,
     terminals: Interner,
     payers: PayerHasher,
+    /// Payers by their exact text, for the payer window only.
+    payer_texts: Interner,
+    payer_window: Option<PayerWindow>,
     files: Interner,
     kinds: Labels<Kind>,
     channels: Labels<Option<usize>>,
@@ -441,7 +478,7 @@ impl Default for DailyBuilder {
 
 /// A string column as `Utf8` or `Utf8View` (what scans give), cast from any other
 /// string or dictionary type.
-fn strings(batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
+pub(crate) fn strings(batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
     let column = column(batch, name)?;
     if matches!(column.data_type(), DataType::Utf8 | DataType::Utf8View) {
         return Ok(column.clone());
@@ -485,20 +522,20 @@ fn no_nulls(array: &ArrayRef, name: &str) -> Result<()> {
 
 /// Read access to a [`strings`] column without copying it.
 #[derive(Clone, Copy)]
-enum Strs<'a> {
+pub(crate) enum Strs<'a> {
     Plain(&'a StringArray),
     View(&'a StringViewArray),
 }
 
 impl<'a> Strs<'a> {
-    fn of(array: &'a ArrayRef) -> Self {
+    pub(crate) fn of(array: &'a ArrayRef) -> Self {
         match array.as_string_view_opt() {
             Some(view) => Strs::View(view),
             None => Strs::Plain(array.as_string::<i32>()),
         }
     }
 
-    fn value(self, row: usize) -> &'a str {
+    pub(crate) fn value(self, row: usize) -> &'a str {
         match self {
             Strs::Plain(array) => array.value(row),
             Strs::View(array) => array.value(row),
@@ -550,11 +587,22 @@ impl DailyBuilder {
             merchants: Interner::new(),
             terminals: Interner::new(),
             payers: PayerHasher::new(),
+            payer_texts: Interner::new(),
+            payer_window: None,
             files: Interner::new(),
             kinds: Labels::new(),
             channels: Labels::new(),
             events: Chunked::new(),
             rows: 0,
+        }
+    }
+
+    /// An empty builder that also sums the live sales of `window` per payer, for
+    /// [`DailyBuilder::finish_with_payer_sales`].
+    pub fn with_payer_window(window: PayerWindow) -> Self {
+        DailyBuilder {
+            payer_window: Some(window),
+            ..Self::new()
         }
     }
 
@@ -643,6 +691,13 @@ impl DailyBuilder {
                 self.key(operator, ref_event_id.value(row))?
             };
             let minute = local_minute.value(row);
+            let date = business_date.value(row);
+            let payer_text = match self.payer_window {
+                Some(window) if window.contains(date) && !payer_ref.is_null(row) => {
+                    self.payer_texts.intern(0, payer_ref.value(row))?
+                }
+                _ => NONE,
+            };
             let delivery = Event {
                 arrival: Arrival {
                     ingested_at: nulls_last(ingested_at, row, i64::MAX),
@@ -653,7 +708,7 @@ impl DailyBuilder {
                 },
                 amount_fen: amount_fen.value(row),
                 occurred_at: occurred_at.value(row),
-                business_date: business_date.value(row),
+                business_date: date,
                 merchant: self.merchants.intern(0, merchant_id.value(row))?,
                 terminal: intern_optional(&mut self.terminals, 0, terminal_id, row)?,
                 payer: if payer_ref.is_null(row) {
@@ -662,6 +717,7 @@ impl DailyBuilder {
                     self.payers.hash(payer_ref.value(row))
                 },
                 reference,
+                payer_text,
                 deliveries: 1,
                 local_minute_of_day: u16::try_from(minute).map_err(|_| Error::Arrow {
                     context: "reading bronze rows".to_owned(),
@@ -767,8 +823,19 @@ impl DailyBuilder {
 
     /// The daily rows of every (operator, business date) `keep` accepts, sorted by
     /// operator, date and merchant, in the exact `merchant_daily` schema.
-    pub fn finish(mut self, keep: impl Fn(&str, i32) -> bool) -> Result<Vec<RecordBatch>> {
+    pub fn finish(self, keep: impl Fn(&str, i32) -> bool) -> Result<Vec<RecordBatch>> {
+        Ok(self.finish_with_payer_sales(keep)?.0)
+    }
+
+    /// [`DailyBuilder::finish`]'s daily rows, and the `payer_sales` rows
+    /// ([`payer_sales_schema`]) of the payer window: every payer's live sales per
+    /// merchant, as `payer_sales.sql` computes them (none without a payer window).
+    pub fn finish_with_payer_sales(
+        mut self,
+        keep: impl Fn(&str, i32) -> bool,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
         self.resolve_claims();
+        let mut payer_totals: PayerTotals = HashMap::with_hasher(FixedState::with_seed(11));
         let mut groups: HashMap<(u32, u32, i32), u32, FixedState> =
             HashMap::with_hasher(FixedState::with_seed(7));
         let mut group_keys: Vec<(u32, u32, i32)> = Vec::new();
@@ -832,6 +899,13 @@ impl DailyBuilder {
                     day.round_sales_count += 1;
                     add(&mut day.round_sales_fen, amount)?;
                 }
+                if event.payer_text != NONE {
+                    let totals = payer_totals
+                        .entry((operator, event.merchant, event.payer_text))
+                        .or_default();
+                    totals.0 += 1;
+                    add(&mut totals.1, amount)?;
+                }
                 if event.payer != NO_PAYER {
                     day_payers.push(
                         (u128::from(group) << 96)
@@ -894,7 +968,9 @@ impl DailyBuilder {
                 .then(a_date.cmp(&b_date))
                 .then(a_merchant.cmp(b_merchant))
         });
-        kept.chunks(OUTPUT_BATCH_ROWS)
+        let payer_sales = self.payer_sales_batches(&operator_names, payer_totals)?;
+        let daily = kept
+            .chunks(OUTPUT_BATCH_ROWS)
             .map(|rows| {
                 output_batch(
                     rows.iter().map(|(group, merchant)| {
@@ -908,6 +984,45 @@ impl DailyBuilder {
                     }),
                     rows.len(),
                 )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((daily, payer_sales))
+    }
+
+    /// The `payer_sales` rows of `totals`.
+    fn payer_sales_batches(
+        &self,
+        operator_names: &[String],
+        totals: PayerTotals,
+    ) -> Result<Vec<RecordBatch>> {
+        let rows: Vec<_> = totals.into_iter().collect();
+        rows.chunks(OUTPUT_BATCH_ROWS)
+            .map(|chunk| {
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(StringArray::from_iter_values(chunk.iter().map(
+                        |((operator, _, _), _)| operator_names[*operator as usize].as_str(),
+                    ))),
+                    Arc::new(StringArray::from_iter_values(
+                        chunk
+                            .iter()
+                            .map(|((_, merchant, _), _)| self.merchants.text(*merchant)),
+                    )),
+                    Arc::new(StringArray::from_iter_values(
+                        chunk
+                            .iter()
+                            .map(|((_, _, payer), _)| self.payer_texts.text(*payer)),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        chunk.iter().map(|(_, (visits, _))| *visits),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        chunk.iter().map(|(_, (_, fen))| *fen),
+                    )),
+                ];
+                RecordBatch::try_new(payer_sales_schema(), columns).map_err(|source| Error::Arrow {
+                    context: "building payer_sales rows".to_owned(),
+                    source,
+                })
             })
             .collect()
     }
@@ -987,4 +1102,4 @@ fn output_batch<'a>(
 
 #[cfg(test)]
 #[path = "daily_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -2,9 +2,10 @@
 //!
 //! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
 //! default the start of business day D in each operator's calendar) with business dates
-//! from D − 456 days, resolves them with [`sql::RESOLVE_STEPS`] (`repeated_keys.sql` …
-//! `resolved.sql`), builds daily rows with `daily.sql` (dates before D) and the 90-day
-//! payer table with `payer_sales.sql`, and applies `merchant_features.sql`. A late event
+//! from D − 456 days. From them it builds the daily rows of `daily.sql` (dates before D)
+//! and the 90-day payer table of `payer_sales.sql` in one pass ([`DailyBuilder`], equal
+//! to those SQL definitions over the resolution steps), and applies
+//! `merchant_features.sql` on DataFusion. A late event
 //! that arrived after the knowledge time therefore never changes a vector already
 //! computed.
 
@@ -13,7 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
-use streetflow_core::tables::{MERCHANT_FEATURES, POS_EVENTS};
+use futures::StreamExt;
+use streetflow_core::tables::{MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_lake::arrow::array::{
     Array, ArrayRef, AsArray, Date32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
@@ -24,15 +26,17 @@ use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, Time
 use streetflow_lake::datafusion::prelude::{SessionConfig, SessionContext};
 use streetflow_lake::{Lake, OffsetWriter};
 
+use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder, PayerWindow, payer_sales_schema};
+use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
-use crate::relations::{
-    broadcast_small_join_sides, explain_if_asked, log_computed, materialize, mem_table,
-    register_resolved,
-};
+use crate::relations::{explain_if_asked, log_computed, mem_table};
 use crate::sql;
 
 /// Name of the feature set these definitions produce.
 pub const FEATURE_SET: &str = "v1";
+
+/// Days of sales the payer features look at (`payer_sales.sql`).
+const PAYER_WINDOW_DAYS: u64 = 90;
 
 /// Days of history a feature vector can look back (365-day window plus the 90 days of
 /// last year's comparison window, and a day of margin).
@@ -488,16 +492,41 @@ async fn compute(
             sql_literal(merchant)
         ));
     }
-    broadcast_small_join_sides(&ctx);
-    // Read bronze once: the resolution and the daily rows read the events seven times, and
-    // each scan of a year of (operator, day) partitions opens over a thousand files. The
-    // rows of one lookback window (456 days) are kept in memory for the run.
-    materialize(&ctx, "events", &events).await?;
-    register_resolved(&ctx).await?;
-    // The feature query reads its inputs several times; compute each once (both are
-    // small: merchant-days and merchant-payers).
-    materialize(&ctx, "daily", &daily_view(d)).await?;
-    materialize(&ctx, "payer_sales", sql::PAYER_SALES).await?;
+    // One pass over the knowable events: `daily` and `payer_sales` as `daily.sql` and
+    // `payer_sales.sql` define them over the resolution steps (the builder's tests hold
+    // the two equal), without running the resolution's joins over a year of events.
+    let started = std::time::Instant::now();
+    let window = PayerWindow {
+        from: days(d - Days::new(PAYER_WINDOW_DAYS)),
+        until: days(d),
+    };
+    let make = || DailyBuilder::with_payer_window(window);
+    let mut builder = match merchant {
+        // One merchant's few thousand rows: one operator, one thread.
+        Some(_) => ParallelDaily::new(1, make),
+        None => ParallelDaily::per_core(make),
+    };
+    let scan = format!(
+        "SELECT {} FROM ({events}) known_events",
+        DAILY_INPUT_COLUMNS.join(", ")
+    );
+    let mut stream = ctx
+        .sql(&scan)
+        .await
+        .map_err(Error::query("planning the bronze scan"))?
+        .execute_stream()
+        .await
+        .map_err(Error::query("scanning bronze"))?;
+    while let Some(batch) = stream.next().await {
+        builder
+            .push(batch.map_err(Error::query("scanning bronze"))?)
+            .await?;
+    }
+    let before = days(d);
+    let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
+    log_computed("daily", &daily, started);
+    mem_table(&ctx, "daily", MERCHANT_DAILY.schema.clone(), daily)?;
+    mem_table(&ctx, "payer_sales", payer_sales_schema(), payer_sales)?;
     explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
     let started = std::time::Instant::now();
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;

@@ -9,6 +9,7 @@
 //! benchmarks run as SQL; unit tests hold the two equal).
 
 mod daily;
+mod daily_parallel;
 mod error;
 mod gold;
 mod relations;
@@ -17,7 +18,8 @@ mod silver;
 pub mod sql;
 mod training;
 
-pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder};
+pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder, PayerWindow, payer_sales_schema};
+pub use daily_parallel::ParallelDaily;
 pub use error::{Error, Result};
 pub use gold::{
     AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,

@@ -1,5 +1,5 @@
-//! Registering the relations the feature SQL reads: views, relations computed once and
-//! kept in memory, and the event resolution steps.
+//! Registering the relations the feature SQL reads (in-memory tables), and, for the
+//! tests, views, relations computed once and the SQL event resolution steps.
 
 use std::sync::Arc;
 
@@ -9,7 +9,6 @@ use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result, collect};
-use crate::sql;
 
 /// Registers `batches` as the in-memory table `name`.
 pub(crate) fn mem_table(
@@ -26,6 +25,7 @@ pub(crate) fn mem_table(
 }
 
 /// Registers `query` as the view `name` (its readers inline it).
+#[cfg(test)]
 pub(crate) async fn register_view(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
     let frame = ctx
         .sql(query)
@@ -38,6 +38,7 @@ pub(crate) async fn register_view(ctx: &SessionContext, name: &str, query: &str)
 
 /// Computes `query` once and registers its rows as the table `name`: DataFusion does not
 /// materialize views, so a relation read several times is otherwise computed each time.
+#[cfg(test)]
 pub(crate) async fn materialize(ctx: &SessionContext, name: &str, query: &str) -> Result<()> {
     explain_if_asked(ctx, name, query).await?;
     let started = std::time::Instant::now();
@@ -79,9 +80,11 @@ pub(crate) fn broadcast_small_join_sides(ctx: &SessionContext) {
 }
 
 /// Registers `resolved` (each event once, with its flags) over the relation `events`,
-/// running [`sql::RESOLVE_STEPS`] in order.
+/// running [`sql::RESOLVE_STEPS`] in order: the SQL specification that the tests hold
+/// [`crate::DailyBuilder`] to.
+#[cfg(test)]
 pub(crate) async fn register_resolved(ctx: &SessionContext) -> Result<()> {
-    for step in sql::RESOLVE_STEPS {
+    for step in crate::sql::RESOLVE_STEPS {
         if step.materialize {
             materialize(ctx, step.name, step.sql).await?;
         } else {

@@ -14,6 +14,7 @@ use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
 use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder};
+use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
 use crate::relations::broadcast_small_join_sides;
 use crate::serving::file_paths;
@@ -133,7 +134,7 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
     };
 
     let started = std::time::Instant::now();
-    let mut builder = DailyBuilder::new();
+    let mut builder = ParallelDaily::per_core(DailyBuilder::new);
     match &touched {
         Some(batches) => {
             let schema = batches
@@ -146,8 +147,8 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
                 .map_err(Error::query("registering touched partitions"))?;
             broadcast_small_join_sides(&ctx);
             let events = collect(&ctx, sql::EVENTS_FOR_TOUCHED, "events of touched days").await?;
-            for batch in &events {
-                builder.push(batch)?;
+            for batch in events {
+                builder.push(batch).await?;
             }
         }
         None => {
@@ -161,7 +162,9 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
                 .await
                 .map_err(Error::query("scanning bronze"))?;
             while let Some(batch) = stream.next().await {
-                builder.push(&batch.map_err(Error::query("scanning bronze"))?)?;
+                builder
+                    .push(batch.map_err(Error::query("scanning bronze"))?)
+                    .await?;
             }
         }
     }
