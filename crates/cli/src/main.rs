@@ -26,6 +26,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than the system allocator: the builders of silver and features run on
+/// threads of their own, and glibc gave each thread an arena that could not reuse what
+/// the bronze phase had freed (a backfill peaked at 2.5 GB instead of 1.7 GB).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// streetflow: POS turnover from district operators into exactly-once Delta tables,
 /// cash-flow features and credit decisions.
 #[derive(Debug, Parser)]
