@@ -6,6 +6,11 @@
 //! test puts a TLS terminator (`common/tls_proxy.py`, Python's `ssl`) in front of a
 //! Tansu of its own that advertises the terminator's address: every byte a client sends
 //! or reads crosses TLS, and the client verifies the server certificate.
+//!
+//! End to end over SASL/SCRAM-SHA-512: Tansu keeps SCRAM credentials in its storage, and
+//! `tansu user create` cannot log in to a broker that already demands authentication. So
+//! the test starts a Tansu on SQLite storage without authentication, creates the user,
+//! and restarts it on the same database with `--authentication`.
 
 #![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
 
@@ -19,6 +24,7 @@ use common::*;
 
 static TLS_BROKER: Mutex<Option<Child>> = Mutex::new(None);
 static TLS_TERMINATOR: Mutex<Option<Child>> = Mutex::new(None);
+static SASL_BROKER: Mutex<Option<Child>> = Mutex::new(None);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -189,6 +195,169 @@ fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
     };
     assert_eq!(doctor(&cert), "ok");
     assert_eq!(doctor(&other_ca), "PROBLEM");
+}
+
+/// Starts a Tansu that admits only SCRAM-SHA-512 user `user` with `password`; returns its
+/// bootstrap address.
+fn sasl_broker(dir: &Path, user: &str, password: &str) -> String {
+    let address = format!("127.0.0.1:{}", free_port());
+    // Tansu reads the SQLite path relative to its working directory.
+    let tansu = format!(
+        "tansu broker --listener-url tcp://{address} --advertised-listener-url tcp://{address} \
+         --storage-engine sqlite://broker.db"
+    );
+    start_server_in(
+        dir,
+        &tansu,
+        &address,
+        &SASL_BROKER,
+        "Tansu did not start (.ci/run installs it with the libsql feature)",
+    );
+    let created = Command::new("tansu")
+        .args(["user", "create", "--broker", &format!("tcp://{address}")])
+        .args([user, password, "--mechanism", "scram512"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "tansu user create: {created:?}");
+    stop_server(&SASL_BROKER, &address);
+    start_server_in(
+        dir,
+        &format!("{tansu} --authentication"),
+        &address,
+        &SASL_BROKER,
+        "Tansu did not restart with --authentication",
+    );
+    address
+}
+
+#[test]
+fn events_cross_sasl_scram_end_to_end_and_a_wrong_password_is_refused() {
+    let (_guard, dir) = workdir();
+    let password = "scram-secret-5b1e";
+    let brokers = sasl_broker(&dir, "alice", password);
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "4",
+            "--days",
+            "20",
+            "--seed",
+            "9",
+            "--truth",
+            "truth.csv",
+            "--duplicate-rate",
+            "0.03",
+            "--malformed-rate",
+            "0.01",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("sasl");
+    let sasl_env = |secret: &str| {
+        vec![
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                "SASL_PLAINTEXT".to_owned(),
+            ),
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SASL_MECHANISM",
+                "SCRAM-SHA-512".to_owned(),
+            ),
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SASL_USERNAME",
+                "alice".to_owned(),
+            ),
+            (
+                "STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD",
+                secret.to_owned(),
+            ),
+        ]
+    };
+    let password_property = format!("sasl.password={password}");
+    run(
+        &dir,
+        &[
+            "produce",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--input",
+            "events.jsonl",
+            "--partitions",
+            "2",
+            "--property",
+            "security.protocol=SASL_PLAINTEXT",
+            "--property",
+            "sasl.mechanism=SCRAM-SHA-512",
+            "--property",
+            "sasl.username=alice",
+            "--property",
+            &password_property,
+        ],
+    );
+    let ingest = run_with_env(
+        &dir,
+        &[
+            "ingest",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--group",
+            &unique("g"),
+            "--lake",
+            "lake",
+            "--exit-at-end",
+        ],
+        &sasl_env(password),
+    );
+    let log = String::from_utf8_lossy(&ingest.stderr);
+    assert!(!log.contains(password), "the password is in the log");
+    let lake = dir.join("lake");
+    assert_eq!(
+        row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
+        lines,
+        "every produced line crossed the authenticated connection into the lake"
+    );
+    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
+    assert_eq!(silver_as_truth(&dir, &lake), truth);
+
+    // The broker really checks the password.
+    let doctor = |secret: &str| {
+        let mut command = streetflow();
+        command
+            .args([
+                "doctor",
+                "--brokers",
+                &brokers,
+                "--topic",
+                &topic,
+                "--lake",
+                "lake",
+            ])
+            .args(["--json", "--timeout-seconds", "5"])
+            .current_dir(&dir);
+        for (name, value) in sasl_env(secret) {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let status = |check: &str| {
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["check"] == check)
+                .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
+        };
+        (status("brokers"), status("topic"))
+    };
+    let (brokers_ok, topic_ok) = doctor(password);
+    assert_eq!(brokers_ok.as_deref(), Some("ok"));
+    assert_eq!(topic_ok.as_deref(), Some("ok"));
+    assert_eq!(doctor("not-the-password").0.as_deref(), Some("PROBLEM"));
 }
 
 #[test]

@@ -45,9 +45,21 @@ pub fn broker() -> &'static str {
 /// Starts `command` in the background behind a shell that stops it when this test
 /// process exits (its stdin closes), and waits until `address` accepts connections.
 pub fn start_server(command: &str, address: &str, keeper: &Mutex<Option<Child>>, missing: &str) {
+    start_server_in(Path::new("."), command, address, keeper, missing);
+}
+
+/// [`start_server`] with `dir` as the server's working directory.
+pub fn start_server_in(
+    dir: &Path,
+    command: &str,
+    address: &str,
+    keeper: &Mutex<Option<Child>>,
+    missing: &str,
+) {
     let script = format!("{command} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid");
     let child = Command::new("sh")
         .args(["-c", &script])
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -55,6 +67,22 @@ pub fn start_server(command: &str, address: &str, keeper: &Mutex<Option<Child>>,
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(address).is_err() {
         assert!(Instant::now() < deadline, "{missing}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops a server [`start_server`] started and waits until `address` refuses connections.
+pub fn stop_server(keeper: &Mutex<Option<Child>>, address: &str) {
+    if let Some(mut child) = keeper.lock().unwrap().take() {
+        drop(child.stdin.take());
+        child.wait().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(address).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the server at {address} did not stop"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
