@@ -166,7 +166,11 @@ pub fn create_topic_with(
             [&new_topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         ))
-        .map_err(Error::kafka(format!("create topic {topic}")))?;
+        // librdkafka reports a refused SASL login or TLS handshake only as a timeout here.
+        .map_err(Error::kafka(format!(
+            "create topic {topic} at {brokers} (a timeout means no broker answered: check \
+             the address and the security settings, since a refused login looks the same)"
+        )))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
