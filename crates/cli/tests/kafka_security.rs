@@ -16,6 +16,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Mutex;
@@ -79,6 +80,37 @@ fn tls_broker(dir: &Path, cert: &str, key: &str) -> String {
         "the TLS terminator did not start",
     );
     tls_address
+}
+
+/// The status `streetflow doctor` gives each of its checks (e.g. "brokers") for `topic`
+/// on `brokers`, with the Kafka settings `env`.
+fn doctor_statuses(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    env: &[(&str, String)],
+) -> BTreeMap<String, String> {
+    let mut command = streetflow();
+    command
+        .args(["doctor", "--brokers", brokers, "--topic", topic])
+        .args(["--lake", "lake", "--json", "--timeout-seconds", "5"])
+        .current_dir(dir);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_owned(),
+                c["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -165,34 +197,8 @@ fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
 
     // The same broker through a client that trusts another CA: the handshake fails, so
     // the client really verifies the certificate.
-    let doctor = |ca: &str| {
-        let mut command = streetflow();
-        command
-            .args([
-                "doctor",
-                "--brokers",
-                &brokers,
-                "--topic",
-                &topic,
-                "--lake",
-                "lake",
-            ])
-            .args(["--json", "--timeout-seconds", "5"])
-            .current_dir(&dir);
-        for (name, value) in tls_env(ca) {
-            command.env(name, value);
-        }
-        let output = command.output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        let brokers_check = report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["check"] == "brokers")
-            .cloned()
-            .unwrap();
-        brokers_check["status"].as_str().unwrap().to_owned()
-    };
+    let doctor =
+        |ca: &str| doctor_statuses(&dir, &brokers, &topic, &tls_env(ca))["brokers"].clone();
     assert_eq!(doctor(&cert), "ok");
     assert_eq!(doctor(&other_ca), "PROBLEM");
 }
@@ -325,39 +331,11 @@ fn events_cross_sasl_scram_end_to_end_and_a_wrong_password_is_refused() {
     assert_eq!(silver_as_truth(&dir, &lake), truth);
 
     // The broker really checks the password.
-    let doctor = |secret: &str| {
-        let mut command = streetflow();
-        command
-            .args([
-                "doctor",
-                "--brokers",
-                &brokers,
-                "--topic",
-                &topic,
-                "--lake",
-                "lake",
-            ])
-            .args(["--json", "--timeout-seconds", "5"])
-            .current_dir(&dir);
-        for (name, value) in sasl_env(secret) {
-            command.env(name, value);
-        }
-        let output = command.output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        let status = |check: &str| {
-            report["checks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["check"] == check)
-                .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
-        };
-        (status("brokers"), status("topic"))
-    };
-    let (brokers_ok, topic_ok) = doctor(password);
-    assert_eq!(brokers_ok.as_deref(), Some("ok"));
-    assert_eq!(topic_ok.as_deref(), Some("ok"));
-    assert_eq!(doctor("not-the-password").0.as_deref(), Some("PROBLEM"));
+    let admitted = doctor_statuses(&dir, &brokers, &topic, &sasl_env(password));
+    assert_eq!(admitted["brokers"], "ok", "{admitted:?}");
+    assert_eq!(admitted["topic"], "ok", "{admitted:?}");
+    let refused = doctor_statuses(&dir, &brokers, &topic, &sasl_env("not-the-password"));
+    assert_eq!(refused["brokers"], "PROBLEM", "{refused:?}");
 }
 
 #[test]

@@ -15,7 +15,10 @@ use streetflow_lake::arrow::compute::filter_record_batch;
 use streetflow_lake::arrow::error::ArrowError;
 use tokio::sync::mpsc;
 
-use crate::daily::{DailyBuilder, Strs, strings};
+use futures::StreamExt;
+use streetflow_lake::datafusion::prelude::SessionContext;
+
+use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder, Strs, strings};
 use crate::error::{Error, Result};
 
 /// Batches waiting per builder: enough to keep it busy, few enough that a slow builder
@@ -116,6 +119,27 @@ impl ParallelDaily {
                 source,
             })?;
             self.send(shard, part).await?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the rows of `relation` (a table or a parenthesized query over `ctx`'s
+    /// tables), streamed: only the columns the daily rows depend on.
+    pub async fn push_scan(&mut self, ctx: &SessionContext, relation: &str) -> Result<()> {
+        let query = format!(
+            "SELECT {} FROM {relation} scanned",
+            DAILY_INPUT_COLUMNS.join(", ")
+        );
+        let mut stream = ctx
+            .sql(&query)
+            .await
+            .map_err(Error::query("planning the bronze scan"))?
+            .execute_stream()
+            .await
+            .map_err(Error::query("scanning bronze"))?;
+        while let Some(batch) = stream.next().await {
+            self.push(batch.map_err(Error::query("scanning bronze"))?)
+                .await?;
         }
         Ok(())
     }

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
-use futures::StreamExt;
 use streetflow_core::tables::{MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_lake::arrow::array::{
@@ -26,7 +25,7 @@ use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, Time
 use streetflow_lake::datafusion::prelude::{SessionConfig, SessionContext};
 use streetflow_lake::{Lake, OffsetWriter};
 
-use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder, PayerWindow, payer_sales_schema};
+use crate::daily::{DailyBuilder, PayerWindow, payer_sales_schema};
 use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
 use crate::relations::{explain_if_asked, log_computed, mem_table};
@@ -506,22 +505,7 @@ async fn compute(
         Some(_) => ParallelDaily::new(1, make),
         None => ParallelDaily::per_core(make),
     };
-    let scan = format!(
-        "SELECT {} FROM ({events}) known_events",
-        DAILY_INPUT_COLUMNS.join(", ")
-    );
-    let mut stream = ctx
-        .sql(&scan)
-        .await
-        .map_err(Error::query("planning the bronze scan"))?
-        .execute_stream()
-        .await
-        .map_err(Error::query("scanning bronze"))?;
-    while let Some(batch) = stream.next().await {
-        builder
-            .push(batch.map_err(Error::query("scanning bronze"))?)
-            .await?;
-    }
+    builder.push_scan(&ctx, &format!("({events})")).await?;
     let before = days(d);
     let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
     log_computed("daily", &daily, started);

@@ -3,8 +3,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures::StreamExt;
-
 use chrono::NaiveDate;
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
 use streetflow_lake::arrow::array::{AsArray, RecordBatch};
@@ -13,7 +11,7 @@ use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 
-use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder};
+use crate::daily::DailyBuilder;
 use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
 use crate::relations::broadcast_small_join_sides;
@@ -152,20 +150,8 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
             }
         }
         None => {
-            // All of bronze, streamed: only the columns the daily rows depend on.
-            let query = format!("SELECT {} FROM pos_events", DAILY_INPUT_COLUMNS.join(", "));
-            let mut stream = ctx
-                .sql(&query)
-                .await
-                .map_err(Error::query("planning the bronze scan"))?
-                .execute_stream()
-                .await
-                .map_err(Error::query("scanning bronze"))?;
-            while let Some(batch) = stream.next().await {
-                builder
-                    .push(batch.map_err(Error::query("scanning bronze"))?)
-                    .await?;
-            }
+            // All of bronze, streamed.
+            builder.push_scan(&ctx, "pos_events").await?;
         }
     }
     let keep = match &touched {
