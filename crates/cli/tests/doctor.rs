@@ -9,31 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use serde_json::Value;
 use streetflow_core::tables::TableDef;
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema};
 
 /// Runs the doctor; returns its exit success and its checks by name.
 fn doctor(dir: &Path, args: &[&str]) -> (bool, Vec<(String, String, String)>) {
-    let mut all = vec!["doctor", "--json", "--timeout-seconds", "5"];
-    all.extend_from_slice(args);
-    let output = streetflow().args(&all).current_dir(dir).output().unwrap();
-    let report: Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
-    let checks = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["check"].as_str().unwrap().to_owned(),
-                c["status"].as_str().unwrap().to_owned(),
-                c["detail"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    (output.status.success(), checks)
+    doctor_checks(dir, args, &[])
 }
 
 fn find<'a>(checks: &'a [(String, String, String)], name: &str) -> &'a (String, String, String) {

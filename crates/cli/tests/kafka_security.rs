@@ -82,45 +82,29 @@ fn tls_broker(dir: &Path, cert: &str, key: &str) -> String {
     tls_address
 }
 
-/// The status `streetflow doctor` gives each of its checks (e.g. "brokers") for `topic`
-/// on `brokers`, with the Kafka settings `env`.
-fn doctor_statuses(
-    dir: &Path,
-    brokers: &str,
-    topic: &str,
-    env: &[(&str, String)],
-) -> BTreeMap<String, String> {
-    let mut command = streetflow();
-    command
-        .args(["doctor", "--brokers", brokers, "--topic", topic])
-        .args(["--lake", "lake", "--json", "--timeout-seconds", "5"])
-        .current_dir(dir);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let output = command.output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    report["checks"]
-        .as_array()
-        .unwrap()
+/// The environment that sets the librdkafka `properties` for a streetflow command.
+fn property_envs(properties: &[(&str, &str)]) -> Vec<(String, String)> {
+    properties
         .iter()
-        .map(|c| {
+        .map(|(key, value)| {
             (
-                c["check"].as_str().unwrap().to_owned(),
-                c["status"].as_str().unwrap().to_owned(),
+                format!(
+                    "STREETFLOW__KAFKA__PROPERTIES__{}",
+                    key.replace('.', "_").to_uppercase()
+                ),
+                (*value).to_owned(),
             )
         })
         .collect()
 }
 
-#[test]
-fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
-    let (_guard, dir) = workdir();
-    let (cert, key) = certificate(&dir, "broker");
-    let (other_ca, _) = certificate(&dir, "stranger");
-    let brokers = tls_broker(&dir, &cert, &key);
+/// Generates a district with duplicates and malformed lines, produces it to a new topic
+/// on `brokers` with the librdkafka `properties` (as `--property`), ingests it with the
+/// same properties from the environment, and checks that every line reached the lake and
+/// silver equals the generator's truth. Returns the topic and the worker's log.
+fn secured_round_trip(dir: &Path, brokers: &str, properties: &[(&str, &str)]) -> (String, String) {
     let summary = generate(
-        &dir,
+        dir,
         &[
             "--merchants",
             "4",
@@ -137,45 +121,30 @@ fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
         ],
     );
     let lines = summary["lines"].as_i64().unwrap();
-    let topic = unique("tls");
-
-    let ca_property = format!("ssl.ca.location={cert}");
-    run(
-        &dir,
-        &[
-            "produce",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--input",
-            "events.jsonl",
-            "--partitions",
-            "2",
-            "--property",
-            "security.protocol=SSL",
-            "--property",
-            &ca_property,
-        ],
-    );
-    let tls_env = |ca: &str| {
-        vec![
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
-                "SSL".to_owned(),
-            ),
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SSL_CA_LOCATION",
-                ca.to_owned(),
-            ),
-        ]
-    };
-    run_with_env(
-        &dir,
+    let topic = unique("secured");
+    let mut produce = vec![
+        "produce".to_owned(),
+        "--brokers".to_owned(),
+        brokers.to_owned(),
+        "--topic".to_owned(),
+        topic.clone(),
+        "--input".to_owned(),
+        "events.jsonl".to_owned(),
+        "--partitions".to_owned(),
+        "2".to_owned(),
+    ];
+    for (key, value) in properties {
+        produce.extend(["--property".to_owned(), format!("{key}={value}")]);
+    }
+    run(dir, &produce.iter().map(String::as_str).collect::<Vec<_>>());
+    let env = property_envs(properties);
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let ingest = run_with_env(
+        dir,
         &[
             "ingest",
             "--brokers",
-            &brokers,
+            brokers,
             "--topic",
             &topic,
             "--group",
@@ -184,23 +153,61 @@ fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
             "lake",
             "--exit-at-end",
         ],
-        &tls_env(&cert),
+        &env,
     );
     let lake = dir.join("lake");
     assert_eq!(
         row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
         lines,
-        "every produced line crossed TLS into the lake"
+        "every produced line crossed the secured connection into the lake"
     );
     let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
-    assert_eq!(silver_as_truth(&dir, &lake), truth);
+    assert_eq!(silver_as_truth(dir, &lake), truth);
+    (topic, String::from_utf8_lossy(&ingest.stderr).into_owned())
+}
+
+/// The status `streetflow doctor` gives each of its checks (e.g. "brokers") for `topic`
+/// on `brokers`, with the librdkafka `properties` from the environment.
+fn doctor_with(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    properties: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    let args = ["--brokers", brokers, "--topic", topic, "--lake", "lake"];
+    let (_, checks) = doctor_checks(dir, &args, &property_envs(properties));
+    checks
+        .into_iter()
+        .map(|(check, status, _)| (check, status))
+        .collect()
+}
+
+#[test]
+fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
+    let (_guard, dir) = workdir();
+    let (cert, key) = certificate(&dir, "broker");
+    let (other_ca, _) = certificate(&dir, "stranger");
+    let brokers = tls_broker(&dir, &cert, &key);
+    let trusted = [
+        ("security.protocol", "SSL"),
+        ("ssl.ca.location", cert.as_str()),
+    ];
+    let stranger = [
+        ("security.protocol", "SSL"),
+        ("ssl.ca.location", other_ca.as_str()),
+    ];
+    let (topic, _) = secured_round_trip(&dir, &brokers, &trusted);
 
     // The same broker through a client that trusts another CA: the handshake fails, so
     // the client really verifies the certificate.
-    let doctor =
-        |ca: &str| doctor_statuses(&dir, &brokers, &topic, &tls_env(ca))["brokers"].clone();
-    assert_eq!(doctor(&cert), "ok");
-    assert_eq!(doctor(&other_ca), "PROBLEM");
+    assert_eq!(
+        doctor_with(&dir, &brokers, &topic, &trusted)["brokers"],
+        "ok"
+    );
+    assert_eq!(
+        doctor_with(&dir, &brokers, &topic, &stranger)["brokers"],
+        "PROBLEM"
+    );
 }
 
 /// Starts a Tansu that admits only SCRAM-SHA-512 user `user` with `password`; returns its
@@ -241,100 +248,22 @@ fn events_cross_sasl_scram_end_to_end_and_a_wrong_password_is_refused() {
     let (_guard, dir) = workdir();
     let password = "scram-secret-5b1e";
     let brokers = sasl_broker(&dir, "alice", password);
-    let summary = generate(
-        &dir,
-        &[
-            "--merchants",
-            "4",
-            "--days",
-            "20",
-            "--seed",
-            "9",
-            "--truth",
-            "truth.csv",
-            "--duplicate-rate",
-            "0.03",
-            "--malformed-rate",
-            "0.01",
-        ],
-    );
-    let lines = summary["lines"].as_i64().unwrap();
-    let topic = unique("sasl");
-    let sasl_env = |secret: &str| {
-        vec![
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
-                "SASL_PLAINTEXT".to_owned(),
-            ),
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SASL_MECHANISM",
-                "SCRAM-SHA-512".to_owned(),
-            ),
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SASL_USERNAME",
-                "alice".to_owned(),
-            ),
-            (
-                "STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD",
-                secret.to_owned(),
-            ),
+    let sasl = |secret| {
+        [
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "alice"),
+            ("sasl.password", secret),
         ]
     };
-    let password_property = format!("sasl.password={password}");
-    run(
-        &dir,
-        &[
-            "produce",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--input",
-            "events.jsonl",
-            "--partitions",
-            "2",
-            "--property",
-            "security.protocol=SASL_PLAINTEXT",
-            "--property",
-            "sasl.mechanism=SCRAM-SHA-512",
-            "--property",
-            "sasl.username=alice",
-            "--property",
-            &password_property,
-        ],
-    );
-    let ingest = run_with_env(
-        &dir,
-        &[
-            "ingest",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--group",
-            &unique("g"),
-            "--lake",
-            "lake",
-            "--exit-at-end",
-        ],
-        &sasl_env(password),
-    );
-    let log = String::from_utf8_lossy(&ingest.stderr);
+    let (topic, log) = secured_round_trip(&dir, &brokers, &sasl(password));
     assert!(!log.contains(password), "the password is in the log");
-    let lake = dir.join("lake");
-    assert_eq!(
-        row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
-        lines,
-        "every produced line crossed the authenticated connection into the lake"
-    );
-    let truth = std::fs::read_to_string(dir.join("truth.csv")).unwrap();
-    assert_eq!(silver_as_truth(&dir, &lake), truth);
 
     // The broker really checks the password.
-    let admitted = doctor_statuses(&dir, &brokers, &topic, &sasl_env(password));
+    let admitted = doctor_with(&dir, &brokers, &topic, &sasl(password));
     assert_eq!(admitted["brokers"], "ok", "{admitted:?}");
     assert_eq!(admitted["topic"], "ok", "{admitted:?}");
-    let refused = doctor_statuses(&dir, &brokers, &topic, &sasl_env("not-the-password"));
+    let refused = doctor_with(&dir, &brokers, &topic, &sasl("not-the-password"));
     assert_eq!(refused["brokers"], "PROBLEM", "{refused:?}");
 }
 

@@ -395,3 +395,36 @@ pub fn run_with_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output
     );
     output
 }
+
+/// Runs `streetflow doctor --json` with `args` and the environment `env`; returns its exit
+/// success and its checks as (check, status, detail).
+pub fn doctor_checks(
+    dir: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+) -> (bool, Vec<(String, String, String)>) {
+    let mut command = streetflow();
+    command
+        .args(["doctor", "--json", "--timeout-seconds", "5"])
+        .args(args)
+        .current_dir(dir);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let checks = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_owned(),
+                c["status"].as_str().unwrap().to_owned(),
+                c["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (output.status.success(), checks)
+}
