@@ -68,9 +68,9 @@ pub(crate) fn log_computed(name: &str, batches: &[RecordBatch], started: std::ti
 }
 
 /// Lets DataFusion build one shared hash table from a join side it knows to be small
-/// (up to 4 M rows or 256 MiB — the in-memory `repeated_keys`, `repeated` and `links`
-/// tables) instead of shuffling both sides by hash. Its defaults (128 K rows, 1 MiB) made
-/// it repartition every event, all columns, to join with 170 K repeated keys.
+/// (up to 4 M rows or 256 MiB, e.g. silver's in-memory `touched` partitions) instead of
+/// shuffling both sides by hash. Its defaults (128 K rows, 1 MiB) made it repartition
+/// every event, all columns, to join with a small in-memory table.
 pub(crate) fn broadcast_small_join_sides(ctx: &SessionContext) {
     let state = ctx.state_ref();
     let mut state = state.write();
