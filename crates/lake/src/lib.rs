@@ -11,12 +11,14 @@
 mod error;
 mod lake;
 mod maintenance;
+mod prepared;
 mod query;
 mod writer;
 
 pub use error::{Error, Result};
 pub use lake::{Lake, TableState};
 pub use maintenance::{CompactReport, VacuumReport};
+pub use prepared::{PreparedQuery, RequestTables};
 pub use query::memory_limit;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
 
