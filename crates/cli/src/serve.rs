@@ -32,14 +32,13 @@ use clap::Args;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use streetflow_credit::{Decision, Policy, evaluate};
+use streetflow_credit::{Decision, Policy, PreparedPolicy};
 use streetflow_features::{
-    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, compute_merchant_features,
-    compute_merchant_features_from_rows, load_registry, sql_literal,
+    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
+    compute_merchant_features, load_registry, sql_literal,
 };
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
-use streetflow_lake::datafusion::datasource::MemTable;
 use streetflow_lake::datafusion::prelude::SessionContext;
 
 use crate::ingest::runtime;
@@ -142,6 +141,10 @@ pub(crate) struct EvaluateRequest {
 pub(crate) struct Service {
     lake: Lake,
     policies: BTreeMap<String, Policy>,
+    /// Each policy's query, planned once for evaluations.
+    prepared: BTreeMap<String, PreparedPolicy>,
+    /// The feature query, planned once for evaluations from the cache.
+    feature_plan: MerchantFeaturePlan,
     inputs: FeatureInputs,
     refresh: Duration,
     session: tokio::sync::RwLock<Option<(Instant, SessionContext)>>,
@@ -214,9 +217,21 @@ impl Service {
                 .map(tokio::sync::RwLock::new),
             None => None,
         };
+        let mut prepared = BTreeMap::new();
+        for (product, policy) in &policies {
+            let plan = PreparedPolicy::new(policy)
+                .await
+                .with_context(|| format!("planning the policy of {product}"))?;
+            prepared.insert(product.clone(), plan);
+        }
+        let feature_plan = MerchantFeaturePlan::new()
+            .await
+            .context("planning the feature query")?;
         Ok(Self {
             lake,
             policies,
+            prepared,
+            feature_plan,
             inputs,
             refresh,
             session: tokio::sync::RwLock::new(None),
@@ -398,15 +413,16 @@ impl Service {
         };
         let (batches, report) = match cached {
             Some((rows, version)) => {
-                compute_merchant_features_from_rows(
-                    rows,
-                    version,
-                    &as_of,
-                    &self.inputs,
-                    &request.operator_id,
-                    &request.merchant_id,
-                )
-                .await
+                self.feature_plan
+                    .compute(
+                        &rows,
+                        version,
+                        &as_of,
+                        &self.inputs,
+                        &request.operator_id,
+                        &request.merchant_id,
+                    )
+                    .await
             }
             None => {
                 compute_merchant_features(
@@ -432,12 +448,12 @@ impl Service {
                 ),
             ));
         }
-        let ctx = SessionContext::new();
-        let schema = batches[0].schema();
-        let table = MemTable::try_new(schema, vec![batches.clone()]).map_err(ApiError::internal)?;
-        ctx.register_table("merchant_features", Arc::new(table))
-            .map_err(ApiError::internal)?;
-        let decisions = evaluate(&ctx, policy, None)
+        let prepared = self
+            .prepared
+            .get(&request.product)
+            .ok_or_else(|| ApiError::internal("a policy without its prepared query"))?;
+        let decisions = prepared
+            .evaluate(policy, batches.clone())
             .await
             .map_err(ApiError::internal)?;
         let Some(decision) = decisions.into_iter().next() else {

@@ -18,7 +18,7 @@ use streetflow_lake::arrow::array::{
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Float64Type};
 use streetflow_lake::datafusion::prelude::SessionContext;
-use streetflow_lake::{Lake, OffsetWriter};
+use streetflow_lake::{Lake, OffsetWriter, PreparedQuery, RequestTables};
 
 use crate::error::{Error, Result};
 use crate::policy::{LIMIT_BELOW_MINIMUM, Policy, compile_base_relation};
@@ -211,8 +211,48 @@ pub async fn evaluate(
         .collect()
         .await
         .map_err(Error::query("evaluating the policy"))?;
+    decisions_from(policy, &batches)
+}
+
+/// A policy's query planned once over feature rows each evaluation supplies: the
+/// one-merchant path of `streetflow serve`, where planning would cost more than running.
+#[derive(Debug)]
+pub struct PreparedPolicy {
+    query: PreparedQuery,
+}
+
+impl PreparedPolicy {
+    /// Plans `policy`'s query over rows of the `merchant_features` schema.
+    pub async fn new(policy: &Policy) -> Result<Self> {
+        let sql = compile(policy, MERCHANT_FEATURES.name, None);
+        let query = PreparedQuery::new(
+            &sql,
+            &[(MERCHANT_FEATURES.name, MERCHANT_FEATURES.schema.clone())],
+        )
+        .await?;
+        Ok(Self { query })
+    }
+
+    /// Decides each of `features` (rows of the `merchant_features` schema) by `policy`,
+    /// the policy this was prepared from; the same decisions as [`evaluate`] over a table
+    /// of those rows.
+    pub async fn evaluate(
+        &self,
+        policy: &Policy,
+        features: Vec<RecordBatch>,
+    ) -> Result<Vec<Decision>> {
+        let batches = self
+            .query
+            .execute(RequestTables::new().with(MERCHANT_FEATURES.name, features))
+            .await?;
+        decisions_from(policy, &batches)
+    }
+}
+
+/// Decisions from the rows of a policy query ([`compile`]).
+fn decisions_from(policy: &Policy, batches: &[RecordBatch]) -> Result<Vec<Decision>> {
     let mut decisions = Vec::new();
-    for batch in &batches {
+    for batch in batches {
         let operators = strings(batch, "operator_id")?;
         let merchants = strings(batch, "merchant_id")?;
         let sectors = strings(batch, "subsidy_sector")?;

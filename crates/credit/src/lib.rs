@@ -9,8 +9,8 @@ mod error;
 mod policy;
 
 pub use decide::{
-    Decision, DecisionSummary, Evaluation, Outcome, compile, decide, decision_rows, evaluate,
-    outcome, summarize,
+    Decision, DecisionSummary, Evaluation, Outcome, PreparedPolicy, compile, decide, decision_rows,
+    evaluate, outcome, summarize,
 };
 pub use error::{Error, Result};
 pub use policy::{

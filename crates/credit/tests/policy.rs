@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use streetflow_core::tables::MERCHANT_FEATURES;
-use streetflow_credit::{Decision, Outcome, Policy, evaluate};
+use streetflow_credit::{Decision, Outcome, Policy, PreparedPolicy, evaluate};
 use streetflow_lake::arrow::array::{
     ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
@@ -97,14 +97,24 @@ fn features(rows: &[(&str, Vec<(&'static str, V)>)]) -> RecordBatch {
     RecordBatch::try_new(schema, columns).unwrap()
 }
 
+/// The decisions of `policy` over `batch`, by merchant. Runs both the batch path (the
+/// policy query planned over a table) and the serving path (planned once, rows given per
+/// call, twice to show a second run sees only its own rows) and holds them equal.
 async fn decide(policy: &Policy, batch: RecordBatch) -> BTreeMap<String, Decision> {
     let ctx = SessionContext::new();
-    let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap();
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]]).unwrap();
     ctx.register_table("merchant_features", Arc::new(table))
         .unwrap();
-    evaluate(&ctx, policy, None)
-        .await
-        .unwrap()
+    let planned = evaluate(&ctx, policy, None).await.unwrap();
+    let prepared = PreparedPolicy::new(policy).await.unwrap();
+    for _ in 0..2 {
+        let served = prepared
+            .evaluate(policy, vec![batch.clone()])
+            .await
+            .unwrap();
+        assert_eq!(served, planned);
+    }
+    planned
         .into_iter()
         .map(|d| (d.merchant_id.clone(), d))
         .collect()

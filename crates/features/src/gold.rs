@@ -22,7 +22,6 @@ use streetflow_lake::arrow::array::{
 };
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use streetflow_lake::datafusion::prelude::{SessionConfig, SessionContext};
 use streetflow_lake::{Lake, OffsetWriter};
 
 use crate::daily::{DailyBuilder, PayerWindow, payer_sales_schema};
@@ -35,7 +34,7 @@ use crate::sql;
 pub const FEATURE_SET: &str = "v1";
 
 /// Days of sales the payer features look at (`payer_sales.sql`).
-const PAYER_WINDOW_DAYS: u64 = 90;
+pub(crate) const PAYER_WINDOW_DAYS: u64 = 90;
 
 /// Days of history a feature vector can look back (365-day window plus the 90 days of
 /// last year's comparison window, and a day of margin).
@@ -73,7 +72,7 @@ pub struct FeatureReport {
     pub knowledge_times: BTreeMap<String, DateTime<Utc>>,
 }
 
-fn arrow_error(
+pub(crate) fn arrow_error(
     context: &str,
 ) -> impl FnOnce(streetflow_lake::arrow::error::ArrowError) -> Error + '_ {
     move |source| Error::Arrow {
@@ -82,7 +81,7 @@ fn arrow_error(
     }
 }
 
-fn days(date: NaiveDate) -> i32 {
+pub(crate) fn days(date: NaiveDate) -> i32 {
     date.signed_duration_since(NaiveDate::default()).num_days() as i32
 }
 
@@ -353,11 +352,11 @@ pub async fn compute_features(
     as_of: &AsOf,
     inputs: &FeatureInputs,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    compute(Bronze::Lake(lake), as_of, inputs, None).await
+    compute(lake, as_of, inputs, None).await
 }
 
 /// Computes the feature row of one merchant as of `as_of`, reading only that merchant's
-/// bronze rows (the single-merchant evaluation path of `streetflow serve`). Every feature
+/// bronze rows from the lake (`streetflow serve` without its bronze cache). Every feature
 /// equals the one [`compute_features`] gives, except `peer_pct_net_90d`: a percentile
 /// among peers needs the peers, so it is null here.
 pub async fn compute_merchant_features(
@@ -367,44 +366,7 @@ pub async fn compute_merchant_features(
     operator_id: &str,
     merchant_id: &str,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    compute(
-        Bronze::Lake(lake),
-        as_of,
-        inputs,
-        Some((operator_id, merchant_id)),
-    )
-    .await
-}
-
-/// Like [`compute_merchant_features`], from that merchant's bronze rows already in memory
-/// (a [`crate::BronzeCache`]) of bronze version `bronze_version`: the rows must include
-/// every row of the merchant in the lookback window of `as_of`.
-pub async fn compute_merchant_features_from_rows(
-    rows: RecordBatch,
-    bronze_version: i64,
-    as_of: &AsOf,
-    inputs: &FeatureInputs,
-    operator_id: &str,
-    merchant_id: &str,
-) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    compute(
-        Bronze::Rows {
-            rows,
-            version: bronze_version,
-        },
-        as_of,
-        inputs,
-        Some((operator_id, merchant_id)),
-    )
-    .await
-}
-
-/// Where a features run reads bronze rows.
-enum Bronze<'a> {
-    /// The lake's `pos_events` table.
-    Lake(&'a Lake),
-    /// Rows already read, of this bronze version.
-    Rows { rows: RecordBatch, version: i64 },
+    compute(lake, as_of, inputs, Some((operator_id, merchant_id))).await
 }
 
 /// A string as a SQL string literal (quotes doubled).
@@ -413,7 +375,7 @@ pub fn sql_literal(text: &str) -> String {
 }
 
 async fn compute(
-    bronze: Bronze<'_>,
+    lake: &Lake,
     as_of: &AsOf,
     inputs: &FeatureInputs,
     merchant: Option<(&str, &str)>,
@@ -425,23 +387,11 @@ async fn compute(
         bronze_version: -1,
         knowledge_times: BTreeMap::new(),
     };
-    let ctx = match bronze {
-        Bronze::Lake(lake) => {
-            let Some(table) = lake.open(POS_EVENTS.name).await? else {
-                return Ok((Vec::new(), report));
-            };
-            report.bronze_version = table.version().map_or(-1, |v| v as i64);
-            lake.session().await?
-        }
-        Bronze::Rows { rows, version } => {
-            report.bronze_version = version;
-            // A few thousand rows: one partition saves the repartitioning of every step.
-            let ctx =
-                SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-            mem_table(&ctx, POS_EVENTS.name, rows.schema(), vec![rows])?;
-            ctx
-        }
+    let Some(table) = lake.open(POS_EVENTS.name).await? else {
+        return Ok((Vec::new(), report));
     };
+    report.bronze_version = table.version().map_or(-1, |v| v as i64);
+    let ctx = lake.session().await?;
 
     let mut operators = Vec::new();
     if let Some((operator, _)) = merchant {
@@ -530,7 +480,7 @@ async fn compute(
 }
 
 /// `batch` with `peer_pct_net_90d` set to null (computed without the peers).
-fn without_peer_percentile(batch: &RecordBatch) -> Result<RecordBatch> {
+pub(crate) fn without_peer_percentile(batch: &RecordBatch) -> Result<RecordBatch> {
     let schema = batch.schema();
     let mut columns = batch.columns().to_vec();
     if let Ok(index) = schema.index_of("peer_pct_net_90d") {
@@ -543,7 +493,7 @@ fn without_peer_percentile(batch: &RecordBatch) -> Result<RecordBatch> {
 }
 
 /// Orders and types feature rows as `merchant_features`, adding the constant columns.
-fn conform_features(batch: &RecordBatch, bronze_version: i64) -> Result<RecordBatch> {
+pub(crate) fn conform_features(batch: &RecordBatch, bronze_version: i64) -> Result<RecordBatch> {
     let rows = batch.num_rows();
     let schema = MERCHANT_FEATURES.schema.clone();
     let mut columns = Vec::with_capacity(schema.fields().len());

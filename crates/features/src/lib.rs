@@ -23,9 +23,9 @@ pub use daily_parallel::ParallelDaily;
 pub use error::{Error, Result};
 pub use gold::{
     AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,
-    compute_features, compute_merchant_features, compute_merchant_features_from_rows, daily_view,
-    events_view, load_registry, reference_tables, sql_literal, write_features,
+    compute_features, compute_merchant_features, daily_view, events_view, load_registry,
+    reference_tables, sql_literal, write_features,
 };
-pub use serving::{BronzeCache, BronzeChanges};
+pub use serving::{BronzeCache, BronzeChanges, MerchantFeaturePlan};
 pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
 pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};

@@ -6,22 +6,31 @@
 //! a small lake. The cache reads the window once and afterwards only the files each new
 //! bronze commit adds, so an evaluation starts from rows already in memory. Rows are kept
 //! as bronze has them (duplicates, voids and all): the features are computed from them by
-//! the same SQL as the batch job.
+//! the same SQL as the batch job, planned once ([`MerchantFeaturePlan`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use chrono::NaiveDate;
-use streetflow_core::tables::POS_EVENTS;
-use streetflow_lake::Lake;
-use streetflow_lake::arrow::array::{Array, AsArray, RecordBatch};
-use streetflow_lake::arrow::compute::{cast, interleave_record_batch};
-use streetflow_lake::arrow::datatypes::{DataType, SchemaRef};
+use chrono::{Days, NaiveDate};
+use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
+use streetflow_lake::arrow::array::{
+    Array, AsArray, Date32Array, RecordBatch, TimestampMicrosecondArray,
+};
+use streetflow_lake::arrow::compute::kernels::{boolean, cmp};
+use streetflow_lake::arrow::compute::{cast, filter_record_batch, interleave_record_batch};
+use streetflow_lake::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_lake::deltalake::DeltaTable;
 use streetflow_lake::deltalake::delta_datafusion::FileSelection;
+use streetflow_lake::{Lake, PreparedQuery, RequestTables};
 
+use crate::daily::{DailyBuilder, PayerWindow, payer_sales_schema};
 use crate::error::{Error, Result};
+use crate::gold::{
+    AsOf, FeatureInputs, FeatureReport, LOOKBACK_DAYS, PAYER_WINDOW_DAYS, arrow_error,
+    conform_features, days, reference_tables, without_peer_percentile,
+};
+use crate::sql;
 
 /// A bronze table version's rows with business dates from `since`, by merchant.
 #[derive(Debug)]
@@ -277,4 +286,156 @@ impl BronzeCache {
     pub fn merchant_count(&self) -> usize {
         self.rows.values().map(HashMap::len).sum()
     }
+}
+
+/// `merchant_features.sql` planned once for one merchant at a time: the evaluation path
+/// of `streetflow serve`. Planning the feature query costs tens of milliseconds; running
+/// the plan over one merchant's daily rows costs a few.
+#[derive(Debug)]
+pub struct MerchantFeaturePlan {
+    query: PreparedQuery,
+}
+
+impl MerchantFeaturePlan {
+    /// Plans the feature query over the reference tables, `daily` and `payer_sales`.
+    pub async fn new() -> Result<Self> {
+        // The reference tables' schemas do not depend on the date or the inputs.
+        let sample = AsOf {
+            date: NaiveDate::default(),
+            knowledge_time: None,
+        };
+        let reference = reference_tables(&sample, &FeatureInputs::default(), &[])?;
+        let mut tables: Vec<(&str, SchemaRef)> = reference
+            .tables
+            .iter()
+            .map(|(name, batch)| (*name, batch.schema()))
+            .collect();
+        tables.push(("daily", MERCHANT_DAILY.schema.clone()));
+        tables.push(("payer_sales", payer_sales_schema()));
+        let query = PreparedQuery::new(sql::MERCHANT_FEATURES, &tables).await?;
+        Ok(Self { query })
+    }
+
+    /// The feature row of one merchant as of `as_of`, from its bronze `rows` (all of its
+    /// rows in the lookback window, as [`BronzeCache::merchant_rows`] gives them) of
+    /// bronze version `bronze_version`. Equal to what
+    /// [`compute_merchant_features`](crate::compute_merchant_features) reads from the
+    /// lake, `peer_pct_net_90d` null as there.
+    pub async fn compute(
+        &self,
+        rows: &RecordBatch,
+        bronze_version: i64,
+        as_of: &AsOf,
+        inputs: &FeatureInputs,
+        operator_id: &str,
+        merchant_id: &str,
+    ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+        let d = as_of.date;
+        // Only this merchant's registry entries: the query keeps registry merchants
+        // without events.
+        let inputs = FeatureInputs {
+            calendars: inputs.calendars.clone(),
+            registry: inputs
+                .registry
+                .iter()
+                .filter(|r| r.operator_id == operator_id && r.merchant_id == merchant_id)
+                .cloned()
+                .collect(),
+        };
+        let reference = reference_tables(as_of, &inputs, &[operator_id.to_owned()])?;
+        let knowledge_time = reference
+            .knowledge_times
+            .get(operator_id)
+            .copied()
+            .ok_or_else(|| Error::Arrow {
+                context: format!("no knowledge time for operator {operator_id}"),
+                source: streetflow_lake::arrow::error::ArrowError::InvalidArgumentError(
+                    operator_id.to_owned(),
+                ),
+            })?;
+        // The rows of `events_view` for this merchant: known by the knowledge time,
+        // business dates within the lookback window.
+        let known = knowable_rows(
+            rows,
+            operator_id,
+            merchant_id,
+            knowledge_time.timestamp_micros(),
+            days(d - Days::new(LOOKBACK_DAYS)),
+        )?;
+        let mut builder = DailyBuilder::with_payer_window(PayerWindow {
+            from: days(d - Days::new(PAYER_WINDOW_DAYS)),
+            until: days(d),
+        });
+        builder.push(&known)?;
+        let before = days(d);
+        let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
+        let mut tables = RequestTables::new()
+            .with("daily", daily)
+            .with("payer_sales", payer_sales);
+        for (name, batch) in reference.tables {
+            tables.insert(name, vec![batch]);
+        }
+        let features = self.query.execute(tables).await?;
+        let mut report = FeatureReport {
+            as_of_date: d,
+            rows: 0,
+            bronze_version,
+            knowledge_times: reference.knowledge_times,
+        };
+        let mut batches = Vec::with_capacity(features.len());
+        for batch in features.iter().filter(|b| b.num_rows() > 0) {
+            report.rows += batch.num_rows();
+            batches.push(without_peer_percentile(&conform_features(
+                batch,
+                bronze_version,
+            )?)?);
+        }
+        Ok((batches, report))
+    }
+}
+
+/// The rows of `rows` of one merchant ingested by `knowledge_micros` (UTC) with business
+/// dates from `first_day` (days since 1970-01-01), as `events_view` selects them.
+fn knowable_rows(
+    rows: &RecordBatch,
+    operator_id: &str,
+    merchant_id: &str,
+    knowledge_micros: i64,
+    first_day: i32,
+) -> Result<RecordBatch> {
+    let micros = DataType::Timestamp(TimeUnit::Microsecond, None);
+    let column = |name: &str, to: &DataType| {
+        let column = rows.column_by_name(name).ok_or_else(|| Error::Arrow {
+            context: format!("bronze rows have no column {name}"),
+            source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
+        })?;
+        cast(column, to).map_err(arrow_error(name))
+    };
+    let ingested = column("ingested_at", &micros)?;
+    let dates = column("business_date", &DataType::Date32)?;
+    let operators = column("operator_id", &DataType::Utf8)?;
+    let merchants = column("merchant_id", &DataType::Utf8)?;
+    let known = cmp::lt_eq(
+        &ingested,
+        &TimestampMicrosecondArray::new_scalar(knowledge_micros),
+    )
+    .map_err(arrow_error("ingested_at"))?;
+    let recent = cmp::gt_eq(&dates, &Date32Array::new_scalar(first_day))
+        .map_err(arrow_error("business_date"))?;
+    let of_operator = cmp::eq(
+        &operators,
+        &streetflow_lake::arrow::array::StringArray::new_scalar(operator_id),
+    )
+    .map_err(arrow_error("operator_id"))?;
+    let of_merchant = cmp::eq(
+        &merchants,
+        &streetflow_lake::arrow::array::StringArray::new_scalar(merchant_id),
+    )
+    .map_err(arrow_error("merchant_id"))?;
+    let mask = [recent, of_operator, of_merchant]
+        .iter()
+        .try_fold(known, |mask, other| boolean::and(&mask, other))
+        .map_err(arrow_error("bronze row filter"))?;
+    // Nulls in the mask (unknown ingestion time or date) drop the row, as SQL does.
+    filter_record_batch(rows, &mask).map_err(arrow_error("bronze row filter"))
 }

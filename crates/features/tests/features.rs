@@ -8,8 +8,8 @@ use chrono_tz::Asia::Shanghai;
 use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
-    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, compute_features,
-    compute_merchant_features, compute_merchant_features_from_rows,
+    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
+    compute_features, compute_merchant_features,
 };
 use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
 use streetflow_lake::arrow::array::RecordBatch;
@@ -819,24 +819,20 @@ fn rows_by_merchant(batches: &[RecordBatch]) -> std::collections::BTreeMap<Strin
     rows
 }
 
-/// One merchant's features from the bronze cache and from the lake, as text rows.
+/// One merchant's features from the bronze cache (through the plan made once) and
+/// from the lake (planned for the call), as text rows.
 async fn both_paths(
+    plan: &MerchantFeaturePlan,
     lake: &Lake,
     cache: &BronzeCache,
     as_of: &AsOf,
     merchant: &str,
 ) -> (Vec<String>, Vec<String>) {
     let rows = cache.merchant_rows("lane", merchant).unwrap();
-    let (cached, cached_report) = compute_merchant_features_from_rows(
-        rows,
-        cache.version(),
-        as_of,
-        &inputs(),
-        "lane",
-        merchant,
-    )
-    .await
-    .unwrap();
+    let (cached, cached_report) = plan
+        .compute(&rows, cache.version(), as_of, &inputs(), "lane", merchant)
+        .await
+        .unwrap();
     let (read, read_report) = compute_merchant_features(lake, as_of, &inputs(), "lane", merchant)
         .await
         .unwrap();
@@ -892,8 +888,9 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         date: d(),
         knowledge_time: Some(at(d() + Days::new(5), 0, 0)),
     };
+    let plan = MerchantFeaturePlan::new().await.unwrap();
     for merchant in ["steady", "irregular"] {
-        let (cached, read) = both_paths(&lake, &cache, &now, merchant).await;
+        let (cached, read) = both_paths(&plan, &lake, &cache, &now, merchant).await;
         assert_same_row(&cached, &read, merchant);
     }
     assert!(
@@ -915,24 +912,25 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         cache.merchant_rows("lane", "steady").unwrap().num_rows(),
         91
     );
-    let (cached, read) = both_paths(&lake, &cache, &now, "steady").await;
+    let (cached, read) = both_paths(&plan, &lake, &cache, &now, "steady").await;
     assert_same_row(&cached, &read, "steady");
-    let (features, _) = compute_merchant_features_from_rows(
-        cache.merchant_rows("lane", "steady").unwrap(),
-        cache.version(),
-        &now,
-        &inputs(),
-        "lane",
-        "steady",
-    )
-    .await
-    .unwrap();
+    let (features, _) = plan
+        .compute(
+            &cache.merchant_rows("lane", "steady").unwrap(),
+            cache.version(),
+            &now,
+            &inputs(),
+            "lane",
+            "steady",
+        )
+        .await
+        .unwrap();
     assert_eq!(value(&features, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
     // Before the late sale was known, the cached rows still give the earlier vector.
     let before = AsOf {
         date: d(),
         knowledge_time: None,
     };
-    let (cached, read) = both_paths(&lake, &cache, &before, "steady").await;
+    let (cached, read) = both_paths(&plan, &lake, &cache, &before, "steady").await;
     assert_same_row(&cached, &read, "steady");
 }
