@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -387,6 +387,10 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
             pipeline.kafka.group = format!("{topic}.group{}", args.scale_workers);
             pipeline.lake.url = dir.join("kafka-lake-scaled").display().to_string();
             let started = Instant::now();
+            // A group that never finishes (a member waiting on partitions nobody
+            // serves) is stopped and reported, not waited for forever.
+            let stop = Arc::new(AtomicBool::new(false));
+            let limit = SCALED_RUN_LIMIT.max(Duration::from_secs_f64(ingest_seconds * 20.0));
             let reports = std::thread::scope(|scope| {
                 let workers: Vec<_> = (0..args.scale_workers)
                     .map(|_| {
@@ -399,15 +403,17 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                             partition_watermarks: None,
                         };
                         let handle = runtime.handle().clone();
-                        scope.spawn(move || {
-                            streetflow_ingest::run_worker(
-                                options,
-                                handle,
-                                Arc::new(AtomicBool::new(false)),
-                            )
-                        })
+                        let stop = stop.clone();
+                        scope.spawn(move || streetflow_ingest::run_worker(options, handle, stop))
                     })
                     .collect();
+                while !workers.iter().all(|w| w.is_finished()) {
+                    if started.elapsed() > limit {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 workers
                     .into_iter()
                     .map(|w| {
@@ -424,8 +430,13 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                 .sum();
             anyhow::ensure!(
                 stored == n,
-                "{} workers stored {stored} of {n} records",
-                args.scale_workers
+                "{} workers stored {stored} of {n} records{}",
+                args.scale_workers,
+                if stop.load(Ordering::Relaxed) {
+                    format!(" and were stopped after {} s", limit.as_secs())
+                } else {
+                    String::new()
+                }
             );
             row(
                 &format!(
@@ -507,6 +518,12 @@ async fn pipeline_from_memory(
     Ok(stored)
 }
 
+/// The least time the scaled ingest run gets before its workers are stopped.
+const SCALED_RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long the benchmark waits for the broker's next record before giving up.
+const BROKER_STALL: Duration = Duration::from_secs(60);
+
 /// Reads every record of the topic with a plain consumer, touching each payload.
 fn bare_consume(brokers: &str, topic: &str, partitions: i32, expected: u64) -> anyhow::Result<u64> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -523,12 +540,19 @@ fn bare_consume(brokers: &str, topic: &str, partitions: i32, expected: u64) -> a
     }
     consumer.assign(&assignment)?;
     let (mut count, mut payload_bytes) = (0u64, 0usize);
-    let deadline = Instant::now() + Duration::from_secs(3_600);
-    while count < expected && Instant::now() < deadline {
+    // A broker that stops delivering ends the benchmark with an error, not a hang.
+    let mut last_record = Instant::now();
+    while count < expected {
         if let Some(message) = consumer.poll(Duration::from_millis(500)) {
             let message = message?;
             payload_bytes += message.payload().map_or(0, <[u8]>::len);
             count += 1;
+            last_record = Instant::now();
+        } else if last_record.elapsed() > BROKER_STALL {
+            anyhow::bail!(
+                "the bare consumer read {count} of {expected} records and then nothing for {} s",
+                BROKER_STALL.as_secs()
+            );
         }
     }
     anyhow::ensure!(payload_bytes > 0 || expected == 0, "no payload read");

@@ -153,13 +153,13 @@ fn a_group_of_three_loses_a_worker_and_nothing_is_lost_or_doubled() {
     let group = unique("three");
     let args = worker_args(&topic, &group, &lake, &config, &["--json"]);
 
-    let first = Worker::start(&dir, &args, &[]);
+    let mut first = Worker::start(&dir, &args, &[]);
     let mut doomed = Worker::start(
         &dir,
         &args,
         &[("STREETFLOW_FREEZE_AT", "events_committed:3")],
     );
-    let third = Worker::start(&dir, &args, &[]);
+    let mut third = Worker::start(&dir, &args, &[]);
     // The doomed worker dies mid-run, right after a commit, holding partitions.
     doomed.wait_for("FROZEN AT", Duration::from_secs(180));
     doomed.kill();
@@ -172,7 +172,10 @@ fn a_group_of_three_loses_a_worker_and_nothing_is_lost_or_doubled() {
         }
         assert!(
             Instant::now() < deadline,
-            "only {stored} of {lines} records after the loss of a worker"
+            "only {stored} of {lines} records after the loss of a worker; \
+             the survivors' last log lines:\n{}\n---\n{}",
+            first.recent_log(80),
+            third.recent_log(80)
         );
         std::thread::sleep(Duration::from_secs(1));
     }

@@ -337,3 +337,29 @@ fn tombstones_and_empty_messages_are_dead_letters_and_reach_the_dlq_topic() {
         ["empty_message", "empty_message", "raw_card_number"]
     );
 }
+
+#[test]
+fn batch_workers_without_partitions_end_when_the_topic_is_in_the_lake() {
+    let (_guard, dir) = workdir();
+    let summary = generate(&dir, &["--merchants", "6", "--days", "20", "--seed", "9"]);
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("spare");
+    produce(&dir, &topic, 1);
+    let lake = dir.join("lake");
+    let mut args = ingest_args(&topic, &unique("g"), &lake);
+    args.push("--exit-at-end".into());
+    // Three members, one partition: two of them are given nothing. Each must still end
+    // once the one that holds the partition has stored it, instead of waiting forever.
+    let workers: Vec<Worker> = (0..3).map(|_| Worker::start(&dir, &args, &[])).collect();
+    for worker in workers {
+        assert!(worker.wait(Duration::from_secs(180)).success());
+    }
+    assert_eq!(row_count(&lake, "pos_events"), lines);
+    assert_eq!(
+        sql_i64(
+            &lake,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM pos_events)"
+        ),
+        lines
+    );
+}

@@ -275,27 +275,27 @@ fn a_secret_from_the_environment_never_reaches_the_log() {
     let topic = unique("secret");
     produce(&dir, &topic, 2);
     let secret = "do-not-log-me-7f3a9c";
-    let output = streetflow()
-        .args([
-            "ingest",
-            "--brokers",
-            broker(),
-            "--topic",
-            &topic,
-            "--group",
-            &unique("g"),
-            "--lake",
-            "lake",
-            "--exit-at-end",
-            "--no-silver",
-        ])
-        // PLAINTEXT ignores SASL settings, but librdkafka still receives and checks them.
-        .env("STREETFLOW__KAFKA__PROPERTIES__SASL_USERNAME", "streetflow")
-        .env("STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD", secret)
-        .env("RUST_LOG", "debug")
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+    let output = finish(
+        streetflow()
+            .args([
+                "ingest",
+                "--brokers",
+                broker(),
+                "--topic",
+                &topic,
+                "--group",
+                &unique("g"),
+                "--lake",
+                "lake",
+                "--exit-at-end",
+                "--no-silver",
+            ])
+            // PLAINTEXT ignores SASL settings, but librdkafka still receives and checks them.
+            .env("STREETFLOW__KAFKA__PROPERTIES__SASL_USERNAME", "streetflow")
+            .env("STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD", secret)
+            .env("RUST_LOG", "debug")
+            .current_dir(&dir),
+    );
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

@@ -488,6 +488,7 @@ impl Worker {
         self.after_commit();
         let started = Instant::now();
         let mut last_end_check = Instant::now();
+        let mut last_lake_check = Instant::now();
         let mut waiting_for_others = false;
         let mut last_progress = Instant::now();
         let mut last_group_check = Instant::now();
@@ -550,6 +551,20 @@ impl Worker {
             {
                 last_end_check = Instant::now();
                 if self.state.partitions.is_empty() {
+                    // A member left without partitions (revoked and never given new
+                    // ones, or more members than partitions) must still end once the
+                    // others have stored the whole topic, or a batch run never ends.
+                    if (self.state.ever_assigned || started.elapsed() >= EMPTY_MEMBER_GRACE)
+                        && last_lake_check.elapsed() >= EMPTY_MEMBER_GRACE
+                    {
+                        last_lake_check = Instant::now();
+                        if self.topic_in_lake()? {
+                            tracing::info!(
+                                "no partitions assigned and every partition of the topic is in the lake"
+                            );
+                            break;
+                        }
+                    }
                     if !self.state.ever_assigned
                         && started.elapsed() > self.state.options.assignment_timeout
                     {
@@ -723,6 +738,10 @@ impl State {
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(flush.max_age_ms))
     }
 }
+
+/// With `exit_at_end`, how often a worker without partitions asks the lake whether the
+/// rest of the group has stored the whole topic.
+const EMPTY_MEMBER_GRACE: Duration = Duration::from_secs(2);
 
 /// How often a worker compares the coordinator's view of the group with its own.
 const GROUP_CHECK_INTERVAL: Duration = Duration::from_secs(5);

@@ -6,7 +6,7 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test binaries
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -103,9 +103,71 @@ pub fn streetflow() -> Command {
     command
 }
 
+/// How long one command of a test may run before it is killed: a hung worker must fail
+/// its test with its log, not stall CI until its time limit.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(600);
+
+/// Like [`Command::output`], but kills the process after `limit` and panics with what it
+/// printed by then.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = sender.send(bytes);
+        });
+        receiver
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A grandchild holding a pipe open must not hang the test either.
+    let collect = |receiver: std::sync::mpsc::Receiver<Vec<u8>>| {
+        receiver
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_default()
+    };
+    let (stdout, stderr) = (collect(stdout), collect(stderr));
+    let Some(status) = status else {
+        panic!(
+            "{command:?} still running after {limit:?}; killed. stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// [`output_within`] the [`COMMAND_LIMIT`].
+pub fn finish(command: &mut Command) -> Output {
+    output_within(command, COMMAND_LIMIT)
+}
+
 /// Runs `streetflow` to completion; panics with its output when it fails.
 pub fn run(dir: &Path, args: &[&str]) -> Output {
-    let output = streetflow().args(args).current_dir(dir).output().unwrap();
+    let output = finish(streetflow().args(args).current_dir(dir));
     assert!(
         output.status.success(),
         "streetflow {args:?} failed:\n{}\n{}",
@@ -234,6 +296,13 @@ impl Worker {
         panic!("no {needle:?} within {timeout:?}:\n{}", seen.join("\n"));
     }
 
+    /// The last `count` stderr lines printed since the previous call (for failure
+    /// messages).
+    pub fn recent_log(&mut self, count: usize) -> String {
+        let lines: Vec<String> = self.stderr_lines.try_iter().collect();
+        lines[lines.len().saturating_sub(count)..].join("\n")
+    }
+
     /// SIGKILL.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
@@ -259,6 +328,17 @@ impl Worker {
                 "worker still running after {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A test that fails must not leave its workers running (they would hold the broker's
+/// partitions and the machine's cores for the tests after it).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -386,7 +466,7 @@ pub fn run_with_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output
     for (key, value) in env {
         command.env(key, value);
     }
-    let output = command.output().unwrap();
+    let output = finish(&mut command);
     assert!(
         output.status.success(),
         "streetflow {} failed:\n{}",
@@ -411,7 +491,7 @@ pub fn doctor_checks(
     for (name, value) in env {
         command.env(name, value);
     }
-    let output = command.output().unwrap();
+    let output = finish(&mut command);
     let report: Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
     let checks = report["checks"]
