@@ -260,8 +260,22 @@ impl BronzeCache {
         else {
             return Ok(RecordBatch::new_empty(self.schema.clone()));
         };
-        let batches: Vec<&RecordBatch> = self.batches.iter().collect();
-        interleave_record_batch(&batches, rows).map_err(|source| Error::Arrow {
+        // Only the batches holding this merchant's rows: interleaving checks types,
+        // nulls and dictionaries of every batch it is given, and the cache holds
+        // thousands.
+        let mut used: HashMap<usize, usize> = HashMap::new();
+        let mut batches: Vec<&RecordBatch> = Vec::new();
+        let rows: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|&(batch, row)| {
+                let local = *used.entry(batch).or_insert_with(|| {
+                    batches.push(&self.batches[batch]);
+                    batches.len() - 1
+                });
+                (local, row)
+            })
+            .collect();
+        interleave_record_batch(&batches, &rows).map_err(|source| Error::Arrow {
             context: format!("gathering the rows of merchant {merchant_id}"),
             source,
         })
