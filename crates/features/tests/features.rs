@@ -933,4 +933,40 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
     };
     let (cached, read) = both_paths(&plan, &lake, &cache, &before, "steady").await;
     assert_same_row(&cached, &read, "steady");
+
+    let event_ids = |rows: &RecordBatch| -> Vec<String> {
+        let ids = rows.column_by_name("event_id").unwrap();
+        (0..rows.num_rows())
+            .map(|row| array_value_to_string(ids, row).unwrap())
+            .collect()
+    };
+    let mut expected = event_ids(&cache.merchant_rows("lane", "steady").unwrap());
+    // Many small commits: each adds a piece to the merchant's cached rows until the
+    // pieces are joined. Rows stay in arrival order and the features stay the lake's.
+    for i in 0..12 {
+        let mut late = sale(
+            &format!("later-{i}"),
+            "steady",
+            1_000 + i,
+            at(day(2), 10, 0),
+            None,
+        );
+        late.ingested = at(d() + Days::new(3), 9, i as u32);
+        let lake = lake_with(dir.path(), &[late]).await;
+        let changes = cache.changes(&lake).await.unwrap().unwrap();
+        assert_eq!(cache.apply(changes).unwrap(), 1);
+        expected.push(format!("later-{i}"));
+        assert_eq!(
+            event_ids(&cache.merchant_rows("lane", "steady").unwrap()),
+            expected,
+            "commit {i}: the earlier rows in their order, the newest last"
+        );
+    }
+    assert_eq!(cache.row_count(), 96 + 1 + 12);
+    assert_eq!(
+        cache.merchant_rows("lane", "irregular").unwrap().num_rows(),
+        6
+    );
+    let (cached, read) = both_paths(&plan, &lake, &cache, &now, "steady").await;
+    assert_same_row(&cached, &read, "steady");
 }

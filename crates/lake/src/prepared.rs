@@ -184,7 +184,19 @@ impl PreparedQuery {
             .context
             .copied_config()
             .with_extension(Arc::new(tables));
-        let task = TaskContext::from(&self.context.state()).with_session_config(config);
+        // Not `TaskContext::from(&state)`: that copies the whole session state and its
+        // function registries per execution. The planned nodes hold their functions;
+        // the task context's registries only serve re-planning, which never happens here.
+        let task = TaskContext::new(
+            None,
+            self.context.session_id(),
+            config,
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+            self.context.runtime_env(),
+        );
         collect(plan, Arc::new(task))
             .await
             .map_err(query_error("running a prepared query"))
