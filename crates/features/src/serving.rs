@@ -334,7 +334,8 @@ impl BronzeCache {
         // Merchants whose rows go into the next regrouped batch: (operator, merchant,
         // first row, rows).
         let mut pending: Vec<(String, String, usize, usize)> = Vec::new();
-        let mut gather: Vec<(usize, usize)> = Vec::with_capacity(REGROUP_ROWS);
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let mut gather: Vec<(usize, usize)> = Vec::with_capacity(rows.min(REGROUP_ROWS));
         let mut merchants = positions.into_iter().peekable();
         while let Some((operator, merchant, rows)) = merchants.next() {
             pending.push((operator, merchant, gather.len(), rows.len()));
