@@ -277,19 +277,8 @@ fn a_secret_from_the_environment_never_reaches_the_log() {
     let secret = "do-not-log-me-7f3a9c";
     let output = finish(
         streetflow()
-            .args([
-                "ingest",
-                "--brokers",
-                broker(),
-                "--topic",
-                &topic,
-                "--group",
-                &unique("g"),
-                "--lake",
-                "lake",
-                "--exit-at-end",
-                "--no-silver",
-            ])
+            .args(ingest_args(&topic, &unique("g"), Path::new("lake")))
+            .arg("--exit-at-end")
             // PLAINTEXT ignores SASL settings, but librdkafka still receives and checks them.
             .env("STREETFLOW__KAFKA__PROPERTIES__SASL_USERNAME", "streetflow")
             .env("STREETFLOW__KAFKA__PROPERTIES__SASL_PASSWORD", secret)

@@ -14,9 +14,7 @@ use std::sync::Arc;
 
 use chrono::{Days, NaiveDate};
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
-use streetflow_lake::arrow::array::{
-    Array, AsArray, Date32Array, RecordBatch, TimestampMicrosecondArray,
-};
+use streetflow_lake::arrow::array::{Array, Date32Array, RecordBatch, TimestampMicrosecondArray};
 use streetflow_lake::arrow::compute::kernels::{boolean, cmp};
 use streetflow_lake::arrow::compute::{
     cast, concat_batches, filter_record_batch, interleave_record_batch,
@@ -27,7 +25,7 @@ use streetflow_lake::deltalake::DeltaTable;
 use streetflow_lake::deltalake::delta_datafusion::FileSelection;
 use streetflow_lake::{Lake, PreparedQuery, RequestTables};
 
-use crate::daily::{DailyBuilder, PayerWindow, payer_sales_schema};
+use crate::daily::{DailyBuilder, PayerWindow, Strs, payer_sales_schema, strings};
 use crate::error::{Error, Result};
 use crate::gold::{
     AsOf, FeatureInputs, FeatureReport, LOOKBACK_DAYS, PAYER_WINDOW_DAYS, arrow_error,
@@ -129,18 +127,6 @@ async fn read_rows(
     ))
 }
 
-/// The values of string column `name` of `batch` (cast from dictionaries if need be).
-fn string_column(batch: &RecordBatch, name: &str) -> Result<Arc<dyn Array>> {
-    let column = batch.column_by_name(name).ok_or_else(|| Error::Arrow {
-        context: format!("bronze rows have no column {name}"),
-        source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
-    })?;
-    cast(column, &DataType::Utf8).map_err(|source| Error::Arrow {
-        context: format!("reading {name}"),
-        source,
-    })
-}
-
 /// `schema` with dictionary-encoded columns as their value type. Bronze's partition
 /// column `operator_id` is read as a one-value dictionary per file; regrouped rows come
 /// from thousands of files, so the cache keeps plain strings instead.
@@ -193,14 +179,12 @@ fn merchant_positions(batches: &[RecordBatch]) -> Result<Vec<MerchantPositions>>
     // operator → merchant → index in `merchants`; looked up by borrowed strings.
     let mut index: HashMap<String, HashMap<String, usize>> = HashMap::new();
     for (batch_index, batch) in batches.iter().enumerate() {
-        let operators = string_column(batch, "operator_id")?;
-        let merchant_ids = string_column(batch, "merchant_id")?;
-        let (operators, merchant_ids) = (
-            operators.as_string::<i32>(),
-            merchant_ids.as_string::<i32>(),
-        );
+        // Read in place: the cached columns are plain strings or views, never cast.
+        let operator_column = strings(batch, "operator_id")?;
+        let merchant_column = strings(batch, "merchant_id")?;
+        let (operators, merchant_ids) = (Strs::of(&operator_column), Strs::of(&merchant_column));
         for row in 0..batch.num_rows() {
-            if operators.is_null(row) || merchant_ids.is_null(row) {
+            if operator_column.is_null(row) || merchant_column.is_null(row) {
                 continue;
             }
             let (operator, merchant) = (operators.value(row), merchant_ids.value(row));
@@ -334,8 +318,8 @@ impl BronzeCache {
         // Merchants whose rows go into the next regrouped batch: (operator, merchant,
         // first row, rows).
         let mut pending: Vec<(String, String, usize, usize)> = Vec::new();
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let mut gather: Vec<(usize, usize)> = Vec::with_capacity(rows.min(REGROUP_ROWS));
+        let total_rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let mut gather: Vec<(usize, usize)> = Vec::with_capacity(total_rows.min(REGROUP_ROWS));
         let mut merchants = positions.into_iter().peekable();
         while let Some((operator, merchant, rows)) = merchants.next() {
             pending.push((operator, merchant, gather.len(), rows.len()));
