@@ -9,6 +9,8 @@
 --              time with business dates from D-456; business dates < D
 --   payer_sales payer_sales.sql over the same resolved events
 --   (streetflow computes both in one pass over the events, equal to these definitions)
+--   feed_days(operator_id, business_date)                       feed_days.sql over `daily`:
+--              the days each operator's feed delivered a sale or refund
 --   registry(operator_id, merchant_id, mcc, industry_code, opened_on, monthly_rent_fen)
 --              the registry versions valid on D-1 (empty without --registry)
 --   subsidy_sectors(sector, mcc_from, mcc_to, effective_from, effective_to)
@@ -20,14 +22,10 @@
 -- Conventions: windows end the day before the as-of date D; "N days" = D-N … D-1.
 -- Days without sales are zeros (dense calendar) from the merchant's history start,
 -- which is the later of its opening date (registry; else its first known event) and
--- the first day its operator's feed delivered anything (a day with a daily row of any of
--- its merchants). A window longer than that
--- history covers the days on book only. Ratios are NULL when their denominator is
+-- the first day its operator's feed delivered a sale or refund (feed_days). A window
+-- longer than that history covers the days on book only. Ratios are NULL when their denominator is
 -- zero or undefined. Money is BIGINT fen.
 WITH p AS (SELECT as_of_date FROM params),
-feed_days AS (
-    SELECT DISTINCT operator_id, business_date FROM daily
-),
 feed_start AS (
     SELECT operator_id, min(business_date) AS first_feed_day FROM feed_days GROUP BY operator_id
 ),

@@ -670,6 +670,7 @@ pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
     relations.extend([
         ("daily", daily_view(d), true),
         ("payer_sales", sql::PAYER_SALES.to_owned(), true),
+        ("feed_days", sql::FEED_DAYS.to_owned(), true),
         ("features", sql::MERCHANT_FEATURES.to_owned(), true),
     ]);
     let mut steps = String::new();

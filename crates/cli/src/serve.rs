@@ -403,8 +403,8 @@ impl Service {
                 (cache.since() <= window_start)
                     .then(|| {
                         cache
-                            .merchant_rows(&request.operator_id, &request.merchant_id)
-                            .map(|rows| (rows, cache.version()))
+                            .merchant_history(&request.operator_id, &request.merchant_id)
+                            .map(|history| (history, cache.version()))
                     })
                     .transpose()
                     .map_err(ApiError::internal)?
@@ -412,10 +412,10 @@ impl Service {
             None => None,
         };
         let (batches, report) = match cached {
-            Some((rows, version)) => {
+            Some((history, version)) => {
                 self.feature_plan
                     .compute(
-                        &rows,
+                        &history,
                         version,
                         &as_of,
                         &self.inputs,

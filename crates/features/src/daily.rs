@@ -490,7 +490,7 @@ pub(crate) fn strings(batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
 }
 
 /// A column cast to `to` when it has another type.
-fn typed(batch: &RecordBatch, name: &str, to: &DataType) -> Result<ArrayRef> {
+pub(crate) fn typed(batch: &RecordBatch, name: &str, to: &DataType) -> Result<ArrayRef> {
     let column = column(batch, name)?;
     if column.data_type() == to {
         return Ok(column.clone());

@@ -337,6 +337,48 @@ pub fn events_view(date: NaiveDate) -> String {
     )
 }
 
+/// SQL of the `feed_days` relation of one operator as of `date`, straight from bronze:
+/// the business days before `date` with a sale or refund of the operator's known by its
+/// knowledge time. Equal to `feed_days.sql` over that operator's `daily` rows (a sale,
+/// voided or not, and a refund each leave a daily row on their own date).
+pub(crate) fn operator_feed_days_sql(date: NaiveDate, operator_id: &str) -> String {
+    format!(
+        "SELECT DISTINCT operator_id, business_date \
+         FROM ({} AND e.operator_id = {}) events \
+         WHERE kind IN ('sale', 'refund') AND business_date < DATE '{date}'",
+        events_view(date),
+        sql_literal(operator_id)
+    )
+}
+
+/// The schema of the `feed_days` relation `merchant_features.sql` reads.
+pub(crate) fn feed_days_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("operator_id", DataType::Utf8, true),
+        Field::new("business_date", DataType::Date32, true),
+    ]))
+}
+
+/// `batch` with the columns of `schema`, by name, cast to its types.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = batch
+                .column_by_name(field.name())
+                .ok_or_else(|| Error::Arrow {
+                    context: format!("no column {}", field.name()),
+                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(
+                        field.name().to_owned(),
+                    ),
+                })?;
+            cast(column, field.data_type()).map_err(arrow_error(field.name()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error("conforming rows"))
+}
+
 /// SQL of the `daily` relation as of `date`: `daily.sql` over `resolved`, dates before it.
 pub fn daily_view(date: NaiveDate) -> String {
     format!(
@@ -461,6 +503,18 @@ async fn compute(
     log_computed("daily", &daily, started);
     mem_table(&ctx, "daily", MERCHANT_DAILY.schema.clone(), daily)?;
     mem_table(&ctx, "payer_sales", payer_sales_schema(), payer_sales)?;
+    // The operator's feed days come from all of its merchants; one merchant's `daily`
+    // rows do not have them, so that path reads the operator's sales and refunds.
+    let feed_query = match merchant {
+        None => sql::FEED_DAYS.to_owned(),
+        Some((operator, _)) => operator_feed_days_sql(d, operator),
+    };
+    let feed_days = collect(&ctx, &feed_query, "feed_days.sql")
+        .await?
+        .iter()
+        .map(|batch| conform(batch, &feed_days_schema()))
+        .collect::<Result<Vec<_>>>()?;
+    mem_table(&ctx, "feed_days", feed_days_schema(), feed_days)?;
     explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
     let started = std::time::Instant::now();
     let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;

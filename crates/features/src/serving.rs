@@ -9,27 +9,31 @@
 //! features are computed from them by the same SQL as the batch job, planned once
 //! ([`MerchantFeaturePlan`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{Days, NaiveDate};
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
-use streetflow_lake::arrow::array::{Array, Date32Array, RecordBatch, TimestampMicrosecondArray};
+use streetflow_lake::arrow::array::{
+    Array, AsArray, Date32Array, Date32Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondArray,
+};
 use streetflow_lake::arrow::compute::kernels::{boolean, cmp};
 use streetflow_lake::arrow::compute::{
     cast, concat_batches, filter_record_batch, interleave_record_batch,
 };
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use streetflow_lake::arrow::datatypes::{Date32Type, TimestampMicrosecondType};
 use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_lake::deltalake::DeltaTable;
 use streetflow_lake::deltalake::delta_datafusion::FileSelection;
 use streetflow_lake::{Lake, PreparedQuery, RequestTables};
 
-use crate::daily::{DailyBuilder, PayerWindow, Strs, payer_sales_schema, strings};
+use crate::daily::{DailyBuilder, PayerWindow, Strs, payer_sales_schema, strings, typed};
 use crate::error::{Error, Result};
 use crate::gold::{
     AsOf, FeatureInputs, FeatureReport, LOOKBACK_DAYS, PAYER_WINDOW_DAYS, arrow_error,
-    conform_features, days, reference_tables, without_peer_percentile,
+    conform_features, days, feed_days_schema, reference_tables, without_peer_percentile,
 };
 use crate::sql;
 
@@ -47,6 +51,19 @@ pub struct BronzeCache {
     /// operator → merchant → its rows in arrival order (slices of shared batches).
     rows: HashMap<String, HashMap<String, Vec<RecordBatch>>>,
     row_count: usize,
+    /// operator → business day → when its feed first delivered a sale or refund of that
+    /// day (`ingested_at`, µs UTC): the operator's `feed_days` at any knowledge time.
+    feed: HashMap<String, BTreeMap<i32, i64>>,
+}
+
+/// What the cache holds for one merchant's evaluation.
+#[derive(Debug, Clone)]
+pub struct MerchantHistory {
+    /// The merchant's bronze rows in arrival order.
+    pub rows: RecordBatch,
+    /// Its operator's feed: business day → when a sale or refund of that day first
+    /// arrived (µs UTC), for the days the cache holds, in day order.
+    pub feed: Vec<(i32, i64)>,
 }
 
 /// Rows gathered per call when the cache regroups rows by merchant. Each call pays for
@@ -231,6 +248,7 @@ impl BronzeCache {
             schema,
             rows: HashMap::new(),
             row_count: 0,
+            feed: HashMap::new(),
         };
         cache.append(batches)?;
         tracing::info!(
@@ -312,6 +330,9 @@ impl BronzeCache {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
+        for batch in &batches {
+            self.note_feed_days(batch)?;
+        }
         let positions = merchant_positions(&batches)?;
         let sources: Vec<&RecordBatch> = batches.iter().collect();
         let mut touched: Vec<(String, String)> = Vec::new();
@@ -363,6 +384,73 @@ impl BronzeCache {
             }
         }
         Ok(())
+    }
+
+    /// Records when each (operator, day) of `batch`'s sales and refunds first arrived.
+    fn note_feed_days(&mut self, batch: &RecordBatch) -> Result<()> {
+        let operator_column = strings(batch, "operator_id")?;
+        let kind_column = strings(batch, "kind")?;
+        let dates = typed(batch, "business_date", &DataType::Date32)?;
+        let ingested = typed(
+            batch,
+            "ingested_at",
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )?;
+        let (operators, kinds) = (Strs::of(&operator_column), Strs::of(&kind_column));
+        let (dates, ingested) = (
+            dates.as_primitive::<Date32Type>(),
+            ingested.as_primitive::<TimestampMicrosecondType>(),
+        );
+        // Bronze files hold one operator each: gather a run of one operator's rows, then
+        // merge it into the cache's map once.
+        let mut run: Option<(&str, BTreeMap<i32, i64>)> = None;
+        for row in 0..batch.num_rows() {
+            if operator_column.is_null(row)
+                || kind_column.is_null(row)
+                || dates.is_null(row)
+                || ingested.is_null(row)
+                || !matches!(kinds.value(row), "sale" | "refund")
+            {
+                continue;
+            }
+            let operator = operators.value(row);
+            if run.as_ref().is_some_and(|(name, _)| *name != operator)
+                && let Some((name, days)) = run.take()
+            {
+                self.merge_feed_days(name, days);
+            }
+            let (_, days) = run.get_or_insert_with(|| (operator, BTreeMap::new()));
+            let first = days.entry(dates.value(row)).or_insert(i64::MAX);
+            *first = (*first).min(ingested.value(row));
+        }
+        if let Some((name, days)) = run {
+            self.merge_feed_days(name, days);
+        }
+        Ok(())
+    }
+
+    fn merge_feed_days(&mut self, operator: &str, days: BTreeMap<i32, i64>) {
+        let known = self.feed.entry(operator.to_owned()).or_default();
+        for (day, at) in days {
+            let first = known.entry(day).or_insert(at);
+            *first = (*first).min(at);
+        }
+    }
+
+    /// The cached rows of one merchant and its operator's feed days.
+    pub fn merchant_history(
+        &self,
+        operator_id: &str,
+        merchant_id: &str,
+    ) -> Result<MerchantHistory> {
+        Ok(MerchantHistory {
+            rows: self.merchant_rows(operator_id, merchant_id)?,
+            feed: self
+                .feed
+                .get(operator_id)
+                .map(|days| days.iter().map(|(&day, &at)| (day, at)).collect())
+                .unwrap_or_default(),
+        })
     }
 
     /// The cached rows of one merchant in arrival order (an empty batch for a merchant
@@ -427,18 +515,20 @@ impl MerchantFeaturePlan {
             .collect();
         tables.push(("daily", MERCHANT_DAILY.schema.clone()));
         tables.push(("payer_sales", payer_sales_schema()));
+        tables.push(("feed_days", feed_days_schema()));
         let query = PreparedQuery::new(sql::MERCHANT_FEATURES, &tables).await?;
         Ok(Self { query })
     }
 
-    /// The feature row of one merchant as of `as_of`, from its bronze `rows` (all of its
-    /// rows in the lookback window, as [`BronzeCache::merchant_rows`] gives them) of
-    /// bronze version `bronze_version`. Equal to what
+    /// The feature row of one merchant as of `as_of`, from its `history` (all of its
+    /// rows in the lookback window and its operator's feed, as
+    /// [`BronzeCache::merchant_history`] gives them) of bronze version `bronze_version`.
+    /// Equal to what
     /// [`compute_merchant_features`](crate::compute_merchant_features) reads from the
     /// lake, `peer_pct_net_90d` null as there.
     pub async fn compute(
         &self,
-        rows: &RecordBatch,
+        history: &MerchantHistory,
         bronze_version: i64,
         as_of: &AsOf,
         inputs: &FeatureInputs,
@@ -471,7 +561,7 @@ impl MerchantFeaturePlan {
         // The rows of `events_view` for this merchant: known by the knowledge time,
         // business dates within the lookback window.
         let known = knowable_rows(
-            rows,
+            &history.rows,
             operator_id,
             merchant_id,
             knowledge_time.timestamp_micros(),
@@ -484,9 +574,16 @@ impl MerchantFeaturePlan {
         builder.push(&known)?;
         let before = days(d);
         let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
+        let feed_days = operator_feed_days(
+            &history.feed,
+            operator_id,
+            days(d - Days::new(LOOKBACK_DAYS))..before,
+            knowledge_time.timestamp_micros(),
+        )?;
         let mut tables = RequestTables::new()
             .with("daily", daily)
-            .with("payer_sales", payer_sales);
+            .with("payer_sales", payer_sales)
+            .with("feed_days", vec![feed_days]);
         for (name, batch) in reference.tables {
             tables.insert(name, vec![batch]);
         }
@@ -507,6 +604,28 @@ impl MerchantFeaturePlan {
         }
         Ok((batches, report))
     }
+}
+
+/// The `feed_days` rows of one operator: the days of `range` (days since 1970-01-01)
+/// whose first sale or refund in `feed` had arrived by `knowledge_micros`.
+fn operator_feed_days(
+    feed: &[(i32, i64)],
+    operator_id: &str,
+    range: std::ops::Range<i32>,
+    knowledge_micros: i64,
+) -> Result<RecordBatch> {
+    let (mut operators, mut dates) = (StringBuilder::new(), Date32Builder::new());
+    for &(day, first_arrival) in feed {
+        if range.contains(&day) && first_arrival <= knowledge_micros {
+            operators.append_value(operator_id);
+            dates.append_value(day);
+        }
+    }
+    RecordBatch::try_new(
+        feed_days_schema(),
+        vec![Arc::new(operators.finish()), Arc::new(dates.finish())],
+    )
+    .map_err(arrow_error("feed days"))
 }
 
 /// The rows of `rows` of one merchant ingested by `knowledge_micros` (UTC) with business

@@ -47,6 +47,9 @@ pub const DAILY: &str = include_str!("../../../pipelines/features/daily.sql");
 /// Each payer's live sales per merchant over the 90 days before the as-of date.
 pub const PAYER_SALES: &str = include_str!("../../../pipelines/features/payer_sales.sql");
 
+/// The days each operator's feed delivered a sale or refund, over `daily`.
+pub const FEED_DAYS: &str = include_str!("../../../pipelines/features/feed_days.sql");
+
 /// Point-in-time merchant features over `daily`, `payer_sales` and the reference tables.
 pub const MERCHANT_FEATURES: &str =
     include_str!("../../../pipelines/features/merchant_features.sql");

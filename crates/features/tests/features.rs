@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use chrono_tz::Asia::Shanghai;
-use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
+use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
     AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
@@ -828,9 +828,16 @@ async fn both_paths(
     as_of: &AsOf,
     merchant: &str,
 ) -> (Vec<String>, Vec<String>) {
-    let rows = cache.merchant_rows("lane", merchant).unwrap();
+    let history = cache.merchant_history("lane", merchant).unwrap();
     let (cached, cached_report) = plan
-        .compute(&rows, cache.version(), as_of, &inputs(), "lane", merchant)
+        .compute(
+            &history,
+            cache.version(),
+            as_of,
+            &inputs(),
+            "lane",
+            merchant,
+        )
         .await
         .unwrap();
     let (read, read_report) = compute_merchant_features(lake, as_of, &inputs(), "lane", merchant)
@@ -889,10 +896,24 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         knowledge_time: Some(at(d() + Days::new(5), 0, 0)),
     };
     let plan = MerchantFeaturePlan::new().await.unwrap();
+    // One merchant alone still sees its operator's whole feed, so its row is the batch
+    // job's, the peer percentile aside. irregular sold on two days; the feed (steady's
+    // sales) delivered on all 90, so its history starts with the feed and is covered.
+    let (batch, _) = compute_features(&lake, &now, &inputs()).await.unwrap();
+    let mut batch_rows = rows_by_merchant(&batch);
+    let peer_column = MERCHANT_FEATURES
+        .schema
+        .index_of("peer_pct_net_90d")
+        .unwrap();
     for merchant in ["steady", "irregular"] {
         let (cached, read) = both_paths(&plan, &lake, &cache, &now, merchant).await;
         assert_same_row(&cached, &read, merchant);
+        let mut expected = batch_rows.remove(merchant).unwrap();
+        expected[peer_column] = String::new();
+        assert_same_row(&cached, &expected, merchant);
     }
+    assert_eq!(value(&batch, "irregular", "coverage_ratio_90d"), "1.0");
+    assert_eq!(value(&batch, "irregular", "days_on_book"), "90");
     assert!(
         cache.changes(&lake).await.unwrap().is_none(),
         "no new commit"
@@ -916,7 +937,7 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
     assert_same_row(&cached, &read, "steady");
     let (features, _) = plan
         .compute(
-            &cache.merchant_rows("lane", "steady").unwrap(),
+            &cache.merchant_history("lane", "steady").unwrap(),
             cache.version(),
             &now,
             &inputs(),
