@@ -412,18 +412,14 @@ impl Service {
             None => None,
         };
         let (batches, report) = match cached {
-            Some((history, version)) => {
-                self.feature_plan
-                    .compute(
-                        &history,
-                        version,
-                        &as_of,
-                        &self.inputs,
-                        &request.operator_id,
-                        &request.merchant_id,
-                    )
-                    .await
-            }
+            Some((history, version)) => self.feature_plan.compute(
+                &history,
+                version,
+                &as_of,
+                &self.inputs,
+                &request.operator_id,
+                &request.merchant_id,
+            ),
             None => {
                 compute_merchant_features(
                     &self.lake,

@@ -12,6 +12,7 @@ mod daily;
 mod daily_parallel;
 mod error;
 mod gold;
+mod one_merchant;
 mod relations;
 mod serving;
 mod silver;

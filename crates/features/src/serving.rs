@@ -10,9 +10,11 @@
 //! ([`MerchantFeaturePlan`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
 
-use chrono::{Days, NaiveDate};
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use streetflow_core::MerchantRecord;
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
 use streetflow_lake::arrow::array::{
     Array, AsArray, Date32Array, Date32Builder, RecordBatch, StringBuilder,
@@ -35,6 +37,7 @@ use crate::gold::{
     AsOf, FeatureInputs, FeatureReport, LOOKBACK_DAYS, PAYER_WINDOW_DAYS, arrow_error,
     conform_features, days, feed_days_schema, reference_tables, without_peer_percentile,
 };
+use crate::one_merchant::{OneMerchant, SubsidyRules, feature_row};
 use crate::sql;
 
 /// A bronze table version's rows with business dates from `since`, by merchant.
@@ -491,16 +494,29 @@ impl BronzeCache {
     }
 }
 
-/// `merchant_features.sql` planned once for one merchant at a time: the evaluation path
-/// of `streetflow serve`. Planning the feature query costs tens of milliseconds; running
-/// the plan over one merchant's daily rows costs a few.
+/// `merchant_features.sql` for one merchant at a time: the evaluation path of
+/// `streetflow serve`. [`Self::compute`] computes the definitions directly over the
+/// merchant's daily rows (a fraction of a millisecond); [`Self::compute_with_sql`] runs
+/// the SQL, planned once (a few milliseconds a run; planning costs tens). Their rows are
+/// equal: the tests compare them on the synthetic district.
 #[derive(Debug)]
 pub struct MerchantFeaturePlan {
     query: PreparedQuery,
+    subsidy: SubsidyRules,
+}
+
+/// One merchant's inputs of the feature definitions for one as-of date.
+struct MerchantInputs {
+    registry: Vec<MerchantRecord>,
+    knowledge_time: DateTime<Utc>,
+    daily: Vec<RecordBatch>,
+    payer_sales: Vec<RecordBatch>,
+    feed_days: Vec<i32>,
 }
 
 impl MerchantFeaturePlan {
-    /// Plans the feature query over the reference tables, `daily` and `payer_sales`.
+    /// Plans the feature query over the reference tables, `daily`, `payer_sales` and
+    /// `feed_days`.
     pub async fn new() -> Result<Self> {
         // The reference tables' schemas do not depend on the date or the inputs.
         let sample = AsOf {
@@ -517,16 +533,62 @@ impl MerchantFeaturePlan {
         tables.push(("payer_sales", payer_sales_schema()));
         tables.push(("feed_days", feed_days_schema()));
         let query = PreparedQuery::new(sql::MERCHANT_FEATURES, &tables).await?;
-        Ok(Self { query })
+        let table = |name: &str| {
+            reference
+                .tables
+                .iter()
+                .find(|(table, _)| *table == name)
+                .map(|(_, batch)| batch)
+                .ok_or_else(|| Error::Arrow {
+                    context: format!("no reference table {name}"),
+                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
+                })
+        };
+        let subsidy =
+            SubsidyRules::from_tables(table("subsidy_sectors")?, table("subsidy_industries")?)?;
+        Ok(Self { query, subsidy })
     }
 
     /// The feature row of one merchant as of `as_of`, from its `history` (all of its
     /// rows in the lookback window and its operator's feed, as
     /// [`BronzeCache::merchant_history`] gives them) of bronze version `bronze_version`.
-    /// Equal to what
-    /// [`compute_merchant_features`](crate::compute_merchant_features) reads from the
-    /// lake, `peer_pct_net_90d` null as there.
-    pub async fn compute(
+    /// Equal to what [`compute_merchant_features`](crate::compute_merchant_features)
+    /// reads from the lake, `peer_pct_net_90d` null as there.
+    pub fn compute(
+        &self,
+        history: &MerchantHistory,
+        bronze_version: i64,
+        as_of: &AsOf,
+        inputs: &FeatureInputs,
+        operator_id: &str,
+        merchant_id: &str,
+    ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+        let prepared = merchant_inputs(history, as_of, inputs, operator_id, merchant_id)?;
+        let row = feature_row(
+            &OneMerchant {
+                operator_id,
+                merchant_id,
+                as_of: as_of.date,
+                knowledge_time: prepared.knowledge_time,
+                registry: &prepared.registry,
+                daily: &prepared.daily,
+                payer_sales: &prepared.payer_sales,
+                feed_days: &prepared.feed_days,
+                bronze_version,
+            },
+            &self.subsidy,
+        )?;
+        let report = FeatureReport {
+            as_of_date: as_of.date,
+            rows: row.as_ref().map_or(0, RecordBatch::num_rows),
+            bronze_version,
+            knowledge_times: [(operator_id.to_owned(), prepared.knowledge_time)].into(),
+        };
+        Ok((row.into_iter().collect(), report))
+    }
+
+    /// [`Self::compute`] by running `merchant_features.sql` on DataFusion.
+    pub async fn compute_with_sql(
         &self,
         history: &MerchantHistory,
         bronze_version: i64,
@@ -536,53 +598,16 @@ impl MerchantFeaturePlan {
         merchant_id: &str,
     ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
         let d = as_of.date;
-        // Only this merchant's registry entries: the query keeps registry merchants
-        // without events.
-        let inputs = FeatureInputs {
+        let prepared = merchant_inputs(history, as_of, inputs, operator_id, merchant_id)?;
+        let scoped = FeatureInputs {
             calendars: inputs.calendars.clone(),
-            registry: inputs
-                .registry
-                .iter()
-                .filter(|r| r.operator_id == operator_id && r.merchant_id == merchant_id)
-                .cloned()
-                .collect(),
+            registry: prepared.registry,
         };
-        let reference = reference_tables(as_of, &inputs, &[operator_id.to_owned()])?;
-        let knowledge_time = reference
-            .knowledge_times
-            .get(operator_id)
-            .copied()
-            .ok_or_else(|| Error::Arrow {
-                context: format!("no knowledge time for operator {operator_id}"),
-                source: streetflow_lake::arrow::error::ArrowError::InvalidArgumentError(
-                    operator_id.to_owned(),
-                ),
-            })?;
-        // The rows of `events_view` for this merchant: known by the knowledge time,
-        // business dates within the lookback window.
-        let known = knowable_rows(
-            &history.rows,
-            operator_id,
-            merchant_id,
-            knowledge_time.timestamp_micros(),
-            days(d - Days::new(LOOKBACK_DAYS)),
-        )?;
-        let mut builder = DailyBuilder::with_payer_window(PayerWindow {
-            from: days(d - Days::new(PAYER_WINDOW_DAYS)),
-            until: days(d),
-        });
-        builder.push(&known)?;
-        let before = days(d);
-        let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
-        let feed_days = operator_feed_days(
-            &history.feed,
-            operator_id,
-            days(d - Days::new(LOOKBACK_DAYS))..before,
-            knowledge_time.timestamp_micros(),
-        )?;
+        let reference = reference_tables(as_of, &scoped, &[operator_id.to_owned()])?;
+        let feed_days = feed_days_batch(operator_id, &prepared.feed_days)?;
         let mut tables = RequestTables::new()
-            .with("daily", daily)
-            .with("payer_sales", payer_sales)
+            .with("daily", prepared.daily)
+            .with("payer_sales", prepared.payer_sales)
             .with("feed_days", vec![feed_days]);
         for (name, batch) in reference.tables {
             tables.insert(name, vec![batch]);
@@ -606,20 +631,73 @@ impl MerchantFeaturePlan {
     }
 }
 
-/// The `feed_days` rows of one operator: the days of `range` (days since 1970-01-01)
-/// whose first sale or refund in `feed` had arrived by `knowledge_micros`.
-fn operator_feed_days(
-    feed: &[(i32, i64)],
+/// One merchant's `daily`, `payer_sales` and feed days as of `as_of` from its cached
+/// history, with its registry versions and its operator's knowledge time.
+fn merchant_inputs(
+    history: &MerchantHistory,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
     operator_id: &str,
-    range: std::ops::Range<i32>,
-    knowledge_micros: i64,
-) -> Result<RecordBatch> {
+    merchant_id: &str,
+) -> Result<MerchantInputs> {
+    let d = as_of.date;
+    // Only this merchant's registry entries: the query keeps registry merchants without
+    // events.
+    let registry: Vec<MerchantRecord> = inputs
+        .registry
+        .iter()
+        .filter(|r| r.operator_id == operator_id && r.merchant_id == merchant_id)
+        .cloned()
+        .collect();
+    let knowledge_time = as_of
+        .knowledge_time
+        .unwrap_or_else(|| inputs.calendars.for_operator(operator_id).day_start(d));
+    let first_day = days(d - Days::new(LOOKBACK_DAYS));
+    // The rows of `events_view` for this merchant: known by the knowledge time, business
+    // dates within the lookback window.
+    let known = knowable_rows(
+        &history.rows,
+        operator_id,
+        merchant_id,
+        knowledge_time.timestamp_micros(),
+        first_day,
+    )?;
+    let mut builder = DailyBuilder::with_payer_window(PayerWindow {
+        from: days(d - Days::new(PAYER_WINDOW_DAYS)),
+        until: days(d),
+    });
+    builder.push(&known)?;
+    let before = days(d);
+    let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
+    let feed_days = operator_feed_days(
+        &history.feed,
+        first_day..before,
+        knowledge_time.timestamp_micros(),
+    );
+    Ok(MerchantInputs {
+        registry,
+        knowledge_time,
+        daily,
+        payer_sales,
+        feed_days,
+    })
+}
+
+/// The days of `range` (days since 1970-01-01) whose first sale or refund in an
+/// operator's `feed` had arrived by `knowledge_micros`: its `feed_days`.
+fn operator_feed_days(feed: &[(i32, i64)], range: Range<i32>, knowledge_micros: i64) -> Vec<i32> {
+    feed.iter()
+        .filter(|&&(day, first_arrival)| range.contains(&day) && first_arrival <= knowledge_micros)
+        .map(|&(day, _)| day)
+        .collect()
+}
+
+/// An operator's feed days as a `feed_days` table.
+fn feed_days_batch(operator_id: &str, feed_days: &[i32]) -> Result<RecordBatch> {
     let (mut operators, mut dates) = (StringBuilder::new(), Date32Builder::new());
-    for &(day, first_arrival) in feed {
-        if range.contains(&day) && first_arrival <= knowledge_micros {
-            operators.append_value(operator_id);
-            dates.append_value(day);
-        }
+    for &day in feed_days {
+        operators.append_value(operator_id);
+        dates.append_value(day);
     }
     RecordBatch::try_new(
         feed_days_schema(),

@@ -11,10 +11,14 @@ use streetflow_features::{
     AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
     compute_features, compute_merchant_features,
 };
-use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
+use streetflow_ingest::{
+    BackfillOptions, DeadLetterRows, EventRows, InputFormat, KnowledgeTime, Origin, RowAppender,
+    backfill_file,
+};
 use streetflow_lake::arrow::array::RecordBatch;
 use streetflow_lake::arrow::util::display::array_value_to_string;
 use streetflow_lake::{Lake, OffsetWriter};
+use streetflow_synth::{GenConfig, generate};
 
 /// D: Tuesday 2025-04-01. Windows end on Monday 2025-03-31.
 fn d() -> NaiveDate {
@@ -798,22 +802,31 @@ async fn each_event_counts_once_and_voids_and_refunds_resolve() {
 
 /// Every column of each batch row as text, keyed by merchant (NULL as "").
 fn rows_by_merchant(batches: &[RecordBatch]) -> std::collections::BTreeMap<String, Vec<String>> {
+    rows_keyed(batches, &["merchant_id"])
+}
+
+/// Rows as text, keyed by the values of `key` joined with '/'.
+fn rows_keyed(
+    batches: &[RecordBatch],
+    key: &[&str],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let text = |column: &dyn streetflow_lake::arrow::array::Array, row: usize| {
+        if column.is_null(row) {
+            String::new()
+        } else {
+            array_value_to_string(column, row).unwrap()
+        }
+    };
     let mut rows = std::collections::BTreeMap::new();
     for batch in batches {
-        let merchants = batch.column_by_name("merchant_id").unwrap();
         for row in 0..batch.num_rows() {
-            let values = batch
-                .columns()
+            let values = batch.columns().iter().map(|c| text(c, row)).collect();
+            let key = key
                 .iter()
-                .map(|c| {
-                    if c.is_null(row) {
-                        String::new()
-                    } else {
-                        array_value_to_string(c, row).unwrap()
-                    }
-                })
-                .collect();
-            rows.insert(array_value_to_string(merchants, row).unwrap(), values);
+                .map(|name| text(batch.column_by_name(name).unwrap(), row))
+                .collect::<Vec<_>>()
+                .join("/");
+            rows.insert(key, values);
         }
     }
     rows
@@ -838,8 +851,25 @@ async fn both_paths(
             "lane",
             merchant,
         )
+        .unwrap();
+    // The definitions computed directly equal the planned SQL's row.
+    let (planned, planned_report) = plan
+        .compute_with_sql(
+            &history,
+            cache.version(),
+            as_of,
+            &inputs(),
+            "lane",
+            merchant,
+        )
         .await
         .unwrap();
+    assert_eq!(cached_report, planned_report);
+    assert_same_row(
+        &rows_by_merchant(&cached).remove(merchant).unwrap(),
+        &rows_by_merchant(&planned).remove(merchant).unwrap(),
+        merchant,
+    );
     let (read, read_report) = compute_merchant_features(lake, as_of, &inputs(), "lane", merchant)
         .await
         .unwrap();
@@ -944,7 +974,6 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
             "lane",
             "steady",
         )
-        .await
         .unwrap();
     assert_eq!(value(&features, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
     // Before the late sale was known, the cached rows still give the earlier vector.
@@ -990,4 +1019,181 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
     );
     let (cached, read) = both_paths(&plan, &lake, &cache, &now, "steady").await;
     assert_same_row(&cached, &read, "steady");
+}
+
+/// The feature row of every merchant of the synthetic district computed directly
+/// ([`MerchantFeaturePlan::compute`], the serving path) equals the SQL's, run on the
+/// same inputs, at as-of dates from the feed's second day to two months after it ended,
+/// at the day's default knowledge time and at a late one; and equals the batch job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
+    let config = GenConfig {
+        merchants: 24,
+        days: 200,
+        operators: 2,
+        duplicate_rate: 0.02,
+        late_rate: 0.05,
+        ..GenConfig::default()
+    };
+    let mut jsonl = Vec::new();
+    let generated = generate(&config, &mut jsonl).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("district.jsonl");
+    std::fs::write(&events, &jsonl).unwrap();
+    let lake = Lake::new(
+        dir.path().join("lake").to_str().unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    // Ingestion times as a stream would have stamped them: late events arrive late.
+    let options = BackfillOptions {
+        config: streetflow_core::PipelineConfig::defaults(),
+        knowledge: KnowledgeTime::FromOccurred,
+        commit_every_lines: 1_000_000,
+        bytes_read: None,
+    };
+    backfill_file(&lake, &events, &options, &InputFormat::JsonLines)
+        .await
+        .unwrap();
+
+    let start = config.start;
+    let operator = generated.registry[0].operator_id.clone();
+    let mut registry = generated.registry.clone();
+    // A registered shop without a sale, and a second registry version of a merchant
+    // that moves it to another MCC (and so another subsidy sector) and rent mid-way.
+    registry.push(MerchantRecord {
+        merchant_id: "registered-only".into(),
+        opened_on: start + Days::new(20),
+        valid_from: start + Days::new(20),
+        ..generated.registry[0].clone()
+    });
+    let mut moved = generated.registry[1].clone();
+    moved.mcc = "7230".into();
+    moved.industry_code = None;
+    moved.monthly_rent_fen = Some(1_234_500);
+    moved.valid_from = start + Days::new(100);
+    registry.push(moved);
+    let inputs = FeatureInputs {
+        calendars: OperatorCalendars::default(),
+        registry,
+    };
+    let mut merchants: Vec<(String, String)> = inputs
+        .registry
+        .iter()
+        .map(|r| (r.operator_id.clone(), r.merchant_id.clone()))
+        .collect();
+    merchants.sort();
+    merchants.dedup();
+    merchants.push((operator.clone(), "nobody".into()));
+
+    let cache = BronzeCache::load(&lake, start - Days::new(LOOKBACK_DAYS))
+        .await
+        .unwrap()
+        .unwrap();
+    let plan = MerchantFeaturePlan::new().await.unwrap();
+    let late = at(start + Days::new(400), 0, 0);
+    let mut compared = 0;
+    let mut direct_rows = Vec::new();
+    // (days after the feed's start, with the late knowledge time too)
+    for (offset, late_too) in [(1, false), (60, true), (200, true), (260, false)] {
+        let date = start + Days::new(offset);
+        let knowledge_times = if late_too {
+            vec![None, Some(late)]
+        } else {
+            vec![None]
+        };
+        for knowledge_time in knowledge_times {
+            let as_of = AsOf {
+                date,
+                knowledge_time,
+            };
+            for (operator_id, merchant_id) in &merchants {
+                let history = cache.merchant_history(operator_id, merchant_id).unwrap();
+                let (direct, direct_report) = plan
+                    .compute(
+                        &history,
+                        cache.version(),
+                        &as_of,
+                        &inputs,
+                        operator_id,
+                        merchant_id,
+                    )
+                    .unwrap();
+                let (planned, planned_report) = plan
+                    .compute_with_sql(
+                        &history,
+                        cache.version(),
+                        &as_of,
+                        &inputs,
+                        operator_id,
+                        merchant_id,
+                    )
+                    .await
+                    .unwrap();
+                let context =
+                    format!("{operator_id}/{merchant_id} as of {date} ({knowledge_time:?})");
+                assert_eq!(direct_report, planned_report, "{context}");
+                let (direct_row, planned_row) = (
+                    rows_by_merchant(&direct).remove(merchant_id.as_str()),
+                    rows_by_merchant(&planned).remove(merchant_id.as_str()),
+                );
+                assert_eq!(direct_row.is_some(), planned_row.is_some(), "{context}");
+                if let (Some(direct_row), Some(planned_row)) = (direct_row, planned_row) {
+                    assert_same_row(&direct_row, &planned_row, &context);
+                    compared += 1;
+                }
+                if offset == 200 && knowledge_time.is_none() {
+                    direct_rows.extend(direct);
+                }
+            }
+        }
+    }
+    assert!(compared > 100, "only {compared} rows compared");
+    // The district exercises the definitions: each of these is set for some merchant.
+    for feature in [
+        "growth_mom_30d",
+        "trend_slope_26w",
+        "daily_net_cv_90d",
+        "top5_payer_share_90d",
+        "rent_to_turnover_90d",
+        "subsidy_sector",
+    ] {
+        let set = direct_rows
+            .iter()
+            .filter(|b| b.column_by_name(feature).unwrap().null_count() < b.num_rows())
+            .count();
+        assert!(set > 0, "no merchant has {feature}");
+    }
+    assert!(
+        rows_keyed(&direct_rows, &["operator_id", "merchant_id"])
+            .values()
+            .any(|row| row[MERCHANT_FEATURES
+                .schema
+                .index_of("max_zero_streak_90d")
+                .unwrap()]
+                != "0"),
+        "no merchant has a day without sales"
+    );
+
+    // And the batch job over the whole district gives the same rows, peers aside.
+    let as_of = AsOf {
+        date: start + Days::new(200),
+        knowledge_time: None,
+    };
+    let (batch, _) = compute_features(&lake, &as_of, &inputs).await.unwrap();
+    let batch_rows = rows_keyed(&batch, &["operator_id", "merchant_id"]);
+    let direct_rows = rows_keyed(&direct_rows, &["operator_id", "merchant_id"]);
+    assert_eq!(
+        batch_rows.keys().collect::<Vec<_>>(),
+        direct_rows.keys().collect::<Vec<_>>()
+    );
+    let peer_column = MERCHANT_FEATURES
+        .schema
+        .index_of("peer_pct_net_90d")
+        .unwrap();
+    for (merchant, direct) in &direct_rows {
+        let mut expected = batch_rows[merchant].clone();
+        expected[peer_column] = String::new();
+        assert_same_row(direct, &expected, merchant);
+    }
 }
