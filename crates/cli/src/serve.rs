@@ -34,7 +34,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, PreparedPolicy};
 use streetflow_features::{
-    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
+    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, OneMerchantFeatures,
     compute_merchant_features, load_registry, sql_literal,
 };
 use streetflow_lake::Lake;
@@ -143,8 +143,8 @@ pub(crate) struct Service {
     policies: BTreeMap<String, Policy>,
     /// Each policy's query, planned once for evaluations.
     prepared: BTreeMap<String, PreparedPolicy>,
-    /// The feature query, planned once for evaluations from the cache.
-    feature_plan: MerchantFeaturePlan,
+    /// The feature definitions for one merchant, for evaluations from the cache.
+    features: OneMerchantFeatures,
     inputs: FeatureInputs,
     refresh: Duration,
     session: tokio::sync::RwLock<Option<(Instant, SessionContext)>>,
@@ -224,14 +224,13 @@ impl Service {
                 .with_context(|| format!("planning the policy of {product}"))?;
             prepared.insert(product.clone(), plan);
         }
-        let feature_plan = MerchantFeaturePlan::new()
-            .await
-            .context("planning the feature query")?;
+        let features =
+            OneMerchantFeatures::new().context("reading the subsidy reference tables")?;
         Ok(Self {
             lake,
             policies,
             prepared,
-            feature_plan,
+            features,
             inputs,
             refresh,
             session: tokio::sync::RwLock::new(None),
@@ -412,7 +411,7 @@ impl Service {
             None => None,
         };
         let (batches, report) = match cached {
-            Some((history, version)) => self.feature_plan.compute(
+            Some((history, version)) => self.features.compute(
                 &history,
                 version,
                 &as_of,

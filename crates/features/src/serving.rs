@@ -5,9 +5,10 @@
 //! partition of its lookback window — over a thousand files, about half a second even on
 //! a small lake. The cache reads the window once and afterwards only the files each new
 //! bronze commit adds, so an evaluation starts from rows already in memory. Rows are kept
-//! as bronze has them (duplicates, voids and all), regrouped by merchant at load: the
-//! features are computed from them by the same SQL as the batch job, planned once
-//! ([`MerchantFeaturePlan`]).
+//! as bronze has them (duplicates, voids and all), regrouped by merchant at load, with
+//! each operator's feed days. [`OneMerchantFeatures`] computes a merchant's features
+//! from them: its daily rows as the batch job builds them, then the definitions of
+//! `merchant_features.sql` computed directly (or, for checking, the SQL itself).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -496,12 +497,13 @@ impl BronzeCache {
 
 /// `merchant_features.sql` for one merchant at a time: the evaluation path of
 /// `streetflow serve`. [`Self::compute`] computes the definitions directly over the
-/// merchant's daily rows (a fraction of a millisecond); [`Self::compute_with_sql`] runs
-/// the SQL, planned once (a few milliseconds a run; planning costs tens). Their rows are
-/// equal: the tests compare them on the synthetic district.
+/// merchant's daily rows (about a millisecond with the daily rows); [`Self::compute_with_sql`]
+/// runs the SQL, planned on first use (a few milliseconds a run; planning costs tens).
+/// Their rows are equal: the tests compare them on the synthetic district.
 #[derive(Debug)]
-pub struct MerchantFeaturePlan {
-    query: PreparedQuery,
+pub struct OneMerchantFeatures {
+    /// The feature query, planned on the first [`Self::compute_with_sql`].
+    query: tokio::sync::OnceCell<PreparedQuery>,
     subsidy: SubsidyRules,
 }
 
@@ -514,25 +516,10 @@ struct MerchantInputs {
     feed_days: Vec<i32>,
 }
 
-impl MerchantFeaturePlan {
-    /// Plans the feature query over the reference tables, `daily`, `payer_sales` and
-    /// `feed_days`.
-    pub async fn new() -> Result<Self> {
-        // The reference tables' schemas do not depend on the date or the inputs.
-        let sample = AsOf {
-            date: NaiveDate::default(),
-            knowledge_time: None,
-        };
-        let reference = reference_tables(&sample, &FeatureInputs::default(), &[])?;
-        let mut tables: Vec<(&str, SchemaRef)> = reference
-            .tables
-            .iter()
-            .map(|(name, batch)| (*name, batch.schema()))
-            .collect();
-        tables.push(("daily", MERCHANT_DAILY.schema.clone()));
-        tables.push(("payer_sales", payer_sales_schema()));
-        tables.push(("feed_days", feed_days_schema()));
-        let query = PreparedQuery::new(sql::MERCHANT_FEATURES, &tables).await?;
+impl OneMerchantFeatures {
+    /// Reads the subsidy reference tables the definitions match sectors in.
+    pub fn new() -> Result<Self> {
+        let reference = sample_reference_tables()?;
         let table = |name: &str| {
             reference
                 .tables
@@ -546,7 +533,25 @@ impl MerchantFeaturePlan {
         };
         let subsidy =
             SubsidyRules::from_tables(table("subsidy_sectors")?, table("subsidy_industries")?)?;
-        Ok(Self { query, subsidy })
+        Ok(Self {
+            query: tokio::sync::OnceCell::new(),
+            subsidy,
+        })
+    }
+
+    /// Plans the feature query over the reference tables, `daily`, `payer_sales` and
+    /// `feed_days`.
+    async fn plan() -> Result<PreparedQuery> {
+        let reference = sample_reference_tables()?;
+        let mut tables: Vec<(&str, SchemaRef)> = reference
+            .tables
+            .iter()
+            .map(|(name, batch)| (*name, batch.schema()))
+            .collect();
+        tables.push(("daily", MERCHANT_DAILY.schema.clone()));
+        tables.push(("payer_sales", payer_sales_schema()));
+        tables.push(("feed_days", feed_days_schema()));
+        Ok(PreparedQuery::new(sql::MERCHANT_FEATURES, &tables).await?)
     }
 
     /// The feature row of one merchant as of `as_of`, from its `history` (all of its
@@ -612,7 +617,8 @@ impl MerchantFeaturePlan {
         for (name, batch) in reference.tables {
             tables.insert(name, vec![batch]);
         }
-        let features = self.query.execute(tables).await?;
+        let query = self.query.get_or_try_init(Self::plan).await?;
+        let features = query.execute(tables).await?;
         let mut report = FeatureReport {
             as_of_date: d,
             rows: 0,
@@ -629,6 +635,16 @@ impl MerchantFeaturePlan {
         }
         Ok((batches, report))
     }
+}
+
+/// The reference tables of an arbitrary date: their schemas and the subsidy tables do
+/// not depend on it.
+fn sample_reference_tables() -> Result<crate::gold::ReferenceTables> {
+    let sample = AsOf {
+        date: NaiveDate::default(),
+        knowledge_time: None,
+    };
+    reference_tables(&sample, &FeatureInputs::default(), &[])
 }
 
 /// One merchant's `daily`, `payer_sales` and feed days as of `as_of` from its cached

@@ -8,7 +8,7 @@ use chrono_tz::Asia::Shanghai;
 use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
-    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantFeaturePlan,
+    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, OneMerchantFeatures,
     compute_features, compute_merchant_features,
 };
 use streetflow_ingest::{
@@ -835,14 +835,14 @@ fn rows_keyed(
 /// One merchant's features from the bronze cache (through the plan made once) and
 /// from the lake (planned for the call), as text rows.
 async fn both_paths(
-    plan: &MerchantFeaturePlan,
+    features: &OneMerchantFeatures,
     lake: &Lake,
     cache: &BronzeCache,
     as_of: &AsOf,
     merchant: &str,
 ) -> (Vec<String>, Vec<String>) {
     let history = cache.merchant_history("lane", merchant).unwrap();
-    let (cached, cached_report) = plan
+    let (cached, cached_report) = features
         .compute(
             &history,
             cache.version(),
@@ -853,7 +853,7 @@ async fn both_paths(
         )
         .unwrap();
     // The definitions computed directly equal the planned SQL's row.
-    let (planned, planned_report) = plan
+    let (planned, planned_report) = features
         .compute_with_sql(
             &history,
             cache.version(),
@@ -925,7 +925,7 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         date: d(),
         knowledge_time: Some(at(d() + Days::new(5), 0, 0)),
     };
-    let plan = MerchantFeaturePlan::new().await.unwrap();
+    let features = OneMerchantFeatures::new().unwrap();
     // One merchant alone still sees its operator's whole feed, so its row is the batch
     // job's, the peer percentile aside. irregular sold on two days; the feed (steady's
     // sales) delivered on all 90, so its history starts with the feed and is covered.
@@ -936,7 +936,7 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         .index_of("peer_pct_net_90d")
         .unwrap();
     for merchant in ["steady", "irregular"] {
-        let (cached, read) = both_paths(&plan, &lake, &cache, &now, merchant).await;
+        let (cached, read) = both_paths(&features, &lake, &cache, &now, merchant).await;
         assert_same_row(&cached, &read, merchant);
         let mut expected = batch_rows.remove(merchant).unwrap();
         expected[peer_column] = String::new();
@@ -963,9 +963,9 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         cache.merchant_rows("lane", "steady").unwrap().num_rows(),
         91
     );
-    let (cached, read) = both_paths(&plan, &lake, &cache, &now, "steady").await;
+    let (cached, read) = both_paths(&features, &lake, &cache, &now, "steady").await;
     assert_same_row(&cached, &read, "steady");
-    let (features, _) = plan
+    let (vector, _) = features
         .compute(
             &cache.merchant_history("lane", "steady").unwrap(),
             cache.version(),
@@ -975,13 +975,13 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
             "steady",
         )
         .unwrap();
-    assert_eq!(value(&features, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
+    assert_eq!(value(&vector, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
     // Before the late sale was known, the cached rows still give the earlier vector.
     let before = AsOf {
         date: d(),
         knowledge_time: None,
     };
-    let (cached, read) = both_paths(&plan, &lake, &cache, &before, "steady").await;
+    let (cached, read) = both_paths(&features, &lake, &cache, &before, "steady").await;
     assert_same_row(&cached, &read, "steady");
 
     let event_ids = |rows: &RecordBatch| -> Vec<String> {
@@ -1017,12 +1017,12 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         cache.merchant_rows("lane", "irregular").unwrap().num_rows(),
         6
     );
-    let (cached, read) = both_paths(&plan, &lake, &cache, &now, "steady").await;
+    let (cached, read) = both_paths(&features, &lake, &cache, &now, "steady").await;
     assert_same_row(&cached, &read, "steady");
 }
 
 /// The feature row of every merchant of the synthetic district computed directly
-/// ([`MerchantFeaturePlan::compute`], the serving path) equals the SQL's, run on the
+/// ([`OneMerchantFeatures::compute`], the serving path) equals the SQL's, run on the
 /// same inputs, at as-of dates from the feed's second day to two months after it ended,
 /// at the day's default knowledge time and at a late one; and equals the batch job's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1090,7 +1090,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
         .await
         .unwrap()
         .unwrap();
-    let plan = MerchantFeaturePlan::new().await.unwrap();
+    let features = OneMerchantFeatures::new().unwrap();
     let late = at(start + Days::new(400), 0, 0);
     let mut compared = 0;
     let mut direct_rows = Vec::new();
@@ -1109,7 +1109,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
             };
             for (operator_id, merchant_id) in &merchants {
                 let history = cache.merchant_history(operator_id, merchant_id).unwrap();
-                let (direct, direct_report) = plan
+                let (direct, direct_report) = features
                     .compute(
                         &history,
                         cache.version(),
@@ -1119,7 +1119,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
                         merchant_id,
                     )
                     .unwrap();
-                let (planned, planned_report) = plan
+                let (planned, planned_report) = features
                     .compute_with_sql(
                         &history,
                         cache.version(),
