@@ -172,10 +172,20 @@ fn a_group_of_three_loses_a_worker_and_nothing_is_lost_or_doubled() {
         }
         assert!(
             Instant::now() < deadline,
-            "only {stored} of {lines} records after the loss of a worker; \
-             the survivors' last log lines:\n{}\n---\n{}",
-            first.recent_log(80),
-            third.recent_log(80)
+            "only {stored} of {lines} records after the loss of a worker; stored per \
+             partition (events, then dead letters):\n{}\n{}\nthe survivors' logs:\n{}\n---\n{}",
+            sql_table(
+                &lake,
+                "SELECT kafka_partition, count(*), min(kafka_offset), max(kafka_offset) \
+                 FROM pos_events GROUP BY kafka_partition ORDER BY kafka_partition"
+            ),
+            sql_table(
+                &lake,
+                "SELECT kafka_partition, count(*), min(kafka_offset), max(kafka_offset) \
+                 FROM dead_letters GROUP BY kafka_partition ORDER BY kafka_partition"
+            ),
+            first.log_digest(40),
+            third.log_digest(40)
         );
         std::thread::sleep(Duration::from_secs(1));
     }

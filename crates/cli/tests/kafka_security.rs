@@ -11,6 +11,9 @@
 //! `tansu user create` cannot log in to a broker that already demands authentication. So
 //! the test starts a Tansu on SQLite storage without authentication, creates the user,
 //! and restarts it on the same database with `--authentication`.
+//!
+//! Both at once (`SASL_SSL`): that Tansu, advertising the address of a TLS terminator in
+//! front of it.
 
 #![allow(clippy::unwrap_used)] // test helpers may panic on broken fixtures
 
@@ -26,6 +29,8 @@ use common::*;
 static TLS_BROKER: Mutex<Option<Child>> = Mutex::new(None);
 static TLS_TERMINATOR: Mutex<Option<Child>> = Mutex::new(None);
 static SASL_BROKER: Mutex<Option<Child>> = Mutex::new(None);
+static SASL_SSL_BROKER: Mutex<Option<Child>> = Mutex::new(None);
+static SASL_SSL_TERMINATOR: Mutex<Option<Child>> = Mutex::new(None);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -214,16 +219,34 @@ fn events_cross_tls_end_to_end_and_a_wrong_ca_is_refused() {
 /// bootstrap address.
 fn sasl_broker(dir: &Path, user: &str, password: &str) -> String {
     let address = format!("127.0.0.1:{}", free_port());
+    start_sasl_tansu(dir, user, password, &address, &address, &SASL_BROKER);
+    address
+}
+
+/// Starts a Tansu listening on `address` with SCRAM-SHA-512 user `user` and
+/// `--authentication`, advertising `advertised` (another address when a TLS terminator
+/// is in front of it).
+fn start_sasl_tansu(
+    dir: &Path,
+    user: &str,
+    password: &str,
+    address: &str,
+    advertised: &str,
+    keeper: &Mutex<Option<Child>>,
+) {
     // Tansu reads the SQLite path relative to its working directory.
-    let tansu = format!(
-        "tansu broker --listener-url tcp://{address} --advertised-listener-url tcp://{address} \
-         --storage-engine sqlite://broker.db"
-    );
+    let tansu = |advertised: &str| {
+        format!(
+            "tansu broker --listener-url tcp://{address} --advertised-listener-url tcp://{advertised} \
+             --storage-engine sqlite://broker.db"
+        )
+    };
+    // The user is created on a broker without authentication, reached directly.
     start_server_in(
         dir,
-        &tansu,
-        &address,
-        &SASL_BROKER,
+        &tansu(address),
+        address,
+        keeper,
         "Tansu did not start (.ci/run installs it with the libsql feature)",
     );
     let created = Command::new("tansu")
@@ -232,15 +255,14 @@ fn sasl_broker(dir: &Path, user: &str, password: &str) -> String {
         .output()
         .unwrap();
     assert!(created.status.success(), "tansu user create: {created:?}");
-    stop_server(&SASL_BROKER, &address);
+    stop_server(keeper, address);
     start_server_in(
         dir,
-        &format!("{tansu} --authentication"),
-        &address,
-        &SASL_BROKER,
+        &format!("{} --authentication", tansu(advertised)),
+        address,
+        keeper,
         "Tansu did not restart with --authentication",
     );
-    address
 }
 
 #[test]
@@ -264,6 +286,48 @@ fn events_cross_sasl_scram_end_to_end_and_a_wrong_password_is_refused() {
     assert_eq!(admitted["brokers"], "ok", "{admitted:?}");
     assert_eq!(admitted["topic"], "ok", "{admitted:?}");
     let refused = doctor_with(&dir, &brokers, &topic, &sasl("not-the-password"));
+    assert_eq!(refused["brokers"], "PROBLEM", "{refused:?}");
+}
+
+/// SCRAM over TLS (`SASL_SSL`), the usual setting of a bank's managed Kafka: a Tansu with
+/// authentication behind the TLS terminator.
+#[test]
+fn events_cross_sasl_over_tls_end_to_end() {
+    let (_guard, dir) = workdir();
+    let (cert, key) = certificate(&dir, "broker");
+    let password = "scram-over-tls-91c4";
+    let (plain, tls) = (free_port(), free_port());
+    let (plain, tls) = (format!("127.0.0.1:{plain}"), format!("127.0.0.1:{tls}"));
+    start_sasl_tansu(&dir, "bob", password, &plain, &tls, &SASL_SSL_BROKER);
+    let proxy = dir.join("tls_proxy.py");
+    std::fs::write(&proxy, include_str!("common/tls_proxy.py")).unwrap();
+    let (tls_port, plain_port) = (
+        tls.rsplit(':').next().unwrap(),
+        plain.rsplit(':').next().unwrap(),
+    );
+    start_server(
+        &format!(
+            "python3 {} {tls_port} {plain_port} {cert} {key}",
+            proxy.display()
+        ),
+        &tls,
+        &SASL_SSL_TERMINATOR,
+        "the TLS terminator did not start",
+    );
+    let settings = |secret| {
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("ssl.ca.location", cert.as_str()),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "bob"),
+            ("sasl.password", secret),
+        ]
+    };
+    let (topic, log) = secured_round_trip(&dir, &tls, &settings(password));
+    assert!(!log.contains(password), "the password is in the log");
+    let admitted = doctor_with(&dir, &tls, &topic, &settings(password));
+    assert_eq!(admitted["brokers"], "ok", "{admitted:?}");
+    let refused = doctor_with(&dir, &tls, &topic, &settings("not-the-password"));
     assert_eq!(refused["brokers"], "PROBLEM", "{refused:?}");
 }
 

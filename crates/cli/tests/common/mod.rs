@@ -99,7 +99,11 @@ pub fn unique(prefix: &str) -> String {
 /// The `streetflow` binary under test.
 pub fn streetflow() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_streetflow"));
-    command.env("RUST_LOG", "warn,streetflow_ingest=info");
+    // deltalake's per-file statistics warnings would bury the worker's own lines.
+    command.env(
+        "RUST_LOG",
+        "warn,streetflow_ingest=info,deltalake_core=error",
+    );
     command
 }
 
@@ -296,11 +300,20 @@ impl Worker {
         panic!("no {needle:?} within {timeout:?}:\n{}", seen.join("\n"));
     }
 
-    /// The last `count` stderr lines printed since the previous call (for failure
-    /// messages).
-    pub fn recent_log(&mut self, count: usize) -> String {
+    /// The warnings and errors printed since the previous call, then the last `count`
+    /// other lines (for failure messages).
+    pub fn log_digest(&mut self, count: usize) -> String {
         let lines: Vec<String> = self.stderr_lines.try_iter().collect();
-        lines[lines.len().saturating_sub(count)..].join("\n")
+        let problems: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .map(String::as_str)
+            .collect();
+        format!(
+            "warnings and errors:\n{}\nlast lines:\n{}",
+            problems.join("\n"),
+            lines[lines.len().saturating_sub(count)..].join("\n")
+        )
     }
 
     /// SIGKILL.
