@@ -275,6 +275,8 @@ struct PartitionState {
     expect_first: Option<(i64, Instant)>,
     /// A gap in this partition was already repaired once (never loop on it).
     repaired: bool,
+    /// When the partition was positioned or last delivered a record or its end.
+    heard_at: Option<Instant>,
 }
 
 impl PartitionState {
@@ -284,8 +286,26 @@ impl PartitionState {
             bases,
             next: start,
             expect_first: start.map(|offset| (offset, Instant::now())),
+            heard_at: Some(Instant::now()),
             ..Self::default()
         }
+    }
+
+    /// librdkafka has reported this partition's end since its last record (from the high
+    /// watermark of its fetch responses), and its first record after positioning is not
+    /// awaited: it is at its end without asking the broker.
+    fn known_at_end(&self) -> bool {
+        self.at_end && self.expect_first.is_none()
+    }
+
+    /// Records are still coming: the partition delivered within [`QUIET_PARTITION`] and
+    /// has not reported its end.
+    fn still_reading(&self) -> bool {
+        !self.at_end
+            && self.expect_first.is_none()
+            && self
+                .heard_at
+                .is_some_and(|at| at.elapsed() < QUIET_PARTITION)
     }
 }
 
@@ -300,6 +320,12 @@ struct Gap {
 
 /// How long a positioned partition may stay silent while holding records.
 const SILENT_PARTITION: Duration = Duration::from_secs(3);
+
+/// How long a partition that has not reported its end must be silent before the end
+/// check asks the broker for its watermarks. Each such query waits behind the pending
+/// long-poll fetch on the broker's connection (up to `fetch.wait.max.ms`), so asking
+/// about every partition on every idle poll kept a worker blocked most of the time.
+const QUIET_PARTITION: Duration = Duration::from_secs(1);
 
 /// A dead letter waiting to be published on the DLQ topic after the lake commit.
 struct DlqMessage {
@@ -516,6 +542,7 @@ impl Worker {
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     if let Some(state) = self.state.partitions.get_mut(&p) {
                         state.at_end = true;
+                        state.heard_at = Some(Instant::now());
                     }
                     true
                 }
@@ -659,6 +686,7 @@ impl State {
             return;
         };
         state.at_end = false;
+        state.heard_at = Some(Instant::now());
         if let Some((expected, _)) = state.expect_first.take()
             && offset > expected
         {
@@ -934,11 +962,25 @@ impl Worker {
             })?
         };
         for (i, &p) in partitions.iter().enumerate() {
+            let stored = events[i].max(dead_letters[i]);
+            // A partition of this worker's that it read to its end and flushed: the end
+            // is where it stopped reading, no broker query needed.
+            let read_to = self
+                .state
+                .partitions
+                .get(&p)
+                .filter(|s| s.known_at_end() && s.last_buffered.is_none())
+                .and_then(|s| s.next);
+            if let Some(end) = read_to {
+                if stored.is_none_or(|last| last + 1 < end) {
+                    return Ok(false);
+                }
+                continue;
+            }
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .map_err(Error::kafka(format!("watermarks of partition {p}")))?;
-            let stored = events[i].max(dead_letters[i]);
             if high > low && stored.is_none_or(|last| last + 1 < high) {
                 return Ok(false);
             }
@@ -946,10 +988,23 @@ impl Worker {
         Ok(true)
     }
 
+    /// Whether every assigned partition has been read to its end (buffered records
+    /// included: the caller flushes them next).
     fn caught_up(&mut self) -> Result<bool> {
+        if self
+            .state
+            .partitions
+            .values()
+            .any(PartitionState::still_reading)
+        {
+            return Ok(false);
+        }
         let mut suspicious = Vec::new();
         let mut done = true;
         for (&p, state) in &self.state.partitions {
+            if state.known_at_end() {
+                continue;
+            }
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(&self.state.topic, p, Duration::from_secs(10))
@@ -977,10 +1032,7 @@ impl Worker {
                 done = false;
                 continue;
             }
-            if state.at_end && state.last_buffered.is_none() {
-                continue;
-            }
-            if next < high || state.last_buffered.is_some() {
+            if next < high {
                 done = false;
             }
         }
