@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use streetflow_core::MerchantRecord;
 use streetflow_core::tables::MERCHANT_FEATURES;
-use streetflow_lake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use streetflow_lake::arrow::array::{
+    Array, ArrayRef, ArrowPrimitiveType, AsArray, PrimitiveArray, RecordBatch,
+};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{Date32Type, Int64Type};
 use streetflow_lake::datafusion::common::ScalarValue;
@@ -55,28 +57,26 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
     })
 }
 
-fn longs<'a>(
+/// Column `name` of `batch` as a primitive array of type `T` (no cast: the builder and
+/// the reference tables give these types).
+fn primitive<'a, T: ArrowPrimitiveType>(
     batch: &'a RecordBatch,
     name: &str,
-) -> Result<&'a streetflow_lake::arrow::array::Int64Array> {
+) -> Result<&'a PrimitiveArray<T>> {
     column(batch, name)?
-        .as_primitive_opt::<Int64Type>()
+        .as_primitive_opt::<T>()
         .ok_or_else(|| Error::Arrow {
-            context: format!("column {name} is not BIGINT"),
+            context: format!("column {name} is not {}", T::DATA_TYPE),
             source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
         })
 }
 
-fn dates<'a>(
-    batch: &'a RecordBatch,
-    name: &str,
-) -> Result<&'a streetflow_lake::arrow::array::Date32Array> {
-    column(batch, name)?
-        .as_primitive_opt::<Date32Type>()
-        .ok_or_else(|| Error::Arrow {
-            context: format!("column {name} is not DATE"),
-            source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
-        })
+fn longs<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a PrimitiveArray<Int64Type>> {
+    primitive::<Int64Type>(batch, name)
+}
+
+fn dates<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a PrimitiveArray<Date32Type>> {
+    primitive::<Date32Type>(batch, name)
 }
 
 impl SubsidyRules {
