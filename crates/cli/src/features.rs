@@ -40,7 +40,7 @@ pub(crate) struct FeaturesArgs {
     /// Merchant registry (CSV or JSON Lines) for MCC, opening date and rent.
     #[arg(long)]
     registry: Option<PathBuf>,
-    /// Pipeline file whose [calendar] section gives the operators' calendars.
+    /// Pipeline file whose `[calendar]` section gives the operators' calendars.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Print the report as JSON.

@@ -7,6 +7,7 @@ mod bench_backfill;
 mod bench_decide;
 mod bench_features;
 mod decide;
+mod decision_index;
 mod demo;
 #[cfg(test)]
 mod deploy_check;

@@ -1,7 +1,9 @@
 //! `streetflow serve`: credit decisions over HTTP.
 //!
 //! * `GET /v1/merchants/{operator}/{merchant}/decision?product=…` — the latest stored
-//!   decision (`credit_decisions`) with the feature values behind each reason;
+//!   decision (`credit_decisions`) with the feature values behind each reason, from an
+//!   in-memory index of the latest decisions ([`DecisionIndex`]) read again when either
+//!   table has a new version (checked every `--refresh-seconds`);
 //! * `POST /v1/decisions:evaluate` — decides one merchant now: its features are computed
 //!   from its own bronze rows as of the current business date (knowledge time: now) and
 //!   the product's policy is evaluated on them. The rows come from an in-memory copy of
@@ -35,12 +37,12 @@ use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, PreparedPolicy};
 use streetflow_features::{
     AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, OneMerchantFeatures,
-    compute_merchant_features, load_registry, sql_literal,
+    compute_merchant_features, load_registry,
 };
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
-use streetflow_lake::datafusion::prelude::SessionContext;
 
+use crate::decision_index::{DecisionIndex, table_versions};
 use crate::ingest::runtime;
 use crate::settings::load_pipeline;
 
@@ -62,8 +64,9 @@ pub(crate) struct ServeArgs {
     /// Pipeline file (operators' calendars, lake storage options).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Reread the lake's tables at most this often (seconds) for stored decisions, and
-    /// bring the evaluation path's bronze cache up to date this often.
+    /// Check this often (seconds) for new versions of the stored decisions and features
+    /// (re-reading the latest decisions when there are) and of bronze (bringing the
+    /// evaluation path's cache up to date).
     #[arg(long, default_value_t = 5)]
     refresh_seconds: u64,
     /// Days of bronze (by business date, before today) kept in memory for evaluations;
@@ -147,7 +150,8 @@ pub(crate) struct Service {
     features: OneMerchantFeatures,
     inputs: FeatureInputs,
     refresh: Duration,
-    session: tokio::sync::RwLock<Option<(Instant, SessionContext)>>,
+    /// The latest stored decisions, for `GET …/decision`.
+    decisions: tokio::sync::RwLock<DecisionIndex>,
     /// Recent bronze rows by merchant, for evaluations (`None`: read the lake).
     cache: Option<tokio::sync::RwLock<BronzeCache>>,
 }
@@ -226,6 +230,10 @@ impl Service {
         }
         let features =
             OneMerchantFeatures::new().context("reading the subsidy reference tables")?;
+        let decisions = DecisionIndex::load(&lake)
+            .await
+            .context("reading the latest stored decisions")?;
+        tracing::info!(decisions = decisions.len(), "stored decisions indexed");
         Ok(Self {
             lake,
             policies,
@@ -233,7 +241,7 @@ impl Service {
             features,
             inputs,
             refresh,
-            session: tokio::sync::RwLock::new(None),
+            decisions: tokio::sync::RwLock::new(decisions),
             cache,
         })
     }
@@ -258,16 +266,34 @@ impl Service {
         Ok(added)
     }
 
-    /// Refreshes the bronze cache every refresh period, forever (errors are logged and
-    /// the old rows kept: evaluations go on, a little staler).
-    async fn keep_cache_fresh(self: Arc<Self>) {
-        if self.cache.is_none() {
-            return;
+    /// Reads the latest stored decisions again when `credit_decisions` or
+    /// `merchant_features` has a new version; returns whether it did.
+    pub(crate) async fn refresh_decisions(&self) -> anyhow::Result<bool> {
+        let versions = table_versions(&self.lake).await?;
+        if versions == self.decisions.read().await.versions() {
+            return Ok(false);
         }
+        // Read without the lock: lookups go on from the old index meanwhile.
+        let index = DecisionIndex::load(&self.lake).await?;
+        tracing::debug!(
+            decisions = index.len(),
+            ?versions,
+            "stored decisions re-indexed"
+        );
+        *self.decisions.write().await = index;
+        Ok(true)
+    }
+
+    /// Refreshes the stored decisions and the bronze cache every refresh period, forever
+    /// (errors are logged and the old data kept: requests go on, a little staler).
+    async fn keep_fresh(self: Arc<Self>) {
         let mut ticks = tokio::time::interval(self.refresh.max(Duration::from_millis(100)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            if let Err(e) = self.refresh_decisions().await {
+                tracing::warn!(error = %e, "re-reading the stored decisions failed");
+            }
             if let Err(e) = self.refresh_cache().await {
                 tracing::warn!(error = %e, "refreshing the bronze cache failed");
             }
@@ -287,37 +313,6 @@ impl Service {
         })
     }
 
-    /// A session over the lake's tables, reopened when older than the refresh period.
-    async fn session(&self) -> Result<SessionContext, ApiError> {
-        if let Some((opened, ctx)) = self.session.read().await.as_ref()
-            && opened.elapsed() < self.refresh
-        {
-            return Ok(ctx.clone());
-        }
-        let mut slot = self.session.write().await;
-        if let Some((opened, ctx)) = slot.as_ref()
-            && opened.elapsed() < self.refresh
-        {
-            return Ok(ctx.clone());
-        }
-        let ctx = self.lake.session().await.map_err(ApiError::internal)?;
-        *slot = Some((Instant::now(), ctx.clone()));
-        Ok(ctx)
-    }
-
-    async fn query(&self, sql: &str) -> Result<Vec<Map<String, Value>>, ApiError> {
-        let ctx = self.session().await?;
-        let table_missing = |e: &dyn std::fmt::Display| e.to_string().contains("not found");
-        let frame = match ctx.sql(sql).await {
-            Ok(frame) => frame,
-            // A lake without the table yet: nothing stored.
-            Err(e) if table_missing(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(ApiError::internal(e)),
-        };
-        let batches = frame.collect().await.map_err(ApiError::internal)?;
-        rows_json(&batches)
-    }
-
     /// The latest stored decision of a merchant for a product, with the features behind
     /// its reasons (read from the feature row it was decided on).
     pub(crate) async fn latest_decision(
@@ -329,19 +324,13 @@ impl Service {
         check_id("operator", operator_id)?;
         check_id("merchant", merchant_id)?;
         let policy = self.policy(product)?;
-        let filter = format!(
-            "operator_id = {} AND merchant_id = {}",
-            sql_literal(operator_id),
-            sql_literal(merchant_id)
-        );
-        let mut rows = self
-            .query(&format!(
-                "SELECT * FROM credit_decisions WHERE {filter} AND product = {} \
-                 ORDER BY as_of_date DESC LIMIT 1",
-                sql_literal(product)
-            ))
-            .await?;
-        let Some(mut decision) = rows.pop() else {
+        let found = self
+            .decisions
+            .read()
+            .await
+            .lookup(product, operator_id, merchant_id)
+            .map_err(ApiError::internal)?;
+        let Some((mut decision, features)) = found else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "no_decision",
@@ -350,19 +339,6 @@ impl Service {
                 ),
             ));
         };
-        let as_of = decision
-            .get("as_of_date")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let features = self
-            .query(&format!(
-                "SELECT * FROM merchant_features WHERE {filter} AND as_of_date = DATE {}",
-                sql_literal(&as_of)
-            ))
-            .await?
-            .pop()
-            .unwrap_or_default();
         let codes: Vec<String> = decision
             .get("reasons")
             .and_then(Value::as_array)
@@ -667,7 +643,7 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
         let bound = listener.local_addr().context("the bound address")?;
-        tokio::spawn(service.clone().keep_cache_fresh());
+        tokio::spawn(service.clone().keep_fresh());
         tracing::info!(
             products = ?service.policies.keys().collect::<Vec<_>>(),
             "serving decisions: listening on http://{bound}"

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{NaiveDate, Utc};
 use common::*;
@@ -121,6 +121,8 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
             policies_arg,
             // Cache the bronze rows of the lookback window of 2026-01-01 (the bench's
             // as-of date) so evaluations below take the in-memory path.
+            "--refresh-seconds".into(),
+            "1".into(),
             "--cache-days".into(),
             (Utc::now().date_naive() - NaiveDate::from_ymd_opt(2024, 9, 1).unwrap())
                 .num_days()
@@ -194,6 +196,55 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
         }
     }
     assert!(features_shown > 0, "{body}");
+
+    // A decide run for a later date while the server runs: within a few refresh periods
+    // the merchant's latest decision is that one, its reasons from that day's features.
+    run(
+        &dir,
+        &["features", "--lake", &lake, "--as-of", "2026-01-02"],
+    );
+    run(
+        &dir,
+        &[
+            "decide",
+            "--lake",
+            &lake,
+            "--as-of",
+            "2026-01-02",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    let later = rows(
+        &dir,
+        &lake,
+        &format!(
+            "SELECT decision, limit_fen FROM credit_decisions WHERE as_of_date = DATE '2026-01-02' \
+             AND operator_id = '{operator}' AND merchant_id = '{merchant}'"
+        ),
+    );
+    assert_eq!(later.len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let newest = loop {
+        let (status, body) = http(
+            &addr,
+            "GET",
+            &format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        let decision = json_of(&body);
+        if decision["as_of_date"] == "2026-01-02" {
+            break decision;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still the old decision after 30 s: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(newest["decision"], later[0]["decision"]);
+    assert_eq!(newest["limit_fen"], later[0]["limit_fen"]);
 
     // One merchant evaluated on its own bronze rows decides as the batch did.
     for row in &stored {
