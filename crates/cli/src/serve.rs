@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, PreparedPolicy};
 use streetflow_features::{
-    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, OneMerchantFeatures,
+    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, MerchantAsOf, OneMerchantFeatures,
     compute_merchant_features, load_registry,
 };
 use streetflow_lake::Lake;
@@ -390,10 +390,12 @@ impl Service {
             Some((history, version)) => self.features.compute(
                 &history,
                 version,
-                &as_of,
-                &self.inputs,
-                &request.operator_id,
-                &request.merchant_id,
+                MerchantAsOf {
+                    operator_id: &request.operator_id,
+                    merchant_id: &request.merchant_id,
+                    as_of: &as_of,
+                    inputs: &self.inputs,
+                },
             ),
             None => {
                 compute_merchant_features(

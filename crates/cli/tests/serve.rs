@@ -83,23 +83,24 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
         ],
     );
     let lake = work.join("lake").display().to_string();
-    run(
-        &dir,
-        &["features", "--lake", &lake, "--as-of", "2026-01-01"],
-    );
     let policy = policies().join(format!("{PRODUCT}.toml"));
-    run(
-        &dir,
-        &[
-            "decide",
-            "--lake",
-            &lake,
-            "--as-of",
-            "2026-01-01",
-            "--policy",
-            policy.to_str().unwrap(),
-        ],
-    );
+    // The batch jobs of one business day: features, then decisions.
+    let features_and_decide = |as_of: &str| {
+        run(&dir, &["features", "--lake", &lake, "--as-of", as_of]);
+        run(
+            &dir,
+            &[
+                "decide",
+                "--lake",
+                &lake,
+                "--as-of",
+                as_of,
+                "--policy",
+                policy.to_str().unwrap(),
+            ],
+        );
+    };
+    features_and_decide("2026-01-01");
     let stored = rows(
         &dir,
         &lake,
@@ -199,22 +200,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
 
     // A decide run for a later date while the server runs: within a few refresh periods
     // the merchant's latest decision is that one, its reasons from that day's features.
-    run(
-        &dir,
-        &["features", "--lake", &lake, "--as-of", "2026-01-02"],
-    );
-    run(
-        &dir,
-        &[
-            "decide",
-            "--lake",
-            &lake,
-            "--as-of",
-            "2026-01-02",
-            "--policy",
-            policy.to_str().unwrap(),
-        ],
-    );
+    features_and_decide("2026-01-02");
     let later = rows(
         &dir,
         &lake,

@@ -27,6 +27,6 @@ pub use gold::{
     compute_features, compute_merchant_features, daily_view, events_view, load_registry,
     reference_tables, sql_literal, write_features,
 };
-pub use serving::{BronzeCache, BronzeChanges, MerchantHistory, OneMerchantFeatures};
+pub use serving::{BronzeCache, BronzeChanges, MerchantAsOf, MerchantHistory, OneMerchantFeatures};
 pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
 pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};

@@ -495,6 +495,19 @@ impl BronzeCache {
     }
 }
 
+/// Whose features to compute, as of when, with which reference data.
+#[derive(Debug, Clone, Copy)]
+pub struct MerchantAsOf<'a> {
+    /// The merchant's operator.
+    pub operator_id: &'a str,
+    /// The merchant.
+    pub merchant_id: &'a str,
+    /// The as-of date and knowledge time.
+    pub as_of: &'a AsOf,
+    /// Calendars and the registry.
+    pub inputs: &'a FeatureInputs,
+}
+
 /// `merchant_features.sql` for one merchant at a time: the evaluation path of
 /// `streetflow serve`. [`Self::compute`] computes the definitions directly over the
 /// merchant's daily rows (about a millisecond with the daily rows); [`Self::compute_with_sql`]
@@ -563,12 +576,15 @@ impl OneMerchantFeatures {
         &self,
         history: &MerchantHistory,
         bronze_version: i64,
-        as_of: &AsOf,
-        inputs: &FeatureInputs,
-        operator_id: &str,
-        merchant_id: &str,
+        request: MerchantAsOf<'_>,
     ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-        let prepared = merchant_inputs(history, as_of, inputs, operator_id, merchant_id)?;
+        let MerchantAsOf {
+            operator_id,
+            merchant_id,
+            as_of,
+            inputs: _,
+        } = request;
+        let prepared = merchant_inputs(history, request)?;
         let row = feature_row(
             &OneMerchant {
                 operator_id,
@@ -597,13 +613,16 @@ impl OneMerchantFeatures {
         &self,
         history: &MerchantHistory,
         bronze_version: i64,
-        as_of: &AsOf,
-        inputs: &FeatureInputs,
-        operator_id: &str,
-        merchant_id: &str,
+        request: MerchantAsOf<'_>,
     ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
+        let MerchantAsOf {
+            operator_id,
+            merchant_id: _,
+            as_of,
+            inputs,
+        } = request;
         let d = as_of.date;
-        let prepared = merchant_inputs(history, as_of, inputs, operator_id, merchant_id)?;
+        let prepared = merchant_inputs(history, request)?;
         let scoped = FeatureInputs {
             calendars: inputs.calendars.clone(),
             registry: prepared.registry,
@@ -649,13 +668,13 @@ fn sample_reference_tables() -> Result<crate::gold::ReferenceTables> {
 
 /// One merchant's `daily`, `payer_sales` and feed days as of `as_of` from its cached
 /// history, with its registry versions and its operator's knowledge time.
-fn merchant_inputs(
-    history: &MerchantHistory,
-    as_of: &AsOf,
-    inputs: &FeatureInputs,
-    operator_id: &str,
-    merchant_id: &str,
-) -> Result<MerchantInputs> {
+fn merchant_inputs(history: &MerchantHistory, request: MerchantAsOf<'_>) -> Result<MerchantInputs> {
+    let MerchantAsOf {
+        operator_id,
+        merchant_id,
+        as_of,
+        inputs,
+    } = request;
     let d = as_of.date;
     // Only this merchant's registry entries: the query keeps registry merchants without
     // events.

@@ -8,8 +8,8 @@ use chrono_tz::Asia::Shanghai;
 use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
-    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, OneMerchantFeatures,
-    compute_features, compute_merchant_features,
+    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantAsOf,
+    OneMerchantFeatures, compute_features, compute_merchant_features,
 };
 use streetflow_ingest::{
     BackfillOptions, DeadLetterRows, EventRows, InputFormat, KnowledgeTime, Origin, RowAppender,
@@ -842,26 +842,19 @@ async fn both_paths(
     merchant: &str,
 ) -> (Vec<String>, Vec<String>) {
     let history = cache.merchant_history("lane", merchant).unwrap();
+    let inputs = inputs();
+    let request = MerchantAsOf {
+        operator_id: "lane",
+        merchant_id: merchant,
+        as_of,
+        inputs: &inputs,
+    };
     let (cached, cached_report) = features
-        .compute(
-            &history,
-            cache.version(),
-            as_of,
-            &inputs(),
-            "lane",
-            merchant,
-        )
+        .compute(&history, cache.version(), request)
         .unwrap();
     // The definitions computed directly equal the planned SQL's row.
     let (planned, planned_report) = features
-        .compute_with_sql(
-            &history,
-            cache.version(),
-            as_of,
-            &inputs(),
-            "lane",
-            merchant,
-        )
+        .compute_with_sql(&history, cache.version(), request)
         .await
         .unwrap();
     assert_eq!(cached_report, planned_report);
@@ -870,7 +863,7 @@ async fn both_paths(
         &rows_by_merchant(&planned).remove(merchant).unwrap(),
         merchant,
     );
-    let (read, read_report) = compute_merchant_features(lake, as_of, &inputs(), "lane", merchant)
+    let (read, read_report) = compute_merchant_features(lake, as_of, &inputs, "lane", merchant)
         .await
         .unwrap();
     assert_eq!(cached_report, read_report);
@@ -969,10 +962,12 @@ async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
         .compute(
             &cache.merchant_history("lane", "steady").unwrap(),
             cache.version(),
-            &now,
-            &inputs(),
-            "lane",
-            "steady",
+            MerchantAsOf {
+                operator_id: "lane",
+                merchant_id: "steady",
+                as_of: &now,
+                inputs: &inputs(),
+            },
         )
         .unwrap();
     assert_eq!(value(&vector, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
@@ -1109,25 +1104,17 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
             };
             for (operator_id, merchant_id) in &merchants {
                 let history = cache.merchant_history(operator_id, merchant_id).unwrap();
+                let request = MerchantAsOf {
+                    operator_id,
+                    merchant_id,
+                    as_of: &as_of,
+                    inputs: &inputs,
+                };
                 let (direct, direct_report) = features
-                    .compute(
-                        &history,
-                        cache.version(),
-                        &as_of,
-                        &inputs,
-                        operator_id,
-                        merchant_id,
-                    )
+                    .compute(&history, cache.version(), request)
                     .unwrap();
                 let (planned, planned_report) = features
-                    .compute_with_sql(
-                        &history,
-                        cache.version(),
-                        &as_of,
-                        &inputs,
-                        operator_id,
-                        merchant_id,
-                    )
+                    .compute_with_sql(&history, cache.version(), request)
                     .await
                     .unwrap();
                 let context =
