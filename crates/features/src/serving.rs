@@ -239,22 +239,44 @@ impl BronzeCache {
         Self::from_table(&table, since).await.map(Some)
     }
 
-    async fn from_table(table: &DeltaTable, since: NaiveDate) -> Result<Self> {
-        let started = std::time::Instant::now();
-        let files = file_paths(table)?;
-        let (planned, batches) = read_rows(table, since, None).await?;
-        // The batches' nullability can be looser than the plan's; use theirs.
-        let schema = cached_schema(&batches.first().map_or(planned, RecordBatch::schema));
-        let mut cache = Self {
+    /// A cache of `table`'s version without rows yet.
+    fn empty(table: &DeltaTable, since: NaiveDate, schema: &SchemaRef) -> Self {
+        Self {
             since,
             version: table.version().map_or(-1, |v| v as i64),
-            files,
-            schema,
+            files: HashSet::new(),
+            schema: cached_schema(schema),
             rows: HashMap::new(),
             row_count: 0,
             feed: HashMap::new(),
+        }
+    }
+
+    async fn from_table(table: &DeltaTable, since: NaiveDate) -> Result<Self> {
+        let started = std::time::Instant::now();
+        let files = file_paths(table)?;
+        // One operator's files at a time (bronze's first partition directory): regrouping
+        // copies the rows it reads, so reading everything at once held two copies of the
+        // whole window at the peak; this way, one operator's rows are held twice.
+        let mut by_operator: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for path in &files {
+            let directory = path.split_once('/').map_or("", |(first, _)| first);
+            by_operator.entry(directory).or_default().push(path.clone());
+        }
+        let mut cache: Option<Self> = None;
+        for group in by_operator.into_values() {
+            let (planned, batches) = read_rows(table, since, Some(group)).await?;
+            // The batches' nullability can be looser than the plan's; use theirs.
+            let schema = batches.first().map_or(planned, RecordBatch::schema);
+            let cache = cache.get_or_insert_with(|| Self::empty(table, since, &schema));
+            cache.append(batches)?;
+        }
+        let mut cache = match cache {
+            Some(cache) => cache,
+            // No files: the plan's schema of an empty table.
+            None => Self::empty(table, since, &read_rows(table, since, None).await?.0),
         };
-        cache.append(batches)?;
+        cache.files = files;
         tracing::info!(
             bronze_version = cache.version,
             since = %since,
