@@ -91,16 +91,7 @@ fn utc_micros_type() -> DataType {
 
 /// The registry versions valid on `day`, as a table.
 fn registry_batch(registry: &[MerchantRecord], day: NaiveDate) -> Result<(SchemaRef, RecordBatch)> {
-    let mut current: BTreeMap<(&str, &str), &MerchantRecord> = BTreeMap::new();
-    for record in registry.iter().filter(|r| r.valid_from <= day) {
-        let key = (record.operator_id.as_str(), record.merchant_id.as_str());
-        if current
-            .get(&key)
-            .is_none_or(|seen| seen.valid_from < record.valid_from)
-        {
-            current.insert(key, record);
-        }
-    }
+    let current = streetflow_core::registry::versions_on(registry, day);
     let schema = Arc::new(Schema::new(vec![
         Field::new("operator_id", DataType::Utf8, false),
         Field::new("merchant_id", DataType::Utf8, false),
@@ -359,24 +350,28 @@ pub(crate) fn feed_days_schema() -> SchemaRef {
     ]))
 }
 
+/// Column `field` of `batch` (by name), cast to the field's type when it has another.
+fn column_as(batch: &RecordBatch, field: &Field, relation: &str) -> Result<ArrayRef> {
+    let name = field.name();
+    let column = batch.column_by_name(name).ok_or_else(|| Error::Arrow {
+        context: format!("{relation} has no column {name}"),
+        source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
+    })?;
+    if column.data_type() == field.data_type() {
+        Ok(column.clone())
+    } else {
+        cast(column, field.data_type()).map_err(arrow_error(name))
+    }
+}
+
 /// `batch` with the columns of `schema`, by name, cast to its types.
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+fn conform(batch: &RecordBatch, schema: &SchemaRef, relation: &str) -> Result<RecordBatch> {
     let columns = schema
         .fields()
         .iter()
-        .map(|field| {
-            let column = batch
-                .column_by_name(field.name())
-                .ok_or_else(|| Error::Arrow {
-                    context: format!("no column {}", field.name()),
-                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(
-                        field.name().to_owned(),
-                    ),
-                })?;
-            cast(column, field.data_type()).map_err(arrow_error(field.name()))
-        })
+        .map(|field| column_as(batch, field, relation))
         .collect::<Result<Vec<_>>>()?;
-    RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error("conforming rows"))
+    RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error(relation))
 }
 
 /// SQL of the `daily` relation as of `date`: `daily.sql` over `resolved`, dates before it.
@@ -512,7 +507,7 @@ async fn compute(
     let feed_days = collect(&ctx, &feed_query, "feed_days.sql")
         .await?
         .iter()
-        .map(|batch| conform(batch, &feed_days_schema()))
+        .map(|batch| conform(batch, &feed_days_schema(), "feed_days"))
         .collect::<Result<Vec<_>>>()?;
     mem_table(&ctx, "feed_days", feed_days_schema(), feed_days)?;
     explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
@@ -557,17 +552,7 @@ pub(crate) fn conform_features(batch: &RecordBatch, bronze_version: i64) -> Resu
             "bronze_version" => Arc::new(streetflow_lake::arrow::array::Int64Array::from(
                 vec![bronze_version; rows],
             )),
-            name => {
-                let column = batch.column_by_name(name).ok_or_else(|| Error::Arrow {
-                    context: format!("merchant_features.sql has no column {name}"),
-                    source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
-                })?;
-                if column.data_type() == field.data_type() {
-                    column.clone()
-                } else {
-                    cast(column, field.data_type()).map_err(arrow_error(name))?
-                }
-            }
+            _ => column_as(batch, field, "merchant_features.sql")?,
         };
         columns.push(column);
     }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use streetflow_core::MerchantRecord;
+use streetflow_core::registry::versions_on;
 use streetflow_core::tables::MERCHANT_FEATURES;
 use streetflow_lake::arrow::array::{
     Array, ArrayRef, ArrowPrimitiveType, AsArray, PrimitiveArray, RecordBatch,
@@ -247,17 +248,6 @@ fn ratio(numerator: i64, denominator: i64) -> Option<f64> {
     (denominator != 0).then(|| numerator as f64 / denominator as f64)
 }
 
-/// The registry version of a merchant valid on `day` (the latest `valid_from` ≤ it).
-fn registry_on(registry: &[MerchantRecord], day: NaiveDate) -> Option<&MerchantRecord> {
-    registry.iter().filter(|r| r.valid_from <= day).fold(
-        None,
-        |best: Option<&MerchantRecord>, r| match best {
-            Some(seen) if seen.valid_from >= r.valid_from => Some(seen),
-            _ => Some(r),
-        },
-    )
-}
-
 /// The merchant's feature row in `merchant_features`' columns (`peer_pct_net_90d`
 /// null), or `None` when the query gives no row: no event and no registry version, or a
 /// history that starts on or after D.
@@ -272,30 +262,10 @@ pub(crate) fn feature_row(
     let mut first_seen: Option<i32> = None;
     for batch in input.daily {
         let date = dates(batch, "business_date")?;
-        let [
-            sales_count,
-            sales_fen,
-            refund_fen,
-            net_fen,
-            night_fen,
-            round_count,
-        ] = [
-            "sales_count",
-            "sales_fen",
-            "refund_fen",
-            "net_fen",
-            "night_sales_fen",
-            "round_sales_count",
-        ]
-        .map(|name| longs(batch, name));
-        let (sales_count, sales_fen, refund_fen, net_fen, night_fen, round_count) = (
-            sales_count?,
-            sales_fen?,
-            refund_fen?,
-            net_fen?,
-            night_fen?,
-            round_count?,
-        );
+        let (sales_count, sales_fen) = (longs(batch, "sales_count")?, longs(batch, "sales_fen")?);
+        let (refund_fen, net_fen) = (longs(batch, "refund_fen")?, longs(batch, "net_fen")?);
+        let night_fen = longs(batch, "night_sales_fen")?;
+        let round_count = longs(batch, "round_sales_count")?;
         for row in 0..batch.num_rows() {
             let day = date.value(row);
             first_seen = Some(first_seen.map_or(day, |seen| seen.min(day)));
@@ -321,7 +291,9 @@ pub(crate) fn feature_row(
         }
     }
 
-    let registered = registry_on(input.registry, input.as_of - chrono::Days::new(1));
+    // The version valid on D − 1 (`input.registry` holds this merchant's versions only).
+    let registered = versions_on(input.registry, input.as_of - chrono::Days::new(1))
+        .remove(&(input.operator_id, input.merchant_id));
     let Some(started_on) = registered.map(|r| days(r.opened_on)).or(first_seen) else {
         return Ok(None);
     };
