@@ -164,14 +164,18 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
         first["operator_id"].as_str().unwrap(),
         first["merchant_id"].as_str().unwrap(),
     );
-    let (status, body) = http(
-        &addr,
-        "GET",
-        &format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
-        "",
-    );
-    assert_eq!(status, 200, "{body}");
-    let decision = json_of(&body);
+    // The merchant's latest decision through the API, and the body as text.
+    let latest_decision = || {
+        let (status, body) = http(
+            &addr,
+            "GET",
+            &format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        (json_of(&body), body)
+    };
+    let (decision, body) = latest_decision();
     assert_eq!(decision["decision"], first["decision"]);
     assert_eq!(decision["limit_fen"], first["limit_fen"]);
     assert_eq!(decision["as_of_date"], "2026-01-01");
@@ -212,14 +216,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
     assert_eq!(later.len(), 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     let newest = loop {
-        let (status, body) = http(
-            &addr,
-            "GET",
-            &format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
-            "",
-        );
-        assert_eq!(status, 200, "{body}");
-        let decision = json_of(&body);
+        let (decision, body) = latest_decision();
         if decision["as_of_date"] == "2026-01-02" {
             break decision;
         }
