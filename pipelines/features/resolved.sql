@@ -10,7 +10,7 @@
 SELECT
     u.operator_id, u.business_date, u.event_id, u.merchant_id, u.terminal_id, u.kind,
     u.amount_fen, u.currency, u.occurred_at, u.utc_offset_seconds, u.local_minute_of_day,
-    u.channel, u.ref_event_id, u.payer_ref, u.ingested_at, u.extra_deliveries, u.conflicting,
+    u.channel, u.ref_event_id, u.payer_ref, u.knowledge_time, u.extra_deliveries, u.conflicting,
     u.kind = 'sale' AND coalesce(l.voided, false) AS voided,
     u.kind <> 'sale' AND coalesce(l.orphan, false) AS orphan
 FROM links l

@@ -3,7 +3,7 @@
 SELECT
     operator_id, business_date, event_id, merchant_id, terminal_id, kind, amount_fen,
     currency, occurred_at, utc_offset_seconds, local_minute_of_day, channel, ref_event_id,
-    payer_ref, ingested_at,
+    payer_ref, knowledge_time,
     CAST(0 AS BIGINT) AS extra_deliveries,
     false AS conflicting
 FROM events e
@@ -14,5 +14,5 @@ UNION ALL
 SELECT
     operator_id, business_date, event_id, merchant_id, terminal_id, kind, amount_fen,
     currency, occurred_at, utc_offset_seconds, local_minute_of_day, channel, ref_event_id,
-    payer_ref, ingested_at, extra_deliveries, conflicting
+    payer_ref, knowledge_time, extra_deliveries, conflicting
 FROM repeated

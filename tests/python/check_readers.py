@@ -56,6 +56,38 @@ for column in ["sales_count", "sales_fen", "refund_fen", "void_count", "net_fen"
         fail(f"merchant_daily.{column} differs from the generator's truth:\n{differ.head()}")
 print(f"merchant_daily: {daily.height} rows equal the truth file; net {daily['net_fen'].sum():,} fen")
 
+# Bitemporal silver: the rows as known at the latest knowledge time are merchant_daily.
+history = pl.read_delta(f"{lake}/merchant_daily_history")
+check_types(
+    history,
+    {
+        "operator_id": pl.String,
+        "business_month": pl.Date,
+        "business_date": pl.Date,
+        "merchant_id": pl.String,
+        "known_from": pl.Datetime("us", "UTC"),
+        "retracted": pl.Boolean,
+        "net_fen": pl.Int64,
+        "payers": pl.List(pl.Struct({"payer_key": pl.Int64, "visits": pl.Int64, "fen": pl.Int64})),
+    },
+    "merchant_daily_history",
+)
+latest = (
+    history.sort("known_from")
+    .group_by(keys)
+    .last()
+    .filter(~pl.col("retracted"))
+)
+together = daily.join(latest, on=keys, how="full", suffix="_history", coalesce=True)
+for column in ["sales_count", "net_fen", "void_count", "distinct_payers"]:
+    differ = together.filter(pl.col(column).ne_missing(pl.col(f"{column}_history")))
+    if differ.height:
+        fail(f"merchant_daily_history's latest {column} differs from merchant_daily:\n{differ.head()}")
+payers = latest.select(pl.col("payers").list.len().alias("n"), "distinct_payers")
+if payers.filter(pl.col("n") != pl.col("distinct_payers")).height:
+    fail("a history row's payer entries do not match its distinct_payers")
+print(f"merchant_daily_history: {history.height} versions; the latest of each key equal merchant_daily")
+
 # Gold through polars' own reader, as a risk modeller would.
 features = pl.read_delta(f"{lake}/merchant_features").filter(pl.col("as_of_date") == as_of)
 check_types(
@@ -80,8 +112,8 @@ merchants = daily.select("operator_id", "merchant_id").unique()
 if features.height != merchants.height:
     fail(f"merchant_features has {features.height} rows as of {as_of}, silver has {merchants.height} merchants")
 
-# Every event was ingested long before the as-of date's knowledge time, so the 30-day net
-# equals silver summed over the 30 days before the as-of date.
+# Every event was known by the features' knowledge time, so the 30-day net equals silver
+# summed over the 30 days before the as-of date.
 window = daily.filter(
     (pl.col("business_date") < as_of) & (pl.col("business_date") >= as_of - dt.timedelta(days=30))
 )

@@ -7,6 +7,7 @@ use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::thousands;
+use crate::settings::{load_pipeline, silver_settings};
 
 /// Options of `streetflow aggregate`.
 #[derive(Debug, Args)]
@@ -17,21 +18,26 @@ pub(crate) struct AggregateArgs {
     /// Recompute every day from all of bronze instead of only the days new events touch.
     #[arg(long)]
     full: bool,
+    /// Pipeline file: the operators' business calendars, the knowledge settle time and
+    /// the lake's storage options.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
+    let config = load_pipeline(args.config.as_deref(), serde_json::json!({}))?;
     let runtime = runtime()?;
-    let lake = Lake::new(&args.lake, &Default::default())?;
+    let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let mode = if args.full {
         SilverMode::Full
     } else {
         SilverMode::Incremental
     };
     let report = runtime
-        .block_on(refresh_silver(&lake, mode))
+        .block_on(refresh_silver(&lake, mode, &silver_settings(&config)?))
         .context("refreshing merchant_daily")?;
     if args.json {
         println!(
@@ -43,6 +49,14 @@ pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
                 "partitions_rewritten": report.partitions_rewritten,
                 "rows_written": report.rows_written,
                 "fenced": report.fenced,
+                "history": {
+                    "previous_horizon": report.history.previous_horizon,
+                    "horizon": report.history.horizon,
+                    "days_computed": report.history.days_computed,
+                    "versions_written": report.history.versions_written,
+                    "rebuilt": report.history.rebuilt,
+                    "fenced": report.history.fenced,
+                },
             })
         );
         return Ok(());
@@ -66,6 +80,27 @@ pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
                 ""
             }
         ),
+    }
+    let history = &report.history;
+    if let Some(horizon) = history
+        .horizon
+        .and_then(chrono::DateTime::from_timestamp_micros)
+    {
+        println!(
+            "merchant_daily_history holds what the lake knew up to {}: {} versions written{}{}",
+            horizon.to_rfc3339(),
+            thousands(history.versions_written as u64),
+            if history.rebuilt {
+                " (rebuilt from all of bronze)".to_owned()
+            } else {
+                format!(" for {} days", thousands(history.days_computed as u64))
+            },
+            if history.fenced {
+                "; another process refreshed it first, nothing written"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::settings::{load_pipeline, set_override};
+use crate::settings::{load_pipeline, set_override, silver_settings};
 
 /// Options of `streetflow backfill`.
 #[derive(Debug, Args)]
@@ -39,14 +39,22 @@ pub(crate) struct BackfillArgs {
     /// Pipeline file (decoder limits, business calendars, lake storage options).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// `ingested_at` of every loaded row (RFC 3339); default: when the load starts.
-    /// Features as of earlier dates do not see the rows, as the bank did not know them.
+    /// Assert that the bank held every loaded row from this time (RFC 3339), for history
+    /// it kept elsewhere; recorded as `knowledge_source = 'asserted'`. Default: observed,
+    /// the lake's own stamp at each commit of the load, so features as of an earlier
+    /// knowledge time never see the rows.
     #[arg(long, conflicts_with = "knowledge_from_occurred")]
     knowledge_time: Option<DateTime<FixedOffset>>,
-    /// Give each row the arrival time a stream would have: the latest occurred_at so far
-    /// in its file. For history the bank held at the time (e.g. re-loading a stream).
+    /// Assert for each row the arrival time a stream would have given: the latest
+    /// occurred_at so far in its file. For history the bank held at the time (e.g.
+    /// re-loading a stream); recorded as `knowledge_source = 'asserted'`.
     #[arg(long)]
     knowledge_from_occurred: bool,
+    /// Allow asserted knowledge times at or before what the lake's bitemporal silver has
+    /// already settled: vectors already computed as of those times change. Without it,
+    /// such a load is refused.
+    #[arg(long)]
+    revise_settled_knowledge: bool,
     /// Commit after this many lines; an interrupted load resumes from the last commit.
     #[arg(long, default_value_t = 2_000_000)]
     commit_every: u64,
@@ -119,14 +127,16 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
         .map(|m| m.len())
         .sum();
 
-    let knowledge = if args.knowledge_from_occurred {
-        KnowledgeTime::FromOccurred
-    } else {
-        KnowledgeTime::At(
-            args.knowledge_time
-                .map_or_else(Utc::now, |t| t.with_timezone(&Utc)),
-        )
+    let knowledge = match (args.knowledge_from_occurred, args.knowledge_time) {
+        (true, _) => KnowledgeTime::FromOccurred,
+        (false, Some(at)) => KnowledgeTime::At(at.with_timezone(&Utc)),
+        (false, None) => KnowledgeTime::Observed,
     };
+    let lake = Lake::new(&config.lake.url, &config.lake.storage)?;
+    let runtime = runtime()?;
+    if knowledge != KnowledgeTime::Observed && !args.revise_settled_knowledge {
+        refuse_revising_settled_knowledge(&runtime, &lake, knowledge, &files)?;
+    }
     let bytes_read = Arc::new(AtomicU64::new(0));
     let options = BackfillOptions {
         config: config.clone(),
@@ -134,8 +144,6 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
         commit_every_lines: args.commit_every,
         bytes_read: Some(bytes_read.clone()),
     };
-    let lake = Lake::new(&config.lake.url, &config.lake.storage)?;
-    let runtime = runtime()?;
     let started = Instant::now();
     let bar = bytes_bar(total_bytes);
     let ticker = {
@@ -181,7 +189,11 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
         spinner.set_message("bringing merchant_daily up to date");
         spinner.enable_steady_tick(Duration::from_millis(120));
         let report = runtime
-            .block_on(refresh_silver(&lake, SilverMode::Incremental))
+            .block_on(refresh_silver(
+                &lake,
+                SilverMode::Incremental,
+                &silver_settings(&config)?,
+            ))
             .context("refreshing merchant_daily (re-run, or run `streetflow aggregate`)");
         spinner.finish_and_clear();
         Some(report?)
@@ -258,5 +270,54 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
             config.lake.url
         );
     }
+    Ok(())
+}
+
+/// Refuses asserted knowledge that would change what bitemporal silver has settled: a
+/// time at or before its horizon (any time, for `--knowledge-from-occurred`, whose times
+/// come from the file).
+fn refuse_revising_settled_knowledge(
+    runtime: &tokio::runtime::Runtime,
+    lake: &Lake,
+    knowledge: KnowledgeTime,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
+    let horizon = runtime
+        .block_on(lake.app_version(
+            streetflow_core::tables::MERCHANT_DAILY_HISTORY.name,
+            streetflow_features::HORIZON_APP_ID,
+        ))?
+        .and_then(chrono::DateTime::<Utc>::from_timestamp_micros);
+    let Some(horizon) = horizon else {
+        return Ok(());
+    };
+    // A re-run of files already loaded adds nothing and revises nothing.
+    let mut all_loaded = true;
+    for file in files {
+        let identity = streetflow_ingest::file_identity(file)?;
+        let eof = format!("backfill-{identity}-eof");
+        if runtime
+            .block_on(lake.app_version(streetflow_core::tables::POS_EVENTS.name, &eof))?
+            .is_none()
+        {
+            all_loaded = false;
+        }
+    }
+    if all_loaded {
+        return Ok(());
+    }
+    let revises = match knowledge {
+        KnowledgeTime::At(at) => at <= horizon,
+        KnowledgeTime::FromOccurred => true,
+        KnowledgeTime::Observed => false,
+    };
+    anyhow::ensure!(
+        !revises,
+        "the lake has settled what it knew up to {}: asserting earlier knowledge changes \
+         vectors already computed as of those times. Load without --knowledge-time / \
+         --knowledge-from-occurred (the lake then knows the rows from now), or add \
+         --revise-settled-knowledge to rewrite that history on purpose",
+        horizon.to_rfc3339()
+    );
     Ok(())
 }

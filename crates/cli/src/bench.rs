@@ -487,7 +487,7 @@ async fn pipeline_from_memory(
     let mut appender = RowAppender::new(Default::default(), OperatorCalendars::default());
     let mut events = EventRows::default();
     let mut dead = DeadLetterRows::default();
-    let ingested_at = chrono::Utc::now();
+    let received_at = chrono::Utc::now();
     let mut stored = 0u64;
     for (i, chunk) in lines.chunks(flush_records.max(1)).enumerate() {
         for (j, line) in chunk.iter().enumerate() {
@@ -500,7 +500,8 @@ async fn pipeline_from_memory(
                 &mut dead,
                 Some(line),
                 None,
-                ingested_at,
+                received_at,
+                streetflow_core::Knowledge::Observed,
                 origin,
                 false,
             );
@@ -511,7 +512,9 @@ async fn pipeline_from_memory(
             let staged = dead_table.stage().await?;
             dead_table.commit(&staged, &[]).await?;
         }
-        events_table.write(events.finish()?).await?;
+        events_table
+            .write(events.finish(chrono::Utc::now())?)
+            .await?;
         let staged = events_table.stage().await?;
         events_table.commit(&staged, &[]).await?;
     }

@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use chrono::Utc;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use streetflow_core::PipelineConfig;
@@ -88,7 +87,7 @@ SELECT
   CAST(substr(occurred_at, 12, 2) AS INTEGER) * 60 + CAST(substr(occurred_at, 15, 2) AS INTEGER)
     AS local_minute_of_day,
   channel, ref_event_id, payer_ref,
-  TIMESTAMPTZ '2026-01-01 00:00:00+00' AS ingested_at,
+  TIMESTAMPTZ '2026-01-01 00:00:00+00' AS knowledge_time,
   CAST(NULL AS VARCHAR) AS kafka_topic, CAST(NULL AS INTEGER) AS kafka_partition,
   CAST(NULL AS BIGINT) AS kafka_offset,
   'events.jsonl' AS source_file, row_number() OVER () AS source_line
@@ -237,7 +236,7 @@ pub(crate) fn bench_backfill(args: &BenchBackfillArgs) -> anyhow::Result<()> {
     )?;
     let options = BackfillOptions {
         config: PipelineConfig::defaults(),
-        knowledge: KnowledgeTime::At(Utc::now()),
+        knowledge: KnowledgeTime::Observed,
         commit_every_lines: 2_000_000,
         bytes_read: None,
     };
@@ -251,7 +250,11 @@ pub(crate) fn bench_backfill(args: &BenchBackfillArgs) -> anyhow::Result<()> {
         &InputFormat::JsonLines,
     ))?;
     let bronze_seconds = started.elapsed().as_secs_f64();
-    runtime.block_on(refresh_silver(&lake, SilverMode::Incremental))?;
+    runtime.block_on(refresh_silver(
+        &lake,
+        SilverMode::Incremental,
+        &crate::settings::silver_settings(&options.config)?,
+    ))?;
     let ours_seconds = started.elapsed().as_secs_f64();
     let ours_peak = peak_rss();
     let ours = runtime.block_on(silver_totals(&lake))?;

@@ -97,6 +97,7 @@ pub(crate) fn bench_decide(args: &BenchDecideArgs) -> anyhow::Result<()> {
     let inputs = FeatureInputs {
         calendars: OperatorCalendars::default(),
         registry: registry(&merchants),
+        ..FeatureInputs::default()
     };
     let stored = runtime
         .block_on(lake.query(&format!(

@@ -164,6 +164,9 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             "flush": {"max_age_ms": 1000, "max_records": 50_000},
             // Silver is built once after ingest (step 4) rather than after every flush.
             "silver": {"update_after_flush": false},
+            // One process, local disk: commits are visible within milliseconds, so the
+            // lake's knowledge of an instant settles after two seconds, not minutes.
+            "knowledge": {"settle_ms": 2000},
         }),
     )?;
     // Merchants dealt to partitions in turn (the producer then knows each record's
@@ -265,6 +268,8 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     })?;
     producing.finish_and_clear();
     ingesting.finish_and_clear();
+    // Every commit of the workers is visible now: the lake knows the whole district.
+    let known_at = Utc::now();
     drop(cluster);
     anyhow::ensure!(
         produced.failed == 0,
@@ -311,11 +316,20 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         started,
     );
 
-    // 4. Silver.
+    // 4. Silver. Bitemporal silver holds what the lake knew up to its settled past: wait
+    // until the instant the workers stopped has settled, so it holds the whole district.
     let started = Instant::now();
+    let settled = known_at + pipeline.knowledge_rules().settle();
+    if let Ok(wait) = (settled - Utc::now()).to_std() {
+        std::thread::sleep(wait);
+    }
     let lake = Lake::new(lake_url, &Default::default())?;
     let working = spinner("building merchant_daily");
-    let silver = runtime.block_on(refresh_silver(&lake, SilverMode::Full))?;
+    let silver = runtime.block_on(refresh_silver(
+        &lake,
+        SilverMode::Full,
+        &crate::settings::silver_settings(&pipeline)?,
+    ))?;
     working.finish_and_clear();
     step(
         4,
@@ -327,15 +341,17 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         started,
     );
 
-    // 5. Gold: features as of today, from what the lake knew at the start of today.
+    // 5. Gold: features as of today, from what the lake knew once the workers stopped
+    // (the history was streamed today, so at the start of today the lake knew nothing).
     let started = Instant::now();
     let inputs = FeatureInputs {
         calendars: OperatorCalendars::default(),
         registry: generated.registry.clone(),
+        knowledge: pipeline.knowledge_rules(),
     };
     let as_of = AsOf {
         date: today,
-        knowledge_time: None,
+        knowledge_time: Some(known_at),
     };
     let working = spinner("computing merchant_features");
     let features = runtime.block_on(write_features(&lake, &as_of, &inputs))?;

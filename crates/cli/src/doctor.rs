@@ -14,7 +14,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
 use streetflow_core::PipelineConfig;
 use streetflow_core::tables::{
-    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS, TableDef,
+    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES,
+    POS_EVENTS, TableDef,
 };
 use streetflow_features::BRONZE_APP_ID;
 use streetflow_lake::Lake;
@@ -259,7 +260,7 @@ fn check_kafka(
 }
 
 /// The lake's tables, each with what creates it.
-fn tables() -> [(&'static TableDef, &'static str); 5] {
+fn tables() -> [(&'static TableDef, &'static str); 6] {
     [
         (
             &POS_EVENTS,
@@ -267,6 +268,7 @@ fn tables() -> [(&'static TableDef, &'static str); 5] {
         ),
         (&DEAD_LETTERS, "created with pos_events"),
         (&MERCHANT_DAILY, "run `streetflow aggregate`"),
+        (&MERCHANT_DAILY_HISTORY, "run `streetflow aggregate`"),
         (&MERCHANT_FEATURES, "run `streetflow features --as-of DATE`"),
         (&CREDIT_DECISIONS, "run `streetflow decide`"),
     ]

@@ -33,10 +33,11 @@ pub(crate) struct FeaturesArgs {
     /// Parquet file for the training set (with --spine).
     #[arg(long, requires = "spine")]
     out: Option<PathBuf>,
-    /// Use only events ingested by this time (RFC 3339); default: the start of the as-of
-    /// date in each operator's business calendar.
-    #[arg(long)]
-    knowledge_time: Option<DateTime<FixedOffset>>,
+    /// Use only what the lake knew at this time: RFC 3339, or `latest` for the latest
+    /// settled knowledge bitemporal silver holds (its horizon). Default: the end of the
+    /// day before the as-of date in each operator's business calendar.
+    #[arg(long, value_parser = parse_knowledge_time)]
+    knowledge_time: Option<KnowledgeArg>,
     /// Merchant registry (CSV or JSON Lines) for MCC, opening date and rent.
     #[arg(long)]
     registry: Option<PathBuf>,
@@ -56,6 +57,7 @@ pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
             Some(path) => load_registry(path).map_err(anyhow::Error::msg)?,
             None => Vec::new(),
         },
+        knowledge: config.knowledge_rules(),
     };
     let runtime = runtime()?;
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
@@ -67,7 +69,7 @@ pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     };
     let as_of = AsOf {
         date,
-        knowledge_time: args.knowledge_time.map(|t| t.with_timezone(&Utc)),
+        knowledge_time: resolve(&runtime, &lake, args.knowledge_time)?,
     };
     let report = runtime
         .block_on(write_features(&lake, &as_of, &inputs))
@@ -107,10 +109,10 @@ fn training_set(
     args: &FeaturesArgs,
 ) -> anyhow::Result<()> {
     let mut spine = load_spine(spine_path).map_err(anyhow::Error::msg)?;
-    if let Some(knowledge_time) = args.knowledge_time {
+    if let Some(knowledge_time) = resolve(runtime, lake, args.knowledge_time)? {
         // A global knowledge time fills the rows that do not name their own.
         for row in spine.iter_mut().filter(|r| r.knowledge_time.is_none()) {
-            row.knowledge_time = Some(knowledge_time.with_timezone(&Utc));
+            row.knowledge_time = Some(knowledge_time);
         }
     }
     let started = Instant::now();
@@ -158,4 +160,42 @@ fn training_set(
         );
     }
     Ok(())
+}
+
+/// `--knowledge-time`: an instant, or the latest settled knowledge.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KnowledgeArg {
+    At(DateTime<Utc>),
+    Latest,
+}
+
+fn parse_knowledge_time(text: &str) -> Result<KnowledgeArg, String> {
+    if text == "latest" {
+        return Ok(KnowledgeArg::Latest);
+    }
+    DateTime::<FixedOffset>::parse_from_rfc3339(text)
+        .map(|t| KnowledgeArg::At(t.with_timezone(&Utc)))
+        .map_err(|e| format!("{e}: give an RFC 3339 instant or `latest`"))
+}
+
+/// The instant of `--knowledge-time` (`latest`: the history's horizon).
+fn resolve(
+    runtime: &tokio::runtime::Runtime,
+    lake: &Lake,
+    arg: Option<KnowledgeArg>,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    match arg {
+        None => Ok(None),
+        Some(KnowledgeArg::At(at)) => Ok(Some(at)),
+        Some(KnowledgeArg::Latest) => {
+            let horizon = runtime.block_on(lake.app_version(
+                streetflow_core::tables::MERCHANT_DAILY_HISTORY.name,
+                streetflow_features::HORIZON_APP_ID,
+            ))?;
+            let horizon = horizon
+                .and_then(DateTime::from_timestamp_micros)
+                .context("merchant_daily_history has not been built: run `streetflow aggregate`")?;
+            Ok(Some(horizon))
+        }
+    }
 }

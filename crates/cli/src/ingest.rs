@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use streetflow_features::{SilverMode, refresh_silver};
+use streetflow_features::{SilverMode, SilverSettings, refresh_silver};
 use streetflow_ingest::{
     AfterCommit, IngestOptions, IngestReport, ProduceOptions, create_topic_with, produce_file,
     run_worker,
 };
 
 use crate::output::thousands;
-use crate::settings::{load_pipeline, set_override};
+use crate::settings::{load_pipeline, set_override, silver_settings};
 
 /// Options of `streetflow ingest`.
 #[derive(Debug, Args)]
@@ -118,22 +118,23 @@ fn report_json(report: &IngestReport, seconds: f64) -> serde_json::Value {
 
 /// Keeps `merchant_daily` within one flush of bronze. Silver is a function of bronze
 /// that `streetflow aggregate` can always rebuild, so a failure is reported, not fatal.
-fn silver_refresh_hook() -> AfterCommit {
-    Arc::new(
-        |lake, handle| match handle.block_on(refresh_silver(lake, SilverMode::Incremental)) {
+fn silver_refresh_hook(settings: SilverSettings) -> AfterCommit {
+    Arc::new(move |lake, handle| {
+        match handle.block_on(refresh_silver(lake, SilverMode::Incremental, &settings)) {
             Ok(report) => tracing::debug!(
                 bronze_version = ?report.bronze_version,
                 partitions = ?report.partitions_rewritten,
                 rows = report.rows_written,
                 fenced = report.fenced,
+                history_versions = report.history.versions_written,
                 "merchant_daily refreshed"
             ),
             Err(error) => {
                 metrics::counter!("streetflow_silver_refresh_failures_total").increment(1);
                 tracing::warn!(%error, "refreshing merchant_daily failed; the next flush or `streetflow aggregate` catches up");
             }
-        },
-    )
+        }
+    })
 }
 
 pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
@@ -176,7 +177,11 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
     let started = Instant::now();
-    let after_commit = config.silver.update_after_flush.then(silver_refresh_hook);
+    let after_commit = if config.silver.update_after_flush {
+        Some(silver_refresh_hook(silver_settings(&config)?))
+    } else {
+        None
+    };
     let options = IngestOptions {
         config,
         exit_at_end: args.exit_at_end,

@@ -16,6 +16,7 @@ mod features;
 mod generate;
 mod ingest;
 mod maintain;
+mod migrate;
 mod output;
 mod report;
 mod serve;
@@ -85,6 +86,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Check a pipeline's brokers, topic, lake and tables; say what is wrong.
     Doctor(doctor::DoctorArgs),
+    /// Rewrite a lake written by an earlier streetflow into the current tables.
+    Migrate(migrate::MigrateArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         Command::Features(args) => features::run(&args),
         Command::Decide(args) => decide::run(&args),
         Command::Doctor(args) => doctor::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
         Command::Bench(command) => bench::run(&command),
     };
     match result {

@@ -4,7 +4,8 @@ use std::num::NonZeroU64;
 
 use clap::Args;
 use streetflow_core::tables::{
-    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS,
+    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES,
+    POS_EVENTS,
 };
 use streetflow_lake::Lake;
 
@@ -16,6 +17,7 @@ fn all_tables() -> Vec<String> {
         POS_EVENTS.name,
         DEAD_LETTERS.name,
         MERCHANT_DAILY.name,
+        MERCHANT_DAILY_HISTORY.name,
         MERCHANT_FEATURES.name,
         CREDIT_DECISIONS.name,
     ]

@@ -5,11 +5,13 @@
 //!   in-memory index of the latest decisions ([`DecisionIndex`]) read again when either
 //!   table has a new version (checked every `--refresh-seconds`);
 //! * `POST /v1/decisions:evaluate` — decides one merchant now: its features are computed
-//!   from its own bronze rows as of the current business date (knowledge time: now) and
-//!   the product's policy is evaluated on them. The rows come from an in-memory copy of
-//!   recent bronze ([`BronzeCache`]) that a background task brings up to the newest
-//!   bronze version every `--refresh-seconds`, reading only the files each commit added;
-//!   a request whose lookback window starts before the cached dates reads the lake;
+//!   from its bitemporal daily rows as of the lake's latest settled knowledge (the
+//!   history's horizon) and its business date then, and the product's policy is
+//!   evaluated on them. The rows come from an in-memory copy of recent
+//!   `merchant_daily_history` ([`HistoryStore`]) that a background task brings up to the
+//!   newest history version every `--refresh-seconds`, reading only the files each
+//!   commit added; a request whose lookback window starts before the cached dates reads
+//!   the lake;
 //! * `GET /healthz`, `GET /metrics` (Prometheus).
 //!
 //! Errors are JSON, `{"error": {"code": …, "message": …}}`, with a 4xx status for what
@@ -36,8 +38,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use streetflow_credit::{Decision, Policy, PreparedPolicy};
 use streetflow_features::{
-    AsOf, BronzeCache, FeatureInputs, LOOKBACK_DAYS, MerchantAsOf, OneMerchantFeatures,
-    compute_merchant_features, load_registry,
+    AsOf, DayRange, FeatureInputs, HistoryStore, LOOKBACK_DAYS, MerchantAsOf,
+    compute_merchant_features, load_registry, merchant_features,
 };
 use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
@@ -65,13 +67,13 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Check this often (seconds) for new versions of the stored decisions and features
-    /// (re-reading the latest decisions when there are) and of bronze (bringing the
-    /// evaluation path's cache up to date).
+    /// (re-reading the latest decisions when there are) and of the daily history
+    /// (bringing the evaluation path's cache up to date).
     #[arg(long, default_value_t = 5)]
     refresh_seconds: u64,
-    /// Days of bronze (by business date, before today) kept in memory for evaluations;
-    /// 0 reads the lake for every evaluation. The default covers the lookback window of
-    /// a decision as of any day of the last three months.
+    /// Days of daily history (by business date, before today) kept in memory for
+    /// evaluations; 0 reads the lake for every evaluation. The default covers the lookback
+    /// window of a decision as of any day of the last three months.
     #[arg(long, default_value_t = LOOKBACK_DAYS + 92)]
     cache_days: u64,
 }
@@ -135,7 +137,7 @@ pub(crate) struct EvaluateRequest {
     /// Business date to decide as of (default: the operator's current business date).
     #[serde(default)]
     pub(crate) as_of_date: Option<NaiveDate>,
-    /// Use events ingested by this time (default: now).
+    /// Use what the lake knew at this time (default: the latest settled knowledge).
     #[serde(default)]
     pub(crate) knowledge_time: Option<DateTime<Utc>>,
 }
@@ -146,14 +148,12 @@ pub(crate) struct Service {
     policies: BTreeMap<String, Policy>,
     /// Each policy's query, planned once for evaluations.
     prepared: BTreeMap<String, PreparedPolicy>,
-    /// The feature definitions for one merchant, for evaluations from the cache.
-    features: OneMerchantFeatures,
     inputs: FeatureInputs,
     refresh: Duration,
     /// The latest stored decisions, for `GET …/decision`.
     decisions: tokio::sync::RwLock<DecisionIndex>,
-    /// Recent bronze rows by merchant, for evaluations (`None`: read the lake).
-    cache: Option<tokio::sync::RwLock<BronzeCache>>,
+    /// Recent daily history by merchant, for evaluations (`None`: read the lake).
+    cache: Option<tokio::sync::RwLock<HistoryStore>>,
 }
 
 /// Loads every `*.toml` policy of `dir`, keyed by product id.
@@ -206,7 +206,7 @@ fn check_id(name: &str, value: &str) -> Result<(), ApiError> {
 
 impl Service {
     /// Opens the lake and loads policies and reference data; with `cache_since`, reads
-    /// the bronze rows of business dates from then into memory for evaluations.
+    /// the daily history of business dates from then into memory for evaluations.
     pub(crate) async fn open(
         lake: Lake,
         policies: BTreeMap<String, Policy>,
@@ -215,10 +215,35 @@ impl Service {
         cache_since: Option<NaiveDate>,
     ) -> anyhow::Result<Self> {
         let cache = match cache_since {
-            Some(since) => BronzeCache::load(&lake, since)
-                .await
-                .context("reading recent bronze rows into memory")?
-                .map(tokio::sync::RwLock::new),
+            Some(since) => {
+                let today = Utc::now().date_naive();
+                let day = |date: NaiveDate| {
+                    date.signed_duration_since(NaiveDate::default()).num_days() as i32
+                };
+                // Open-ended towards the future: the days the history gains while the
+                // server runs join the cache as they close.
+                let range = DayRange {
+                    first: day(since),
+                    last: day(today + chrono::Days::new(3_650)),
+                };
+                // Payers are read by the last 90 days of a lookback: of the as-of dates
+                // whose whole lookback the cache holds.
+                let payers = DayRange {
+                    first: range.first + LOOKBACK_DAYS as i32 - 90,
+                    last: range.last,
+                };
+                let store = HistoryStore::load(&lake, range, payers, None)
+                    .await
+                    .context("reading recent daily history into memory")?;
+                tracing::info!(
+                    versions = store.version_count(),
+                    payer_entries = store.payer_entry_count(),
+                    merchants = store.merchant_count(),
+                    horizon = ?store.horizon(),
+                    "daily history cached"
+                );
+                Some(tokio::sync::RwLock::new(store))
+            }
             None => None,
         };
         let mut prepared = BTreeMap::new();
@@ -228,8 +253,6 @@ impl Service {
                 .with_context(|| format!("planning the policy of {product}"))?;
             prepared.insert(product.clone(), plan);
         }
-        let features =
-            OneMerchantFeatures::new().context("reading the subsidy reference tables")?;
         let decisions = DecisionIndex::load(&lake)
             .await
             .context("reading the latest stored decisions")?;
@@ -238,7 +261,6 @@ impl Service {
             lake,
             policies,
             prepared,
-            features,
             inputs,
             refresh,
             decisions: tokio::sync::RwLock::new(decisions),
@@ -246,8 +268,9 @@ impl Service {
         })
     }
 
-    /// Brings the bronze cache up to the newest bronze version; returns the rows added.
-    /// The new files are read without holding the lock, so evaluations go on meanwhile.
+    /// Brings the history cache up to the newest history version; returns the versions
+    /// added. The new files are read without holding the lock, so evaluations go on
+    /// meanwhile.
     pub(crate) async fn refresh_cache(&self) -> anyhow::Result<usize> {
         let Some(cache) = &self.cache else {
             return Ok(0);
@@ -259,11 +282,29 @@ impl Service {
         let mut cache = cache.write().await;
         let added = cache.apply(changes)?;
         tracing::debug!(
-            bronze_version = cache.version(),
-            rows_added = added,
-            "bronze cache refreshed"
+            history_version = cache.table_version(),
+            versions_added = added,
+            "history cache refreshed"
         );
         Ok(added)
+    }
+
+    /// The latest knowledge time an evaluation can read: now less the settle time, or
+    /// the history's horizon when that is behind (a refresh has not caught up yet).
+    async fn latest_settled(&self) -> anyhow::Result<DateTime<Utc>> {
+        let settled = Utc::now() - self.inputs.knowledge.settle();
+        let horizon = match &self.cache {
+            Some(cache) => cache.read().await.horizon(),
+            None => self
+                .lake
+                .app_version(
+                    streetflow_core::tables::MERCHANT_DAILY_HISTORY.name,
+                    streetflow_features::HORIZON_APP_ID,
+                )
+                .await?
+                .and_then(DateTime::from_timestamp_micros),
+        };
+        Ok(horizon.map_or(settled, |horizon| horizon.min(settled)))
     }
 
     /// Reads the latest stored decisions again when `credit_decisions` or
@@ -362,41 +403,46 @@ impl Service {
         check_id("merchant_id", &request.merchant_id)?;
         let policy = self.policy(&request.product)?;
         let started = Instant::now();
-        let knowledge_time = request.knowledge_time.unwrap_or_else(Utc::now);
+        // As of a date: what the lake knew at its default knowledge time (the end of the
+        // day before), as the batch job computes it; as of now: the latest settled
+        // knowledge and the business date it falls on.
         let calendar = self.inputs.calendars.for_operator(&request.operator_id);
-        let date = request
-            .as_of_date
-            .unwrap_or_else(|| calendar.business_date(&knowledge_time));
+        let (date, knowledge_time) = match (request.as_of_date, request.knowledge_time) {
+            (Some(date), k) => (date, k),
+            (None, Some(k)) => (calendar.business_date(&k), Some(k)),
+            (None, None) => {
+                let k = self.latest_settled().await.map_err(ApiError::internal)?;
+                (calendar.business_date(&k), Some(k))
+            }
+        };
         let as_of = AsOf {
             date,
-            knowledge_time: Some(knowledge_time),
+            knowledge_time,
         };
-        let window_start = date - chrono::Days::new(LOOKBACK_DAYS);
+        let day =
+            |date: NaiveDate| date.signed_duration_since(NaiveDate::default()).num_days() as i32;
+        let window = DayRange {
+            first: day(date - chrono::Days::new(LOOKBACK_DAYS)),
+            last: day(date) - 1,
+        };
+        let request_features = MerchantAsOf {
+            operator_id: &request.operator_id,
+            merchant_id: &request.merchant_id,
+            as_of: &as_of,
+            inputs: &self.inputs,
+        };
         let cached = match &self.cache {
             Some(cache) => {
                 let cache = cache.read().await;
-                (cache.since() <= window_start)
-                    .then(|| {
-                        cache
-                            .merchant_history(&request.operator_id, &request.merchant_id)
-                            .map(|history| (history, cache.version()))
-                    })
-                    .transpose()
-                    .map_err(ApiError::internal)?
+                cache
+                    .range()
+                    .is_some_and(|r| r.first <= window.first && window.last <= r.last)
+                    .then(|| merchant_features(&cache, request_features))
             }
             None => None,
         };
-        let (batches, report) = match cached {
-            Some((history, version)) => self.features.compute(
-                &history,
-                version,
-                MerchantAsOf {
-                    operator_id: &request.operator_id,
-                    merchant_id: &request.merchant_id,
-                    as_of: &as_of,
-                    inputs: &self.inputs,
-                },
-            ),
+        let computed = match cached {
+            Some(computed) => computed,
             None => {
                 compute_merchant_features(
                     &self.lake,
@@ -407,8 +453,13 @@ impl Service {
                 )
                 .await
             }
-        }
-        .map_err(ApiError::internal)?;
+        };
+        let (batches, report) = computed.map_err(|error| match error {
+            streetflow_features::Error::KnowledgeTime(message) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "knowledge_time", message)
+            }
+            other => ApiError::internal(other),
+        })?;
         if report.rows == 0 {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -417,7 +468,10 @@ impl Service {
                     "merchant {} of operator {} has no events known by {} and no registry entry",
                     request.merchant_id,
                     request.operator_id,
-                    knowledge_time.to_rfc3339()
+                    report
+                        .knowledge_times
+                        .get(&request.operator_id)
+                        .map_or_else(String::new, |k| k.to_rfc3339())
                 ),
             ));
         }
@@ -482,7 +536,13 @@ fn decision_json(
         "policy_version": policy.product.version,
         "policy_hash": policy.content_hash,
         "as_of_date": as_of.date.to_string(),
-        "knowledge_time": as_of.knowledge_time.map(|t| t.to_rfc3339()),
+        // The knowledge time the features were computed at (the day's default when the
+        // request named only a date).
+        "knowledge_time": features
+            .get("knowledge_time")
+            .cloned()
+            .or_else(|| as_of.knowledge_time.map(|t| t.to_rfc3339().into()))
+            .unwrap_or(Value::Null),
         "decision": decision.decision.as_str(),
         "limit_fen": decision.limit_fen,
         "reasons": reasons_json(policy, &decision.reasons, features),
@@ -595,6 +655,7 @@ async fn service_of(args: &ServeArgs) -> anyhow::Result<Service> {
             Some(path) => load_registry(path).map_err(anyhow::Error::msg)?,
             None => Vec::new(),
         },
+        knowledge: config.knowledge_rules(),
     };
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let policies = load_policies(&args.policies).await?;

@@ -80,6 +80,16 @@ pub(crate) fn set_override(
     }
 }
 
+/// What the silver refresh needs from a pipeline: calendars and knowledge rules.
+pub(crate) fn silver_settings(
+    config: &streetflow_core::PipelineConfig,
+) -> anyhow::Result<streetflow_features::SilverSettings> {
+    Ok(streetflow_features::SilverSettings {
+        calendars: config.calendars()?,
+        knowledge: config.knowledge_rules(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

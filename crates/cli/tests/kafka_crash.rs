@@ -40,12 +40,15 @@ fn contents(lake: &Path) -> (String, String) {
             lake,
             "SELECT kafka_partition, kafka_offset, operator_id, business_date, event_id, merchant_id, terminal_id, \
              kind, amount_fen, currency, occurred_at, utc_offset_seconds, channel, ref_event_id, payer_ref, \
-             ingested_at, kafka_topic FROM pos_events ORDER BY kafka_partition, kafka_offset",
+             kafka_timestamp, kafka_timestamp_type, knowledge_source, kafka_topic FROM pos_events \
+             ORDER BY kafka_partition, kafka_offset",
         ),
+        // Knowledge times and receipt times are the workers' clocks at their commits and
+        // reads, which differ between runs by design.
         sql_table(
             lake,
-            "SELECT kafka_partition, kafka_offset, operator_id, ingest_date, reason, detail, payload, payload_bytes, \
-             message_key, ingested_at FROM dead_letters ORDER BY kafka_partition, kafka_offset",
+            "SELECT kafka_partition, kafka_offset, operator_id, reason, detail, payload, payload_bytes, \
+             message_key, kafka_timestamp FROM dead_letters ORDER BY kafka_partition, kafka_offset",
         ),
     )
 }

@@ -81,7 +81,10 @@ fn two_workers_write_one_s3_lake_exactly_once_and_the_batch_jobs_read_it() {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let env = s3_env();
+    let mut env = s3_env();
+    // The lake knows the district from the workers' commits: the features below ask as of
+    // the moment they ended, settled after a second.
+    env.push(("STREETFLOW__KNOWLEDGE__SETTLE_MS", "1000".to_owned()));
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let workers: Vec<Worker> = (0..2)
         .map(|_| Worker::start(&dir, &args, &env_refs))
@@ -89,6 +92,8 @@ fn two_workers_write_one_s3_lake_exactly_once_and_the_batch_jobs_read_it() {
     for worker in workers {
         assert!(worker.wait(Duration::from_secs(300)).success());
     }
+    let known = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1500));
 
     // Exactly once: every line in bronze or dead letters, no Kafka record twice.
     let events = count(&dir, &lake, "SELECT count(*) FROM pos_events");
@@ -126,6 +131,10 @@ fn two_workers_write_one_s3_lake_exactly_once_and_the_batch_jobs_read_it() {
         .succ_opt()
         .unwrap()
         .to_string();
+    // Bitemporal silver up to what is settled now, then features as of what the lake
+    // knew when the workers ended.
+    run_with_env(&dir, &["aggregate", "--lake", &lake], &env);
+    let known = known.to_rfc3339();
     run_with_env(
         &dir,
         &[
@@ -134,10 +143,21 @@ fn two_workers_write_one_s3_lake_exactly_once_and_the_batch_jobs_read_it() {
             &lake,
             "--as-of",
             &as_of,
+            "--knowledge-time",
+            &known,
             "--registry",
             "merchants.csv",
         ],
         &env,
+    );
+    assert_eq!(
+        count(
+            &dir,
+            &lake,
+            "SELECT count(*) FROM merchant_features WHERE net_fen_30d > 0"
+        ),
+        8,
+        "every merchant's turnover is known"
     );
     let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../pipelines/policies/district-turnover-loan.toml");

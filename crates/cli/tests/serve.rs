@@ -120,7 +120,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
             "127.0.0.1:0".into(),
             "--policies".into(),
             policies_arg,
-            // Cache the bronze rows of the lookback window of 2026-01-01 (the bench's
+            // Cache the daily history of the lookback window of 2026-01-01 (the bench's
             // as-of date) so evaluations below take the in-memory path.
             "--refresh-seconds".into(),
             "1".into(),
@@ -133,7 +133,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
     );
     let lines = server.wait_for("listening on http://", Duration::from_secs(60));
     assert!(
-        lines.iter().any(|l| l.contains("bronze cache loaded")),
+        lines.iter().any(|l| l.contains("daily history cached")),
         "{lines:?}"
     );
     let line = lines.last().unwrap();
@@ -229,7 +229,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
     assert_eq!(newest["decision"], later[0]["decision"]);
     assert_eq!(newest["limit_fen"], later[0]["limit_fen"]);
 
-    // One merchant evaluated on its own bronze rows decides as the batch did.
+    // One merchant evaluated on its own daily history decides as the batch did.
     for row in &stored {
         let request = serde_json::json!({
             "operator_id": row["operator_id"],

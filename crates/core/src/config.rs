@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calendar::{BusinessCalendar, OperatorCalendars};
 use crate::decode::DecodeOptions;
+use crate::knowledge::KnowledgeRules;
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("../../../pipelines/default.toml");
@@ -34,6 +35,8 @@ pub struct PipelineConfig {
     pub calendar: CalendarSection,
     /// The daily cash-flow table.
     pub silver: SilverSection,
+    /// When the lake's knowledge of an instant is settled.
+    pub knowledge: KnowledgeSection,
     /// Observability.
     pub metrics: MetricsSection,
 }
@@ -44,6 +47,15 @@ pub struct PipelineConfig {
 pub struct SilverSection {
     /// Workers bring `merchant_daily` up to date after each bronze commit.
     pub update_after_flush: bool,
+}
+
+/// `[knowledge]`: see [`crate::knowledge`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnowledgeSection {
+    /// A knowledge time K may be read once this long has passed since K; writers make
+    /// each commit visible within half of it of the stamp its rows carry.
+    pub settle_ms: i64,
 }
 
 /// `[pipeline]`
@@ -135,7 +147,7 @@ pub struct FlushSection {
 pub struct DecodeSection {
     /// Larger messages are `oversized`.
     pub max_message_bytes: usize,
-    /// Allowed lead of `occurred_at` over the ingest time.
+    /// Allowed lead of `occurred_at` over the receiving worker's clock.
     pub max_future_skew_ms: i64,
 }
 
@@ -226,6 +238,12 @@ impl PipelineConfig {
         if self.decode.max_message_bytes == 0 {
             problems.push("decode.max_message_bytes must be at least 1".to_owned());
         }
+        if self.knowledge.settle_ms < 1000 {
+            problems.push(
+                "knowledge.settle_ms must be at least 1000 (writers get half of it to commit)"
+                    .to_owned(),
+            );
+        }
         if self.decode.max_future_skew_ms < 0 {
             problems.push("decode.max_future_skew_ms must not be negative".to_owned());
         }
@@ -256,6 +274,11 @@ impl PipelineConfig {
             );
         }
         Ok(calendars)
+    }
+
+    /// The knowledge-time rules writers and readers share.
+    pub fn knowledge_rules(&self) -> KnowledgeRules {
+        KnowledgeRules::new(Duration::milliseconds(self.knowledge.settle_ms))
     }
 
     /// Decoder limits.

@@ -10,7 +10,9 @@ pub mod card;
 pub mod config;
 pub mod decode;
 pub mod event;
+pub mod knowledge;
 pub mod money;
+pub mod payer;
 pub mod reason;
 pub mod registry;
 pub mod tables;
@@ -25,5 +27,7 @@ pub use decode::{
     DecodeOptions, MAX_FUTURE_SKEW, MAX_MESSAGE_BYTES, Rejection, decode, operator_hint,
 };
 pub use event::{Channel, Currency, EventKind, Field, PosEvent};
+pub use knowledge::{Knowledge, KnowledgeRules, KnowledgeSource};
+pub use payer::payer_key;
 pub use reason::ReasonCode;
 pub use registry::MerchantRecord;

@@ -33,7 +33,7 @@ pub enum ReasonCode {
     /// A field has the wrong type or breaks its format rule (`bad_<field>`, with the
     /// contract's historic names `bad_amount`, `bad_timestamp`, `unsupported_currency`).
     Invalid(Field),
-    /// `occurred_at` lies more than the allowed skew after the ingest time
+    /// `occurred_at` lies more than the allowed skew after the receiving worker's clock
     /// (`future_timestamp`).
     FutureTimestamp,
     /// A sale that names a `ref_event_id` (`unexpected_ref_event_id`).

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 /// A table of the lake: name, schema and partition columns.
 #[derive(Debug, Clone)]
@@ -43,10 +43,13 @@ pub static POS_EVENTS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
         Field::new("channel", DataType::Utf8, false),
         Field::new("ref_event_id", DataType::Utf8, true),
         Field::new("payer_ref", DataType::Utf8, true),
-        Field::new("ingested_at", utc_micros(), false),
+        Field::new("knowledge_time", utc_micros(), false),
+        Field::new("knowledge_source", DataType::Utf8, false),
         Field::new("kafka_topic", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, true),
         Field::new("kafka_offset", DataType::Int64, true),
+        Field::new("kafka_timestamp", utc_micros(), true),
+        Field::new("kafka_timestamp_type", DataType::Utf8, true),
         Field::new("source_file", DataType::Utf8, true),
         Field::new("source_line", DataType::Int64, true),
     ])),
@@ -70,6 +73,8 @@ pub static DEAD_LETTERS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
         Field::new("kafka_topic", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, true),
         Field::new("kafka_offset", DataType::Int64, true),
+        Field::new("kafka_timestamp", utc_micros(), true),
+        Field::new("kafka_timestamp_type", DataType::Utf8, true),
         Field::new("source_file", DataType::Utf8, true),
         Field::new("source_line", DataType::Int64, true),
     ])),
@@ -113,6 +118,56 @@ pub static MERCHANT_DAILY: LazyLock<TableDef> = LazyLock::new(|| {
         description: "Daily cash flow per merchant: deduplicated, voids cancelling their sale, refunds on their own date",
         schema: Arc::new(Schema::new(fields)),
         partition_columns: &["operator_id", "business_date"],
+    }
+});
+
+/// The payer-day entries of a `merchant_daily_history` row: per payer key
+/// ([`crate::payer_key`]), the day's live sales and their sum, sorted by key.
+pub fn payers_type() -> DataType {
+    let entry = Fields::from(vec![
+        Field::new("payer_key", DataType::Int64, false),
+        Field::new("visits", DataType::Int64, false),
+        Field::new("fen", DataType::Int64, false),
+    ]);
+    DataType::List(Arc::new(Field::new(
+        "element",
+        DataType::Struct(entry),
+        false,
+    )))
+}
+
+/// Bitemporal silver: every version of every `merchant_daily` row as the lake knew it
+/// from the end of its business day on: a row holds from `known_from` until the next
+/// version of its key. Partitioned by month; each version also carries its payer-day
+/// entries, so payer features read the same versions.
+pub static MERCHANT_DAILY_HISTORY: LazyLock<TableDef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("operator_id", DataType::Utf8, false),
+        Field::new("business_month", DataType::Date32, false),
+        Field::new("business_date", DataType::Date32, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("known_from", utc_micros(), false),
+        Field::new("retracted", DataType::Boolean, false),
+    ];
+    fields.extend(
+        MERCHANT_DAILY
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| {
+                !matches!(
+                    f.name().as_str(),
+                    "operator_id" | "business_date" | "merchant_id"
+                )
+            })
+            .map(|f| f.as_ref().clone()),
+    );
+    fields.push(Field::new("payers", payers_type(), false));
+    TableDef {
+        name: "merchant_daily_history",
+        description: "Every version of each merchant-day's cash flow as the lake knew it, from the end of the day on (bitemporal silver)",
+        schema: Arc::new(Schema::new(fields)),
+        partition_columns: &["business_month"],
     }
 });
 
@@ -216,6 +271,7 @@ mod tests {
             &*POS_EVENTS,
             &*DEAD_LETTERS,
             &*MERCHANT_DAILY,
+            &*MERCHANT_DAILY_HISTORY,
             &*MERCHANT_FEATURES,
             &*CREDIT_DECISIONS,
         ] {

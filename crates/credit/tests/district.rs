@@ -30,7 +30,8 @@ async fn pumping_and_declining_merchants_are_not_approved() {
     // Bronze, as a batch load would write it (the ingest path's decoder and rows).
     let started = std::time::Instant::now();
     let mut timings = Vec::new();
-    let loaded_at = Utc::now();
+    // Loaded a day ago (asserted), so that an hour later is settled knowledge.
+    let loaded_at = Utc::now() - Duration::days(1);
     let mut appender = RowAppender::new(Default::default(), OperatorCalendars::default());
     let (mut rows, mut dead) = (EventRows::default(), DeadLetterRows::default());
     let mut table = OffsetWriter::new(&lake, &POS_EVENTS, "test").await.unwrap();
@@ -48,21 +49,35 @@ async fn pumping_and_declining_merchants_are_not_approved() {
             Some(line),
             None,
             loaded_at,
+            streetflow_core::Knowledge::Asserted(loaded_at),
             origin,
             false,
         );
         if rows.len() >= 200_000 {
-            table.write(rows.finish().unwrap()).await.unwrap();
+            table
+                .write(rows.finish(chrono::Utc::now()).unwrap())
+                .await
+                .unwrap();
         }
     }
     assert!(dead.is_empty(), "a clean district has no rejects");
-    table.write(rows.finish().unwrap()).await.unwrap();
+    table
+        .write(rows.finish(chrono::Utc::now()).unwrap())
+        .await
+        .unwrap();
     let staged = table.stage().await.unwrap();
     table.commit(&staged, &[]).await.unwrap();
     OffsetWriter::new(&lake, &DEAD_LETTERS, "test")
         .await
         .unwrap();
 
+    streetflow_features::refresh_silver(
+        &lake,
+        streetflow_features::SilverMode::Full,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     timings.push(("bronze", started.elapsed()));
     let as_of = config.start + Days::new(u64::from(config.days));
     write_features(
@@ -74,6 +89,7 @@ async fn pumping_and_declining_merchants_are_not_approved() {
         &FeatureInputs {
             calendars: OperatorCalendars::default(),
             registry: generated.registry.clone(),
+            ..FeatureInputs::default()
         },
     )
     .await

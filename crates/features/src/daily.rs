@@ -35,6 +35,10 @@ use streetflow_lake::arrow::error::ArrowError;
 
 use crate::error::{Error, Result};
 
+mod history;
+pub use history::HistorySpec;
+pub(crate) use history::month_of;
+
 /// The bronze columns the daily rows depend on.
 pub const DAILY_INPUT_COLUMNS: [&str; 17] = [
     "operator_id",
@@ -49,7 +53,7 @@ pub const DAILY_INPUT_COLUMNS: [&str; 17] = [
     "channel",
     "ref_event_id",
     "payer_ref",
-    "ingested_at",
+    "knowledge_time",
     "kafka_partition",
     "kafka_offset",
     "source_file",
@@ -245,43 +249,20 @@ fn too_many(what: &str) -> Error {
 }
 
 /// No `payer_ref` (NULL).
-const NO_PAYER: [u64; 2] = [u64::MAX, u64::MAX];
+const NO_PAYER: u64 = u64::MAX;
 
-/// Payers are told apart by a 128-bit hash (two independently seeded 64-bit hashes)
-/// rather than numbered like event keys: a district has millions of them and numbering
-/// them cost a third of the pass. Two different payers of one merchant-day are counted as
-/// one with probability about 2^-96 per pair (96 of the bits take part in the distinct
-/// count), far below anything that could change a count in practice.
-struct PayerHasher {
-    first: FixedState,
-    second: FixedState,
-    /// The hash of `''`, which `repeated.sql` treats as equal to NULL when comparing
-    /// deliveries.
-    empty: [u64; 2],
+/// The payer key of a `payer_ref` ([`streetflow_core::payer_key`]), never [`NO_PAYER`].
+fn payer_key(payer_ref: &str) -> u64 {
+    let key = streetflow_core::payer_key(payer_ref) as u64;
+    if key == NO_PAYER { key - 1 } else { key }
 }
 
-impl PayerHasher {
-    fn new() -> Self {
-        let first = FixedState::with_seed(0x9a7e_0001);
-        let second = FixedState::with_seed(0x51de_0002);
-        let empty = [
-            first.hash_one("".as_bytes()),
-            second.hash_one("".as_bytes()),
-        ];
-        PayerHasher {
-            first,
-            second,
-            empty,
-        }
-    }
+/// Knowledge time of a flag that never turns on (`*_from` fields of [`Event`]).
+const NEVER: i64 = i64::MAX;
 
-    fn hash(&self, payer: &str) -> [u64; 2] {
-        [
-            self.first.hash_one(payer.as_bytes()),
-            self.second.hash_one(payer.as_bytes()),
-        ]
-    }
-}
+/// The instant "everything the builder was given is known": the latest rows, as
+/// `merchant_daily` holds them. Below [`NEVER`], so `from <= LATEST` reads "ever".
+pub(crate) const LATEST: i64 = i64::MAX - 1;
 
 /// What an event kind means to the daily rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,11 +303,11 @@ impl<T: Copy> Labels<T> {
     }
 }
 
-/// When a delivery arrived: `repeated.sql`'s order (earliest `ingested_at`, then Kafka
+/// When a delivery arrived: `repeated.sql`'s order (earliest `knowledge_time`, then Kafka
 /// partition and offset, then file and line; NULLs last).
 #[derive(Clone, Copy)]
 struct Arrival {
-    ingested_at: i64,
+    knowledge_time: i64,
     kafka_offset: i64,
     source_line: i64,
     kafka_partition: i32,
@@ -344,8 +325,8 @@ struct Event {
     business_date: i32,
     merchant: u32,
     terminal: u32,
-    /// `payer_ref` as a 128-bit hash ([`PayerHasher`]), or [`NO_PAYER`].
-    payer: [u64; 2],
+    /// `payer_ref` as its payer key ([`payer_key`]), or [`NO_PAYER`].
+    payer: u64,
     /// The key `ref_event_id` names, or [`NONE`].
     reference: u32,
     /// Interned `payer_ref` when the builder sums payers and this delivery's business
@@ -356,15 +337,19 @@ struct Event {
     local_minute_of_day: u16,
     kind: u16,
     channel: u16,
-    conflicting: bool,
-    voided: bool,
-    orphan: bool,
+    /// From when a later delivery that differs from the first is known ([`NEVER`]).
+    conflict_from: i64,
+    /// A sale: from when a void naming it is known ([`NEVER`]).
+    voided_from: i64,
+    /// A refund or void: from when the sale it names is known ([`NEVER`]: an orphan for
+    /// good). Before that instant it is an orphan.
+    answered_from: i64,
 }
 
 impl Event {
     const UNSEEN: Event = Event {
         arrival: Arrival {
-            ingested_at: 0,
+            knowledge_time: 0,
             kafka_offset: 0,
             source_line: 0,
             kafka_partition: 0,
@@ -382,15 +367,21 @@ impl Event {
         local_minute_of_day: 0,
         kind: 0,
         channel: 0,
-        conflicting: false,
-        voided: false,
-        orphan: false,
+        conflict_from: NEVER,
+        voided_from: NEVER,
+        answered_from: NEVER,
     };
+
+    /// When the lake first knew the event: its first arrival's knowledge time (arrivals
+    /// are ordered by knowledge time first).
+    fn known(&self) -> i64 {
+        self.arrival.knowledge_time
+    }
 }
 
 /// Per-day sums of one (operator, merchant, business date).
-#[derive(Clone, Copy, Default)]
-struct DayTotals {
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DayTotals {
     sales_count: i64,
     sales_fen: i64,
     refund_count: i64,
@@ -412,6 +403,20 @@ struct DayTotals {
     net_fen: i64,
     /// Live sales, refunds, voided sales and orphan voids: a day with none has no row.
     counted: i64,
+}
+
+impl DayTotals {
+    /// `net_fen = sales_fen − refund_fen`, checked.
+    fn settle_net(&mut self) -> Result<()> {
+        self.net_fen = self
+            .sales_fen
+            .checked_sub(self.refund_fen)
+            .ok_or_else(|| Error::Arrow {
+                context: "computing merchant_daily".to_owned(),
+                source: ArrowError::ComputeError("net_fen overflows 64 bits".to_owned()),
+            })?;
+        Ok(())
+    }
 }
 
 /// Adds, failing loudly instead of wrapping (money is never allowed to wrap).
@@ -459,7 +464,10 @@ pub struct DailyBuilder {
     keys: Interner,
     merchants: Interner,
     terminals: Interner,
-    payers: PayerHasher,
+    /// Every delivery of the keys delivered more than once (POS retries, replays), by
+    /// key: the first arrival, and when each later one became known, are decided once
+    /// all are in (a delivery pushed later may have arrived first).
+    repeats: HashMap<u32, Vec<Event>, FixedState>,
     /// Payers by their exact text, for the payer window only.
     payer_texts: Interner,
     payer_window: Option<PayerWindow>,
@@ -586,7 +594,7 @@ impl DailyBuilder {
             keys: Interner::new(),
             merchants: Interner::new(),
             terminals: Interner::new(),
-            payers: PayerHasher::new(),
+            repeats: HashMap::with_hasher(FixedState::with_seed(3)),
             payer_texts: Interner::new(),
             payer_window: None,
             files: Interner::new(),
@@ -635,7 +643,7 @@ impl DailyBuilder {
         let channel = strings(batch, "channel")?;
         let ref_event_id = strings(batch, "ref_event_id")?;
         let payer_ref = strings(batch, "payer_ref")?;
-        let ingested_at = timestamps(batch, "ingested_at", &micros)?;
+        let knowledge_time = timestamps(batch, "knowledge_time", &micros)?;
         let kafka_partition = typed(batch, "kafka_partition", &DataType::Int32)?;
         let kafka_offset = typed(batch, "kafka_offset", &DataType::Int64)?;
         let source_file = strings(batch, "source_file")?;
@@ -666,7 +674,7 @@ impl DailyBuilder {
         let channel = Strs::of(&channel);
         let ref_event_id = Strs::of(&ref_event_id);
         let payer_ref = Strs::of(&payer_ref);
-        let ingested_at = ingested_at.as_primitive::<TimestampMicrosecondType>();
+        let knowledge_time = knowledge_time.as_primitive::<TimestampMicrosecondType>();
         let kafka_partition = kafka_partition.as_primitive::<Int32Type>();
         let kafka_offset = kafka_offset.as_primitive::<Int64Type>();
         let source_file = Strs::of(&source_file);
@@ -700,7 +708,7 @@ impl DailyBuilder {
             };
             let delivery = Event {
                 arrival: Arrival {
-                    ingested_at: nulls_last(ingested_at, row, i64::MAX),
+                    knowledge_time: nulls_last(knowledge_time, row, i64::MAX),
                     kafka_partition: nulls_last(kafka_partition, row, i32::MAX),
                     kafka_offset: nulls_last(kafka_offset, row, i64::MAX),
                     source_file: file,
@@ -714,7 +722,7 @@ impl DailyBuilder {
                 payer: if payer_ref.is_null(row) {
                     NO_PAYER
                 } else {
-                    self.payers.hash(payer_ref.value(row))
+                    payer_key(payer_ref.value(row))
                 },
                 reference,
                 payer_text,
@@ -734,26 +742,20 @@ impl DailyBuilder {
                 channel: self.channels.id(channel.value(row), |name| {
                     Channel::ALL.iter().position(|c| c.as_str() == name)
                 })?,
-                conflicting: false,
-                voided: false,
-                orphan: false,
+                conflict_from: NEVER,
+                voided_from: NEVER,
+                answered_from: NEVER,
             };
             let key = self.key(operator, event_id.value(row))?;
             let known = *self.events.get(key);
-            let merged = if known.deliveries == 0 {
-                delivery
+            if known.deliveries == 0 {
+                *self.events.get_mut(key) = delivery;
             } else {
-                let conflicting = known.conflicting || !self.same_content(&known, &delivery);
-                let mut first = if self.arrives_before(&delivery.arrival, &known.arrival) {
-                    delivery
-                } else {
-                    known
-                };
-                first.deliveries = known.deliveries.saturating_add(1);
-                first.conflicting = conflicting;
-                first
-            };
-            *self.events.get_mut(key) = merged;
+                // Kept whole until finish, which decides the first arrival.
+                let deliveries = self.repeats.entry(key).or_insert_with(|| vec![known]);
+                deliveries.push(delivery);
+                self.events.get_mut(key).deliveries = known.deliveries.saturating_add(1);
+            }
             self.rows += 1;
         }
         Ok(())
@@ -769,37 +771,85 @@ impl DailyBuilder {
 
     /// `repeated.sql`'s content comparison: merchant, kind, amount, time, channel,
     /// reference, payer and terminal.
-    fn same_content(&self, a: &Event, b: &Event) -> bool {
+    fn same_content_in(keys: &Interner, terminals: &Interner, a: &Event, b: &Event) -> bool {
         a.merchant == b.merchant
             && a.kind == b.kind
             && a.amount_fen == b.amount_fen
             && a.occurred_at == b.occurred_at
             && a.channel == b.channel
-            && Self::same_or_empty(&self.keys, a.reference, b.reference)
+            && Self::same_or_empty(keys, a.reference, b.reference)
             && (a.payer == b.payer
-                || (a.payer == NO_PAYER && b.payer == self.payers.empty)
-                || (b.payer == NO_PAYER && a.payer == self.payers.empty))
-            && Self::same_or_empty(&self.terminals, a.terminal, b.terminal)
+                || (a.payer == NO_PAYER && b.payer == payer_key(""))
+                || (b.payer == NO_PAYER && a.payer == payer_key("")))
+            && Self::same_or_empty(terminals, a.terminal, b.terminal)
     }
 
-    /// Whether `a` comes strictly before `b` in `repeated.sql`'s arrival order.
-    fn arrives_before(&self, a: &Arrival, b: &Arrival) -> bool {
+    /// `repeated.sql`'s arrival order of two deliveries: earliest knowledge time, then
+    /// Kafka partition and offset, then file and line (NULLs last).
+    fn arrival_order(files: &Interner, a: &Arrival, b: &Arrival) -> Ordering {
         let file = match (a.source_file, b.source_file) {
             (x, y) if x == y => Ordering::Equal,
             (NONE, _) => Ordering::Greater,
             (_, NONE) => Ordering::Less,
-            (x, y) => self.files.bytes(x).cmp(self.files.bytes(y)),
+            (x, y) => files.bytes(x).cmp(files.bytes(y)),
         };
-        a.ingested_at
-            .cmp(&b.ingested_at)
+        a.knowledge_time
+            .cmp(&b.knowledge_time)
             .then(a.kafka_partition.cmp(&b.kafka_partition))
             .then(a.kafka_offset.cmp(&b.kafka_offset))
             .then(file)
             .then(a.source_line.cmp(&b.source_line))
-            == Ordering::Less
     }
 
-    /// Resolves refunds and voids against the sales they name (`links.sql`).
+    /// Decides each repeated key's first arrival (`repeated.sql`'s order), and when a
+    /// delivery that differs from it became known. The event keeps the first arrival's
+    /// content; its later deliveries' knowledge times stay in `repeats`, sorted.
+    fn settle_repeats(&mut self) {
+        for (&key, deliveries) in &mut self.repeats {
+            let Some(first_index) = (0..deliveries.len()).reduce(|best, i| {
+                if Self::arrival_order(
+                    &self.files,
+                    &deliveries[i].arrival,
+                    &deliveries[best].arrival,
+                ) == Ordering::Less
+                {
+                    i
+                } else {
+                    best
+                }
+            }) else {
+                continue;
+            };
+            let first = deliveries.swap_remove(first_index);
+            let conflict_from = deliveries
+                .iter()
+                .filter(|later| !Self::same_content_in(&self.keys, &self.terminals, &first, later))
+                .map(Event::known)
+                .min()
+                .unwrap_or(NEVER);
+            deliveries.sort_unstable_by_key(Event::known);
+            let slot = self.events.get_mut(key);
+            *slot = Event {
+                deliveries: slot.deliveries,
+                conflict_from,
+                ..first
+            };
+        }
+    }
+
+    /// Later deliveries of `index` known by `t` (`duplicate_deliveries` at `t`).
+    fn extra_deliveries_at(&self, index: u32, event: &Event, t: i64) -> i64 {
+        if event.deliveries <= 1 || t >= LATEST {
+            return i64::from(event.deliveries.saturating_sub(1));
+        }
+        self.repeats
+            .get(&index)
+            .map_or(0, |later| later.partition_point(|d| d.known() <= t) as i64)
+    }
+
+    /// Resolves refunds and voids against the sales they name (`links.sql`), in time: a
+    /// sale is voided from when the first void naming it is known, and a refund or void
+    /// is an orphan until the sale it names is known.
     fn resolve_claims(&mut self) {
         for index in 0..self.events.len() as u32 {
             let claim = *self.events.get(index);
@@ -810,15 +860,98 @@ impl DailyBuilder {
             if kind == Kind::Sale {
                 continue;
             }
-            let answered = claim.reference != NONE && {
+            let answered_from = if claim.reference == NONE {
+                NEVER
+            } else {
                 let named = self.events.get(claim.reference);
-                named.deliveries > 0 && self.kinds.meaning(named.kind) == Kind::Sale
+                if named.deliveries > 0 && self.kinds.meaning(named.kind) == Kind::Sale {
+                    named.known()
+                } else {
+                    NEVER
+                }
             };
-            self.events.get_mut(index).orphan = !answered;
+            self.events.get_mut(index).answered_from = answered_from;
             if kind == Kind::Void && claim.reference != NONE {
-                self.events.get_mut(claim.reference).voided = true;
+                let named = self.events.get_mut(claim.reference);
+                named.voided_from = named.voided_from.min(claim.known());
             }
         }
+    }
+
+    /// Adds what one event says about its (operator, merchant, date) row as the lake knew
+    /// it at `t` (the event must be known by then); a live sale with a payer is also
+    /// handed to `live_payer` (payer key, amount).
+    fn contribute(
+        &self,
+        index: u32,
+        event: &Event,
+        t: i64,
+        day: &mut DayTotals,
+        mut live_payer: impl FnMut(u64, i64) -> Result<()>,
+    ) -> Result<()> {
+        let kind = self.kinds.meaning(event.kind);
+        let voided = event.voided_from <= t;
+        let orphan = t < event.answered_from;
+        let live = kind == Kind::Sale && !voided;
+        let voided_sale = kind == Kind::Sale && voided;
+        let refund = kind == Kind::Refund;
+        let orphan_void = kind == Kind::Void && orphan;
+        let amount = event.amount_fen;
+        let minute = event.local_minute_of_day;
+        // 22:00–05:59 local wall time.
+        let night = !(360..1320).contains(&minute);
+        let round = amount % 10_000 == 0;
+        add(
+            &mut day.duplicate_deliveries,
+            self.extra_deliveries_at(index, event, t),
+        )?;
+        if event.conflict_from <= t {
+            day.conflicting_events += 1;
+        }
+        if live {
+            day.counted += 1;
+            day.sales_count += 1;
+            add(&mut day.sales_fen, amount)?;
+            day.max_ticket_fen = if day.sales_count == 1 {
+                amount
+            } else {
+                day.max_ticket_fen.max(amount)
+            };
+            let at = event.occurred_at;
+            day.first_sale_at = Some(day.first_sale_at.map_or(at, |f| f.min(at)));
+            day.last_sale_at = Some(day.last_sale_at.map_or(at, |l| l.max(at)));
+            if let Some(channel) = self.channels.meaning(event.channel) {
+                add(&mut day.channel_fen[channel], amount)?;
+            }
+            if night {
+                day.night_sales_count += 1;
+                add(&mut day.night_sales_fen, amount)?;
+            }
+            if round {
+                day.round_sales_count += 1;
+                add(&mut day.round_sales_fen, amount)?;
+            }
+            if event.payer != NO_PAYER {
+                live_payer(event.payer, amount)?;
+            }
+        }
+        if refund {
+            day.counted += 1;
+            day.refund_count += 1;
+            add(&mut day.refund_fen, amount)?;
+            if orphan {
+                day.orphan_refund_count += 1;
+            }
+        }
+        if voided_sale {
+            day.counted += 1;
+            day.void_count += 1;
+        }
+        if orphan_void {
+            day.counted += 1;
+            day.orphan_void_count += 1;
+        }
+        Ok(())
     }
 
     /// The daily rows of every (operator, business date) `keep` accepts, sorted by
@@ -834,15 +967,15 @@ impl DailyBuilder {
         mut self,
         keep: impl Fn(&str, i32) -> bool,
     ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        self.settle_repeats();
         self.resolve_claims();
         let mut payer_totals: PayerTotals = HashMap::with_hasher(FixedState::with_seed(11));
         let mut groups: HashMap<(u32, u32, i32), u32, FixedState> =
             HashMap::with_hasher(FixedState::with_seed(7));
         let mut group_keys: Vec<(u32, u32, i32)> = Vec::new();
         let mut totals: Vec<DayTotals> = Vec::new();
-        // (group, payer) of every live sale with a payer, for the distinct count: the
-        // group in the top 32 bits, 96 bits of the payer's hash below (one integer sorts
-        // fastest).
+        // (group, payer key) of every live sale with a payer, for the distinct count (one
+        // integer sorts fastest).
         let mut day_payers: Vec<u128> = Vec::new();
         let operator_of = |keys: &Interner, index: u32| keys.spans.get(index).namespace;
 
@@ -859,46 +992,7 @@ impl DailyBuilder {
                 (totals.len() - 1) as u32
             });
             let day = &mut totals[group as usize];
-            let kind = self.kinds.meaning(event.kind);
-            let live = kind == Kind::Sale && !event.voided;
-            let voided_sale = kind == Kind::Sale && event.voided;
-            let refund = kind == Kind::Refund;
-            let orphan_void = kind == Kind::Void && event.orphan;
-            let amount = event.amount_fen;
-            let minute = event.local_minute_of_day;
-            // 22:00–05:59 local wall time.
-            let night = !(360..1320).contains(&minute);
-            let round = amount % 10_000 == 0;
-            add(
-                &mut day.duplicate_deliveries,
-                i64::from(event.deliveries) - 1,
-            )?;
-            if event.conflicting {
-                day.conflicting_events += 1;
-            }
-            if live {
-                day.counted += 1;
-                day.sales_count += 1;
-                add(&mut day.sales_fen, amount)?;
-                day.max_ticket_fen = if day.sales_count == 1 {
-                    amount
-                } else {
-                    day.max_ticket_fen.max(amount)
-                };
-                let at = event.occurred_at;
-                day.first_sale_at = Some(day.first_sale_at.map_or(at, |t| t.min(at)));
-                day.last_sale_at = Some(day.last_sale_at.map_or(at, |t| t.max(at)));
-                if let Some(channel) = self.channels.meaning(event.channel) {
-                    add(&mut day.channel_fen[channel], amount)?;
-                }
-                if night {
-                    day.night_sales_count += 1;
-                    add(&mut day.night_sales_fen, amount)?;
-                }
-                if round {
-                    day.round_sales_count += 1;
-                    add(&mut day.round_sales_fen, amount)?;
-                }
+            self.contribute(index, &event, LATEST, day, |payer, amount| {
                 if event.payer_text != NONE {
                     let totals = payer_totals
                         .entry((operator, event.merchant, event.payer_text))
@@ -906,47 +1000,20 @@ impl DailyBuilder {
                     totals.0 += 1;
                     add(&mut totals.1, amount)?;
                 }
-                if event.payer != NO_PAYER {
-                    day_payers.push(
-                        (u128::from(group) << 96)
-                            | (u128::from(event.payer[0]) << 32)
-                            | u128::from(event.payer[1] >> 32),
-                    );
-                }
-            }
-            if refund {
-                day.counted += 1;
-                day.refund_count += 1;
-                add(&mut day.refund_fen, amount)?;
-                if event.orphan {
-                    day.orphan_refund_count += 1;
-                }
-            }
-            if voided_sale {
-                day.counted += 1;
-                day.void_count += 1;
-            }
-            if orphan_void {
-                day.counted += 1;
-                day.orphan_void_count += 1;
-            }
+                day_payers.push((u128::from(group) << 64) | u128::from(payer));
+                Ok(())
+            })?;
         }
         // Free the event table before building the output.
         drop(std::mem::replace(&mut self.events, Chunked::new()));
         day_payers.sort_unstable();
         day_payers.dedup();
         for pair in &day_payers {
-            totals[(pair >> 96) as usize].distinct_payers += 1;
+            totals[(pair >> 64) as usize].distinct_payers += 1;
         }
         drop(day_payers);
         for day in &mut totals {
-            day.net_fen =
-                day.sales_fen
-                    .checked_sub(day.refund_fen)
-                    .ok_or_else(|| Error::Arrow {
-                        context: "computing merchant_daily".to_owned(),
-                        source: ArrowError::ComputeError("net_fen overflows 64 bits".to_owned()),
-                    })?;
+            day.settle_net()?;
         }
 
         let operator_names: Vec<String> = (0..self.operators.len() as u32)
@@ -1040,33 +1107,16 @@ fn timestamps(batch: &RecordBatch, name: &str, micros: &DataType) -> Result<Arra
     }
 }
 
-/// One `merchant_daily` batch from (operator, date, merchant, totals) rows.
-fn output_batch<'a>(
-    rows: impl Iterator<Item = (&'a str, i32, &'a str, &'a DayTotals)> + Clone,
-    len: usize,
-) -> Result<RecordBatch> {
+/// The measure columns of `merchant_daily` (every column after the key), one value per
+/// day of `days`.
+fn measure_columns<'a>(days: impl Iterator<Item = &'a DayTotals> + Clone) -> Vec<ArrayRef> {
     let long = |value: fn(&DayTotals) -> i64| -> ArrayRef {
-        Arc::new(Int64Array::from_iter_values(
-            rows.clone().map(|(_, _, _, day)| value(day)),
-        ))
+        Arc::new(Int64Array::from_iter_values(days.clone().map(value)))
     };
     let utc = |value: fn(&DayTotals) -> Option<i64>| -> ArrayRef {
-        Arc::new(
-            TimestampMicrosecondArray::from_iter(rows.clone().map(|(_, _, _, day)| value(day)))
-                .with_timezone("UTC"),
-        )
+        Arc::new(TimestampMicrosecondArray::from_iter(days.clone().map(value)).with_timezone("UTC"))
     };
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(MERCHANT_DAILY.schema.fields().len());
-    columns.push(Arc::new(StringArray::from_iter_values(
-        rows.clone().map(|(operator, _, _, _)| operator),
-    )));
-    columns.push(Arc::new(Date32Array::from_iter_values(
-        rows.clone().map(|(_, date, _, _)| date),
-    )));
-    columns.push(Arc::new(StringArray::from_iter_values(
-        rows.clone().map(|(_, _, merchant, _)| merchant),
-    )));
-    columns.extend([
+    vec![
         long(|d| d.sales_count),
         long(|d| d.sales_fen),
         long(|d| d.refund_count),
@@ -1091,7 +1141,25 @@ fn output_batch<'a>(
         long(|d| d.round_sales_fen),
         long(|d| d.duplicate_deliveries),
         long(|d| d.conflicting_events),
-    ]);
+    ]
+}
+
+/// One `merchant_daily` batch from (operator, date, merchant, totals) rows.
+fn output_batch<'a>(
+    rows: impl Iterator<Item = (&'a str, i32, &'a str, &'a DayTotals)> + Clone,
+    len: usize,
+) -> Result<RecordBatch> {
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(MERCHANT_DAILY.schema.fields().len());
+    columns.push(Arc::new(StringArray::from_iter_values(
+        rows.clone().map(|(operator, _, _, _)| operator),
+    )));
+    columns.push(Arc::new(Date32Array::from_iter_values(
+        rows.clone().map(|(_, date, _, _)| date),
+    )));
+    columns.push(Arc::new(StringArray::from_iter_values(
+        rows.clone().map(|(_, _, merchant, _)| merchant),
+    )));
+    columns.extend(measure_columns(rows.map(|(_, _, _, day)| day)));
     debug_assert_eq!(columns.len(), MERCHANT_DAILY.schema.fields().len());
     debug_assert!(columns.iter().all(|c| c.len() == len));
     RecordBatch::try_new(MERCHANT_DAILY.schema.clone(), columns).map_err(|source| Error::Arrow {

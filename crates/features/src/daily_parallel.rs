@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use futures::StreamExt;
 use streetflow_lake::datafusion::prelude::SessionContext;
 
-use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder, Strs, strings};
+use crate::daily::{DAILY_INPUT_COLUMNS, DailyBuilder, HistorySpec, Strs, strings};
 use crate::error::{Error, Result};
 
 /// Batches waiting per builder: enough to keep it busy, few enough that a slow builder
@@ -159,51 +159,67 @@ impl ParallelDaily {
         Ok(())
     }
 
+    /// Stops feeding the builders and runs `finish` on each, every builder on a thread
+    /// of its own.
+    fn finish_each<T: Send>(
+        self,
+        finish: impl Fn(DailyBuilder) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let mut builders = Vec::with_capacity(self.shards.len());
+        for Shard { queue, worker } in self.shards {
+            drop(queue);
+            builders.push(worker.join().map_err(|_| stopped())??);
+        }
+        let finish = &finish;
+        std::thread::scope(|scope| {
+            let running: Vec<_> = builders
+                .into_iter()
+                .map(|builder| scope.spawn(move || finish(builder)))
+                .collect();
+            running
+                .into_iter()
+                .map(|thread| thread.join().map_err(|_| stopped())?)
+                .collect()
+        })
+    }
+
     /// The builders' daily rows (in [`DailyBuilder::finish`]'s order: operator, date,
     /// merchant) and `payer_sales` rows, each builder finishing on its own thread.
     pub fn finish_with_payer_sales(
         self,
         keep: impl Fn(&str, i32) -> bool + Sync,
     ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
-        let mut builders = Vec::with_capacity(self.shards.len());
-        for Shard { queue, worker } in self.shards {
-            drop(queue);
-            builders.push(worker.join().map_err(|_| stopped())??);
-        }
-        let keep = &keep;
-        let finished: Vec<Result<(Vec<RecordBatch>, Vec<RecordBatch>)>> =
-            std::thread::scope(|scope| {
-                let running: Vec<_> = builders
-                    .into_iter()
-                    .map(|builder| scope.spawn(move || builder.finish_with_payer_sales(keep)))
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|thread| thread.join().map_err(|_| stopped())?)
-                    .collect()
-            });
-        // Each builder's rows are sorted by operator and its operators are its own: order
-        // the runs of rows of one operator by the operator's name.
-        let mut runs: Vec<(String, RecordBatch)> = Vec::new();
+        let finished = self.finish_each(|builder| builder.finish_with_payer_sales(&keep))?;
         let mut payer_sales = Vec::new();
-        for result in finished {
-            let (daily, payers) = result?;
+        let mut daily = Vec::new();
+        for (rows, payers) in finished {
             payer_sales.extend(payers);
-            for batch in daily {
-                runs.extend(operator_runs(&batch)?);
-            }
+            daily.push(rows);
         }
-        runs.sort_by(|(a, _), (b, _)| a.cmp(b));
-        Ok((
-            runs.into_iter().map(|(_, rows)| rows).collect(),
-            payer_sales,
-        ))
+        Ok((by_operator(daily)?, payer_sales))
     }
 
     /// [`ParallelDaily::finish_with_payer_sales`]'s daily rows only.
     pub fn finish(self, keep: impl Fn(&str, i32) -> bool + Sync) -> Result<Vec<RecordBatch>> {
         Ok(self.finish_with_payer_sales(keep)?.0)
     }
+
+    /// The builders' [`DailyBuilder::finish_history`] rows, in its order (operator,
+    /// merchant, date, knowledge time).
+    pub fn finish_history(self, spec: &HistorySpec<'_>) -> Result<Vec<RecordBatch>> {
+        by_operator(self.finish_each(|builder| builder.finish_history(spec))?)
+    }
+}
+
+/// The rows of several builders (each sorted by operator, its operators its own) in one
+/// order: the runs of one operator's rows ordered by the operator's name.
+fn by_operator(outputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+    let mut runs: Vec<(String, RecordBatch)> = Vec::new();
+    for batch in outputs.into_iter().flatten() {
+        runs.extend(operator_runs(&batch)?);
+    }
+    runs.sort_by(|(a, _), (b, _)| a.cmp(b));
+    Ok(runs.into_iter().map(|(_, rows)| rows).collect())
 }
 
 /// `batch` (sorted by operator) cut into runs of one operator each, zero-copy.

@@ -7,12 +7,13 @@ use streetflow_core::OperatorCalendars;
 use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
 use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
 use streetflow_lake::arrow::array::{
-    ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    ArrayRef, AsArray, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use streetflow_lake::arrow::compute::{
     SortColumn, cast, concat_batches, lexsort_to_indices, take_record_batch,
 };
+use streetflow_lake::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use streetflow_lake::arrow::util::pretty::pretty_format_batches;
 use streetflow_lake::datafusion::prelude::SessionContext;
 use streetflow_synth::{GenConfig, generate};
@@ -117,9 +118,15 @@ fn bronze(rows: &[Row]) -> RecordBatch {
             )
             .with_timezone("UTC"),
         ),
+        text(|_| "asserted"),
         optional(|r| r.partition.map(|_| "pos")),
         Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.partition))),
         Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.offset))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(rows.iter().map(|_| None::<i64>))
+                .with_timezone("UTC"),
+        ),
+        optional(|_| None),
         optional(|r| r.file),
         Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.line))),
     ];
@@ -128,13 +135,19 @@ fn bronze(rows: &[Row]) -> RecordBatch {
 
 /// `daily.sql` over the resolution steps, in `merchant_daily`'s types and row order.
 async fn daily_by_sql(batches: &[RecordBatch]) -> String {
+    text(&daily_rows_by_sql(batches).await)
+}
+
+/// The rows of `daily.sql` over the resolution steps of bronze `batches`, in
+/// `merchant_daily`'s types, ordered by operator, date and merchant: the raw-event
+/// reference the one-pass builders are held to.
+pub(crate) async fn daily_rows_by_sql(batches: &[RecordBatch]) -> Vec<RecordBatch> {
     let ctx = SessionContext::new();
     mem_table(&ctx, "events", POS_EVENTS.schema.clone(), batches.to_vec()).unwrap();
     register_resolved(&ctx).await.unwrap();
     let query = format!("SELECT * FROM ({}) d ORDER BY 1, 2, 3", sql::DAILY);
     let rows = ctx.sql(&query).await.unwrap().collect().await.unwrap();
-    let conformed: Vec<RecordBatch> = rows
-        .iter()
+    rows.iter()
         .map(|batch| {
             let columns = MERCHANT_DAILY
                 .schema
@@ -150,8 +163,60 @@ async fn daily_by_sql(batches: &[RecordBatch]) -> String {
                 .collect();
             RecordBatch::try_new(MERCHANT_DAILY.schema.clone(), columns).unwrap()
         })
-        .collect();
-    text(&conformed)
+        .collect()
+}
+
+/// Each (operator, date, merchant)'s live sales per payer key in bronze `batches`, by
+/// the SQL resolution steps: the raw-event reference of the history's payer entries.
+pub(crate) async fn payer_days_by_sql(
+    batches: &[RecordBatch],
+) -> std::collections::BTreeMap<(String, i32, String), Vec<(i64, i64, i64)>> {
+    let ctx = SessionContext::new();
+    mem_table(&ctx, "events", POS_EVENTS.schema.clone(), batches.to_vec()).unwrap();
+    register_resolved(&ctx).await.unwrap();
+    let rows = ctx
+        .sql(
+            "SELECT operator_id, CAST(business_date AS INT) AS day, merchant_id, payer_ref, \
+             count(*) AS visits, sum(amount_fen) AS fen FROM resolved \
+             WHERE kind = 'sale' AND NOT voided AND payer_ref IS NOT NULL \
+             GROUP BY 1, 2, 3, 4",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut days: std::collections::BTreeMap<_, Vec<(i64, i64, i64)>> = Default::default();
+    for batch in &rows {
+        let strings = |i: usize| cast(batch.column(i), &DataType::Utf8).unwrap();
+        let (operators, merchants, payers) = (strings(0), strings(2), strings(3));
+        let (operators, merchants, payers) = (
+            operators.as_string::<i32>(),
+            merchants.as_string::<i32>(),
+            payers.as_string::<i32>(),
+        );
+        let dates = cast(batch.column(1), &DataType::Int32).unwrap();
+        let dates = dates.as_primitive::<Int32Type>();
+        let visits = batch.column(4).as_primitive::<Int64Type>();
+        let fen = batch.column(5).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            days.entry((
+                operators.value(row).to_owned(),
+                dates.value(row),
+                merchants.value(row).to_owned(),
+            ))
+            .or_default()
+            .push((
+                streetflow_core::payer_key(payers.value(row)),
+                visits.value(row),
+                fen.value(row),
+            ));
+        }
+    }
+    for payers in days.values_mut() {
+        payers.sort_unstable();
+    }
+    days
 }
 
 /// `payer_sales.sql` over the resolution steps as of `as_of`, sorted, as text.
@@ -213,7 +278,7 @@ fn payer_sales_native(batches: &[RecordBatch], as_of: NaiveDate) -> String {
     pretty_format_batches(&[sorted]).unwrap().to_string()
 }
 
-fn text(batches: &[RecordBatch]) -> String {
+pub(crate) fn text(batches: &[RecordBatch]) -> String {
     let all = concat_batches(&MERCHANT_DAILY.schema, batches).unwrap();
     pretty_format_batches(&[all]).unwrap().to_string()
 }
@@ -492,6 +557,7 @@ pub(crate) fn district(operators: u32) -> Vec<RecordBatch> {
                 topic: "pos",
                 partition: (i % 3) as i32,
                 offset: i,
+                timestamp: None,
             }
         };
         let ingested = base + Duration::seconds(i / 4);
@@ -501,14 +567,15 @@ pub(crate) fn district(operators: u32) -> Vec<RecordBatch> {
             Some(line),
             None,
             ingested,
+            streetflow_core::Knowledge::Asserted(ingested),
             origin,
             false,
         );
         if rows.len() >= 500 {
-            batches.push(rows.finish().unwrap());
+            batches.push(rows.finish(chrono::Utc::now()).unwrap());
         }
     }
-    batches.push(rows.finish().unwrap());
+    batches.push(rows.finish(chrono::Utc::now()).unwrap());
     assert!(
         !dead.is_empty(),
         "the generator's malformed lines are rejected"

@@ -39,6 +39,10 @@ pub enum Error {
         #[source]
         source: streetflow_lake::deltalake::parquet::errors::ParquetError,
     },
+    /// The knowledge time asked for cannot give a point-in-time vector: it is before the
+    /// end of the day before the as-of date, or not settled yet.
+    #[error("{0}")]
+    KnowledgeTime(String),
     /// A local file could not be written.
     #[error("{context}: {source}")]
     Io {

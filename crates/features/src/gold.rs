@@ -1,34 +1,32 @@
 //! `merchant_features` (gold): point-in-time features as of a date.
 //!
-//! For as-of date D the job reads only bronze rows ingested by the knowledge time (by
-//! default the start of business day D in each operator's calendar) with business dates
-//! from D − 456 days. From them it builds the daily rows of `daily.sql` (dates before D)
-//! and the 90-day payer table of `payer_sales.sql` in one pass ([`DailyBuilder`], equal
-//! to those SQL definitions over the resolution steps), and applies
-//! `merchant_features.sql` on DataFusion. A late event
-//! that arrived after the knowledge time therefore never changes a vector already
-//! computed.
+//! For as-of date D and each operator's knowledge time K (by default the end of D − 1 in
+//! its calendar), the job reads the merchant-days of D − 456 … D − 1 from bitemporal
+//! silver ([`HistoryStore`]), takes each row as the lake knew it at K, and computes every
+//! merchant's vector with the one set of definitions ([`crate::vector`]). K must not be
+//! before the end of D − 1, must have settled, and the history must hold it (its horizon);
+//! so a vector for (D, K) is the same whenever it is computed, and a late event known
+//! after K never changes it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
-use streetflow_core::tables::{MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS};
-use streetflow_core::{MerchantRecord, OperatorCalendars};
+use streetflow_core::tables::MERCHANT_FEATURES;
+use streetflow_core::{KnowledgeRules, MerchantRecord, OperatorCalendars};
 use streetflow_lake::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayRef, Date32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
 };
-use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use streetflow_lake::{Lake, OffsetWriter};
 
-use crate::daily::{DailyBuilder, PayerWindow, payer_sales_schema};
-use crate::daily_parallel::ParallelDaily;
-use crate::error::{Error, Result, collect};
-use crate::relations::{explain_if_asked, log_computed, mem_table};
+use crate::error::{Error, Result};
 use crate::sql;
+use crate::store::{DayRange, HistoryStore};
+use crate::vector::{
+    FeatureVector, SubsidyRules, VectorInput, feature_vector, peer_percentiles, vector_batch,
+};
 
 /// Name of the feature set these definitions produce.
 pub const FEATURE_SET: &str = "v1";
@@ -45,9 +43,42 @@ pub const LOOKBACK_DAYS: u64 = 456;
 pub struct AsOf {
     /// Windows end the day before this business date.
     pub date: NaiveDate,
-    /// Events ingested after this are ignored; `None`: the start of `date` in each
-    /// operator's business calendar.
+    /// Only what the lake knew at this instant counts; `None`: the end of the day before
+    /// `date` (the start of `date`) in each operator's business calendar.
     pub knowledge_time: Option<DateTime<Utc>>,
+}
+
+impl AsOf {
+    /// The knowledge time K for one operator, checked: K must not be before the end of
+    /// D − 1 in the operator's calendar (that day is not over yet, so no vector as of D
+    /// exists), and must have settled ([`KnowledgeRules`]) by `now`.
+    pub fn knowledge_time_for(
+        &self,
+        operator_id: &str,
+        inputs: &FeatureInputs,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>> {
+        let day_end = inputs
+            .calendars
+            .for_operator(operator_id)
+            .day_start(self.date);
+        let k = self.knowledge_time.unwrap_or(day_end);
+        if k < day_end {
+            return Err(Error::KnowledgeTime(format!(
+                "knowledge time {} is before the end of {} for operator {operator_id} ({}): \
+                 features as of {} need that whole day",
+                k.to_rfc3339(),
+                self.date - Days::new(1),
+                day_end.to_rfc3339(),
+                self.date
+            )));
+        }
+        inputs
+            .knowledge
+            .check_readable(k, now)
+            .map_err(Error::KnowledgeTime)?;
+        Ok(k)
+    }
 }
 
 /// Reference data the features use besides bronze.
@@ -57,6 +88,8 @@ pub struct FeatureInputs {
     pub calendars: OperatorCalendars,
     /// Merchant registry versions (all of them; the job picks those valid on D − 1).
     pub registry: Vec<MerchantRecord>,
+    /// When a knowledge time is settled enough to read.
+    pub knowledge: KnowledgeRules,
 }
 
 /// What a features run wrote.
@@ -91,7 +124,7 @@ fn utc_micros_type() -> DataType {
 
 /// The registry versions valid on `day`, as a table.
 fn registry_batch(registry: &[MerchantRecord], day: NaiveDate) -> Result<(SchemaRef, RecordBatch)> {
-    let current = streetflow_core::registry::versions_on(registry, day);
+    let current = streetflow_core::registry::versions_on(registry, day, None);
     let schema = Arc::new(Schema::new(vec![
         Field::new("operator_id", DataType::Utf8, false),
         Field::new("merchant_id", DataType::Utf8, false),
@@ -183,6 +216,12 @@ fn subsidy_batch() -> Result<(SchemaRef, RecordBatch)> {
     Ok((schema, batch))
 }
 
+/// The subsidy rules shipped in `pipelines/reference/`.
+pub(crate) fn shipped_subsidy_rules() -> Result<SubsidyRules> {
+    let (_, sectors) = subsidy_batch()?;
+    SubsidyRules::from_tables(&sectors, &subsidy_industry_batch()?)
+}
+
 /// The subsidy industry-prefix reference table shipped in `pipelines/reference/`.
 fn subsidy_industry_batch() -> Result<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
@@ -254,10 +293,9 @@ pub fn reference_tables(
         StringBuilder::new(),
         TimestampMicrosecondBuilder::new().with_timezone("UTC"),
     );
+    let now = Utc::now();
     for name in operators {
-        let k = as_of
-            .knowledge_time
-            .unwrap_or_else(|| inputs.calendars.for_operator(name).day_start(d));
+        let k = as_of.knowledge_time_for(name, inputs, now)?;
         knowledge_times.insert(name.clone(), k);
         op.append_value(name);
         known.append_value(k.timestamp_micros());
@@ -302,7 +340,27 @@ pub fn reference_tables(
         vec![Arc::new(as_of_date.finish()) as ArrayRef],
     )
     .map_err(arrow_error("params"))?;
-    let (_, registry) = registry_batch(&inputs.registry, d - Days::new(1))?;
+    // The registry as recorded by each operator's knowledge time (bitemporal: a
+    // correction recorded later is not seen).
+    let recorded: Vec<MerchantRecord> = inputs
+        .registry
+        .iter()
+        .filter(|record| {
+            let k = knowledge_times
+                .get(&record.operator_id)
+                .copied()
+                .or(as_of.knowledge_time)
+                .unwrap_or_else(|| {
+                    inputs
+                        .calendars
+                        .for_operator(&record.operator_id)
+                        .day_start(d)
+                });
+            record.recorded_at.is_none_or(|at| at <= k)
+        })
+        .cloned()
+        .collect();
+    let (_, registry) = registry_batch(&recorded, d - Days::new(1))?;
     let (_, subsidy) = subsidy_batch()?;
     let industries = subsidy_industry_batch()?;
     Ok(ReferenceTables {
@@ -324,54 +382,8 @@ pub fn events_view(date: NaiveDate) -> String {
     let window_start = date - Days::new(LOOKBACK_DAYS);
     format!(
         "SELECT e.* FROM knowledge k JOIN pos_events e ON e.operator_id = k.operator_id \
-         WHERE e.ingested_at <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
+         WHERE e.knowledge_time <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
     )
-}
-
-/// SQL of the `feed_days` relation of one operator as of `date`, straight from bronze:
-/// the business days before `date` with a sale or refund of the operator's known by its
-/// knowledge time. Equal to `feed_days.sql` over that operator's `daily` rows (a sale,
-/// voided or not, and a refund each leave a daily row on their own date).
-pub(crate) fn operator_feed_days_sql(date: NaiveDate, operator_id: &str) -> String {
-    format!(
-        "SELECT DISTINCT operator_id, business_date \
-         FROM ({} AND e.operator_id = {}) events \
-         WHERE kind IN ('sale', 'refund') AND business_date < DATE '{date}'",
-        events_view(date),
-        sql_literal(operator_id)
-    )
-}
-
-/// The schema of the `feed_days` relation `merchant_features.sql` reads.
-pub(crate) fn feed_days_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("operator_id", DataType::Utf8, true),
-        Field::new("business_date", DataType::Date32, true),
-    ]))
-}
-
-/// Column `field` of `batch` (by name), cast to the field's type when it has another.
-fn column_as(batch: &RecordBatch, field: &Field, relation: &str) -> Result<ArrayRef> {
-    let name = field.name();
-    let column = batch.column_by_name(name).ok_or_else(|| Error::Arrow {
-        context: format!("{relation} has no column {name}"),
-        source: streetflow_lake::arrow::error::ArrowError::SchemaError(name.to_owned()),
-    })?;
-    if column.data_type() == field.data_type() {
-        Ok(column.clone())
-    } else {
-        cast(column, field.data_type()).map_err(arrow_error(name))
-    }
-}
-
-/// `batch` with the columns of `schema`, by name, cast to its types.
-fn conform(batch: &RecordBatch, schema: &SchemaRef, relation: &str) -> Result<RecordBatch> {
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|field| column_as(batch, field, relation))
-        .collect::<Result<Vec<_>>>()?;
-    RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error(relation))
 }
 
 /// SQL of the `daily` relation as of `date`: `daily.sql` over `resolved`, dates before it.
@@ -383,7 +395,9 @@ pub fn daily_view(date: NaiveDate) -> String {
 }
 
 /// Computes the feature rows as of `as_of` (without writing them), in the column
-/// order of `merchant_features`.
+/// order of `merchant_features`: one vector per merchant with days in the lookback or a
+/// registry version ([`crate::vector::feature_vector`]), from the bitemporal daily rows
+/// of `merchant_daily_history` as known at each operator's knowledge time.
 pub async fn compute_features(
     lake: &Lake,
     as_of: &AsOf,
@@ -392,10 +406,10 @@ pub async fn compute_features(
     compute(lake, as_of, inputs, None).await
 }
 
-/// Computes the feature row of one merchant as of `as_of`, reading only that merchant's
-/// bronze rows from the lake (`streetflow serve` without its bronze cache). Every feature
-/// equals the one [`compute_features`] gives, except `peer_pct_net_90d`: a percentile
-/// among peers needs the peers, so it is null here.
+/// Computes the feature row of one merchant as of `as_of`, reading only its operator's
+/// daily rows from the lake (`streetflow serve` without its cache). Every feature equals
+/// the one [`compute_features`] gives, except `peer_pct_net_90d`: a percentile among
+/// peers needs the peers, so it is null here.
 pub async fn compute_merchant_features(
     lake: &Lake,
     as_of: &AsOf,
@@ -411,152 +425,164 @@ pub fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// The dates a vector as of `date` reads, and those whose payer entries it reads.
+pub(crate) fn ranges_for(date: NaiveDate) -> (DayRange, DayRange) {
+    let d = days(date);
+    (
+        DayRange {
+            first: d - LOOKBACK_DAYS as i32,
+            last: d - 1,
+        },
+        DayRange {
+            first: d - PAYER_WINDOW_DAYS as i32,
+            last: d - 1,
+        },
+    )
+}
+
 async fn compute(
     lake: &Lake,
     as_of: &AsOf,
     inputs: &FeatureInputs,
     merchant: Option<(&str, &str)>,
 ) -> Result<(Vec<RecordBatch>, FeatureReport)> {
-    let d = as_of.date;
-    let mut report = FeatureReport {
-        as_of_date: d,
-        rows: 0,
-        bronze_version: -1,
-        knowledge_times: BTreeMap::new(),
-    };
-    let Some(table) = lake.open(POS_EVENTS.name).await? else {
-        return Ok((Vec::new(), report));
-    };
-    report.bronze_version = table.version().map_or(-1, |v| v as i64);
-    let ctx = lake.session().await?;
-
-    let mut operators = Vec::new();
-    if let Some((operator, _)) = merchant {
-        operators.push(operator.to_owned());
+    let (range, payer_range) = ranges_for(as_of.date);
+    let started = std::time::Instant::now();
+    let store = HistoryStore::load(
+        lake,
+        range,
+        payer_range,
+        merchant.map(|(operator, _)| operator),
+    )
+    .await?;
+    tracing::debug!(
+        versions = store.version_count(),
+        payer_entries = store.payer_entry_count(),
+        merchants = store.merchant_count(),
+        seconds = started.elapsed().as_secs_f64(),
+        "history read"
+    );
+    let population = Population::of(&store, inputs, merchant);
+    let (vectors, report) = vectors_as_of(&store, as_of, inputs, &population, merchant.is_none())?;
+    let batches = if vectors.is_empty() {
+        Vec::new()
     } else {
-        let operator_batches = collect(
-            &ctx,
-            "SELECT DISTINCT operator_id FROM pos_events",
-            "operators",
-        )
-        .await?;
-        for batch in &operator_batches {
-            let column =
-                cast(batch.column(0), &DataType::Utf8).map_err(arrow_error("operators"))?;
-            let names: &StringArray = column.as_string::<i32>();
-            operators.extend(names.iter().flatten().map(str::to_owned));
-        }
-    }
-    // One merchant: its registry entries only (the feature query keeps registry merchants
-    // without events, which would bring in the rest of the district).
-    let scoped_inputs;
-    let inputs = match merchant {
-        Some((operator, merchant)) => {
-            scoped_inputs = FeatureInputs {
-                calendars: inputs.calendars.clone(),
-                registry: inputs
-                    .registry
-                    .iter()
-                    .filter(|r| r.operator_id == operator && r.merchant_id == merchant)
-                    .cloned()
-                    .collect(),
-            };
-            &scoped_inputs
-        }
-        None => inputs,
+        vec![vector_batch(&vectors)?]
     };
-    let reference = reference_tables(as_of, inputs, &operators)?;
-    report.knowledge_times = reference.knowledge_times;
-    for (name, batch) in reference.tables {
-        mem_table(&ctx, name, batch.schema(), vec![batch])?;
-    }
-    let mut events = events_view(d);
-    if let Some((operator, merchant)) = merchant {
-        events.push_str(&format!(
-            " AND e.operator_id = {} AND e.merchant_id = {}",
-            sql_literal(operator),
-            sql_literal(merchant)
-        ));
-    }
-    // One pass over the knowable events: `daily` and `payer_sales` as `daily.sql` and
-    // `payer_sales.sql` define them over the resolution steps (the builder's tests hold
-    // the two equal), without running the resolution's joins over a year of events.
-    let started = std::time::Instant::now();
-    let window = PayerWindow {
-        from: days(d - Days::new(PAYER_WINDOW_DAYS)),
-        until: days(d),
-    };
-    let make = || DailyBuilder::with_payer_window(window);
-    let mut builder = match merchant {
-        // One merchant's few thousand rows: one operator, one thread.
-        Some(_) => ParallelDaily::new(1, make),
-        None => ParallelDaily::per_core(make),
-    };
-    builder.push_scan(&ctx, &format!("({events})")).await?;
-    let before = days(d);
-    let (daily, payer_sales) = builder.finish_with_payer_sales(|_, date| date < before)?;
-    log_computed("daily", &daily, started);
-    mem_table(&ctx, "daily", MERCHANT_DAILY.schema.clone(), daily)?;
-    mem_table(&ctx, "payer_sales", payer_sales_schema(), payer_sales)?;
-    // The operator's feed days come from all of its merchants; one merchant's `daily`
-    // rows do not have them, so that path reads the operator's sales and refunds.
-    let feed_query = match merchant {
-        None => sql::FEED_DAYS.to_owned(),
-        Some((operator, _)) => operator_feed_days_sql(d, operator),
-    };
-    let feed_days = collect(&ctx, &feed_query, "feed_days.sql")
-        .await?
-        .iter()
-        .map(|batch| conform(batch, &feed_days_schema(), "feed_days"))
-        .collect::<Result<Vec<_>>>()?;
-    mem_table(&ctx, "feed_days", feed_days_schema(), feed_days)?;
-    explain_if_asked(&ctx, "merchant_features", sql::MERCHANT_FEATURES).await?;
-    let started = std::time::Instant::now();
-    let features = collect(&ctx, sql::MERCHANT_FEATURES, "merchant_features.sql").await?;
-    log_computed("merchant_features", &features, started);
-    let mut batches = Vec::with_capacity(features.len());
-    for batch in &features {
-        if batch.num_rows() > 0 {
-            report.rows += batch.num_rows();
-            let batch = conform_features(batch, report.bronze_version)?;
-            batches.push(match merchant {
-                Some(_) => without_peer_percentile(&batch)?,
-                None => batch,
-            });
-        }
-    }
     Ok((batches, report))
 }
 
-/// `batch` with `peer_pct_net_90d` set to null (computed without the peers).
-pub(crate) fn without_peer_percentile(batch: &RecordBatch) -> Result<RecordBatch> {
-    let schema = batch.schema();
-    let mut columns = batch.columns().to_vec();
-    if let Ok(index) = schema.index_of("peer_pct_net_90d") {
-        columns[index] = streetflow_lake::arrow::array::new_null_array(
-            schema.field(index).data_type(),
-            batch.num_rows(),
-        );
-    }
-    RecordBatch::try_new(schema, columns).map_err(arrow_error("peer percentile"))
+/// The merchants a features run computes: those with days in the store and those in
+/// the registry, each once, in order.
+pub(crate) struct Population {
+    pub(crate) merchants: Vec<(String, String)>,
 }
 
-/// Orders and types feature rows as `merchant_features`, adding the constant columns.
-pub(crate) fn conform_features(batch: &RecordBatch, bronze_version: i64) -> Result<RecordBatch> {
-    let rows = batch.num_rows();
-    let schema = MERCHANT_FEATURES.schema.clone();
-    let mut columns = Vec::with_capacity(schema.fields().len());
-    for field in schema.fields() {
-        let column: ArrayRef = match field.name().as_str() {
-            "feature_set" => Arc::new(StringArray::from(vec![FEATURE_SET; rows])),
-            "bronze_version" => Arc::new(streetflow_lake::arrow::array::Int64Array::from(
-                vec![bronze_version; rows],
-            )),
-            _ => column_as(batch, field, "merchant_features.sql")?,
-        };
-        columns.push(column);
+impl Population {
+    /// Everyone in `store` and `inputs.registry`, or only `merchant`.
+    pub(crate) fn of(
+        store: &HistoryStore,
+        inputs: &FeatureInputs,
+        merchant: Option<(&str, &str)>,
+    ) -> Self {
+        let mut merchants: std::collections::BTreeSet<(String, String)> = store
+            .merchant_keys()
+            .map(|(o, m)| (o.to_owned(), m.to_owned()))
+            .collect();
+        merchants.extend(
+            inputs
+                .registry
+                .iter()
+                .map(|r| (r.operator_id.clone(), r.merchant_id.clone())),
+        );
+        if let Some((operator, merchant)) = merchant {
+            merchants.retain(|(o, m)| o == operator && m == merchant);
+        }
+        Population {
+            merchants: merchants.into_iter().collect(),
+        }
     }
-    RecordBatch::try_new(schema, columns).map_err(arrow_error("merchant_features rows"))
+}
+
+/// What a vector of one operator's merchants reads besides the merchant's own days.
+struct OperatorView<'a> {
+    k: DateTime<Utc>,
+    feed_days: Vec<i32>,
+    registry: BTreeMap<(&'a str, &'a str), &'a MerchantRecord>,
+}
+
+/// The vectors of `population` as of `as_of` from `store` (peer percentiles among them
+/// when `with_peers`), and the report.
+pub(crate) fn vectors_as_of(
+    store: &HistoryStore,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    population: &Population,
+    with_peers: bool,
+) -> Result<(Vec<FeatureVector>, FeatureReport)> {
+    let d = days(as_of.date);
+    let (range, _) = ranges_for(as_of.date);
+    let now = Utc::now();
+    let mut report = FeatureReport {
+        as_of_date: as_of.date,
+        rows: 0,
+        bronze_version: store.bronze_version().unwrap_or(-1),
+        knowledge_times: BTreeMap::new(),
+    };
+    let rules = shipped_subsidy_rules()?;
+    let mut operators: BTreeMap<&str, OperatorView<'_>> = BTreeMap::new();
+    for (operator, _) in &population.merchants {
+        if operators.contains_key(operator.as_str()) {
+            continue;
+        }
+        let k = as_of.knowledge_time_for(operator, inputs, now)?;
+        store.check_settled(k)?;
+        // The registry version valid on D − 1 as recorded by K (bitemporal).
+        let registry = streetflow_core::registry::versions_on(
+            &inputs.registry,
+            as_of.date - Days::new(1),
+            Some(k),
+        )
+        .into_iter()
+        .filter(|((o, _), _)| *o == operator.as_str())
+        .collect();
+        report.knowledge_times.insert(operator.clone(), k);
+        operators.insert(
+            operator.as_str(),
+            OperatorView {
+                k,
+                feed_days: store.feed_days(operator, range, k.timestamp_micros()),
+                registry,
+            },
+        );
+    }
+    let mut vectors = Vec::with_capacity(population.merchants.len());
+    for (operator, merchant) in &population.merchants {
+        let Some(view) = operators.get(operator.as_str()) else {
+            continue;
+        };
+        let input = VectorInput {
+            operator_id: operator,
+            merchant_id: merchant,
+            as_of: d,
+            knowledge_time: view.k,
+            days: store.merchant(operator, merchant),
+            feed_days: &view.feed_days,
+            registered: view
+                .registry
+                .get(&(operator.as_str(), merchant.as_str()))
+                .copied(),
+            bronze_version: report.bronze_version,
+        };
+        if let Some(vector) = feature_vector(&input, &rules)? {
+            vectors.push(vector);
+        }
+    }
+    if with_peers {
+        peer_percentiles(&mut vectors);
+    }
+    report.rows = vectors.len();
+    Ok((vectors, report))
 }
 
 /// Computes features as of a date and replaces that date's partition of

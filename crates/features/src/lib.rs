@@ -1,25 +1,29 @@
 //! streetflow's features: bronze events → daily cash flow (silver) → point-in-time
-//! merchant features (gold), as DataFusion SQL over the lake.
+//! merchant features (gold).
 //!
-//! The entry point for silver is [`refresh_silver`]: it brings `merchant_daily` up to the
-//! newest `pos_events` version, either by recomputing only the partitions the new bronze
-//! rows touch or from scratch. Both give the same rows, because both feed the touched
-//! events to [`DailyBuilder`], a one-pass implementation of the definition in
-//! `pipelines/features/daily.sql` (the specification, which gold and the DuckDB
-//! benchmarks run as SQL; unit tests hold the two equal).
+//! Silver: [`refresh_silver`] brings `merchant_daily` (the latest rows) and
+//! `merchant_daily_history` (every version of every row, by knowledge time) up to the
+//! newest `pos_events` version. Both come from [`DailyBuilder`], a one-pass
+//! implementation of `pipelines/features/daily.sql` (the specification the tests hold
+//! it to). Gold: [`compute_features`], training sets and `serve` read bitemporal silver
+//! into a [`HistoryStore`] and compute each vector with the one set of feature
+//! definitions in `vector.rs`.
 
 mod daily;
 mod daily_parallel;
 mod error;
 mod gold;
-mod one_merchant;
+mod history;
+mod reference;
 mod relations;
 mod serving;
 mod silver;
 pub mod sql;
+mod store;
 mod training;
+mod vector;
 
-pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder, PayerWindow, payer_sales_schema};
+pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder, HistorySpec, PayerWindow, payer_sales_schema};
 pub use daily_parallel::ParallelDaily;
 pub use error::{Error, Result};
 pub use gold::{
@@ -27,6 +31,9 @@ pub use gold::{
     compute_features, compute_merchant_features, daily_view, events_view, load_registry,
     reference_tables, sql_literal, write_features,
 };
-pub use serving::{BronzeCache, BronzeChanges, MerchantAsOf, MerchantHistory, OneMerchantFeatures};
+pub use history::{HORIZON_APP_ID, HistoryReport, SilverSettings, refresh_history};
+pub use reference::reference_features;
+pub use serving::{MerchantAsOf, merchant_features};
 pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
+pub use store::{DayRange, HistoryChanges, HistoryStore};
 pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};

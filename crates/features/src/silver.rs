@@ -9,13 +9,13 @@ use streetflow_lake::arrow::array::{AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 use streetflow_lake::datafusion::datasource::MemTable;
-use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
+use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter, data_changes};
 
 use crate::daily::DailyBuilder;
 use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
+use crate::history::{HistoryReport, SilverSettings, refresh_history};
 use crate::relations::broadcast_small_join_sides;
-use crate::serving::file_paths;
 use crate::sql;
 
 /// The Delta `txn` application id under which silver records the bronze version it
@@ -47,6 +47,8 @@ pub struct SilverReport {
     pub rows_written: usize,
     /// Another process refreshed silver first; nothing was written.
     pub fenced: bool,
+    /// What the refresh of `merchant_daily_history` (bitemporal silver) did.
+    pub history: HistoryReport,
 }
 
 /// (operator, business date) pairs of batches with those two columns first.
@@ -76,8 +78,21 @@ fn partition_keys(days: &HashSet<(String, i32)>) -> HashSet<Vec<String>> {
         .collect()
 }
 
+/// Brings `merchant_daily` up to the newest `pos_events` version, then
+/// `merchant_daily_history` up to it and to the knowledge settled now
+/// ([`refresh_history`]).
+pub async fn refresh_silver(
+    lake: &Lake,
+    mode: SilverMode,
+    settings: &SilverSettings,
+) -> Result<SilverReport> {
+    let mut report = refresh_latest(lake, mode).await?;
+    report.history = refresh_history(lake, mode, settings, chrono::Utc::now()).await?;
+    Ok(report)
+}
+
 /// Brings `merchant_daily` up to the newest `pos_events` version.
-pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
+async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
     let Some(bronze) = lake.open(POS_EVENTS.name).await? else {
         return Ok(SilverReport::default());
     };
@@ -96,30 +111,28 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
         return Ok(report);
     }
 
-    let ctx = lake.session().await?;
-    let touched = match (mode, previous) {
-        (SilverMode::Incremental, Some(previous)) => {
-            let mut before = lake.open(POS_EVENTS.name).await?.ok_or_else(|| {
-                streetflow_lake::Error::BadLocation {
-                    location: POS_EVENTS.name.to_owned(),
-                    reason: "bronze disappeared".to_owned(),
-                }
-            })?;
-            before.load_version(previous as u64).await.map_err(|e| {
-                streetflow_lake::Error::delta(POS_EVENTS.name, "load older version")(e)
-            })?;
-            let old = file_paths(&before)?;
-            let added: Vec<String> = file_paths(&bronze)?
-                .into_iter()
-                .filter(|p| !old.contains(p))
-                .collect();
-            report.new_bronze_files = added.len();
-            let touched = if added.is_empty() {
+    // Bronze as of the version silver will record, whatever commits land meanwhile.
+    let ctx = lake.pinned_session(POS_EVENTS.name, &bronze).await?;
+    // New rows are what commits since the recorded version added as data: a compaction
+    // rewrites files without new rows and touches nothing. Without that history (the log
+    // was cleaned up) or after a data removal, every partition is recomputed.
+    let changes = match (mode, previous) {
+        (SilverMode::Incremental, Some(previous)) if previous <= version => {
+            data_changes(&bronze, previous as u64, version as u64)
+                .await?
+                .filter(|changes| changes.appends_only())
+        }
+        _ => None,
+    };
+    let touched = match changes {
+        Some(changes) => {
+            report.new_bronze_files = changes.added.len();
+            let touched = if changes.added.is_empty() {
                 Vec::new()
             } else {
                 let new_events = bronze
                     .table_provider()
-                    .with_file_selection(streetflow_lake::deltalake::delta_datafusion::FileSelection::from_file_paths(added))
+                    .with_file_selection(streetflow_lake::deltalake::delta_datafusion::FileSelection::from_file_paths(changes.added))
                     .await
                     .map_err(Error::query("selecting new bronze files"))?;
                 ctx.register_table("new_events", new_events)
@@ -128,7 +141,7 @@ pub async fn refresh_silver(lake: &Lake, mode: SilverMode) -> Result<SilverRepor
             };
             Some(touched)
         }
-        _ => None,
+        None => None,
     };
 
     let started = std::time::Instant::now();

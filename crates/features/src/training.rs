@@ -1,11 +1,12 @@
 //! Training sets: a point-in-time join of a spine of (merchant, as-of date) rows with
 //! the feature vectors each row would have seen.
 //!
-//! Spine rows are grouped by (as-of date, knowledge time). Each group computes the
-//! features of every merchant once — percentiles among peers need the whole
-//! population — keeps the rows the spine asks for, and appends them to the output file
-//! before the next group starts, so memory holds one as-of date at a time. The cost
-//! therefore grows with the number of distinct as-of dates, not with spine rows.
+//! Bitemporal silver for every date any spine row reads is read once into a
+//! [`HistoryStore`]. Spine rows are then grouped by (as-of date, knowledge time); each
+//! group computes the vectors of every merchant from the store (percentiles among peers
+//! need the whole population), keeps the rows the spine asks for and appends them to the
+//! output file. Each row's vector is exactly what the batch job computes as of its own
+//! (D, K).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -19,14 +20,16 @@ use streetflow_lake::arrow::array::{
     Array, ArrayRef, Date32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
     UInt32Array,
 };
-use streetflow_lake::arrow::compute::{concat_batches, take};
+use streetflow_lake::arrow::compute::take;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
 use streetflow_lake::deltalake::parquet::basic::{Compression, ZstdLevel};
 use streetflow_lake::deltalake::parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
-use crate::gold::{AsOf, FeatureInputs, compute_features};
+use crate::gold::{AsOf, FeatureInputs, Population, ranges_for, vectors_as_of};
+use crate::store::{DayRange, HistoryStore};
+use crate::vector::vector_batch;
 
 /// One row of a training spine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,14 +181,27 @@ pub async fn write_training_set(
         as_of_groups: groups.len(),
     };
     let total = groups.len();
+    // Every date any group reads, and every date whose payers it reads.
+    let mut ranges: Option<(DayRange, DayRange)> = None;
+    for (date, _) in groups.keys() {
+        let (range, payers) = ranges_for(*date);
+        ranges = Some(match ranges {
+            None => (range, payers),
+            Some((r, p)) => (r.union(range), p.union(payers)),
+        });
+    }
+    let store = match ranges {
+        Some((range, payers)) => HistoryStore::load(lake, range, payers, None).await?,
+        None => HistoryStore::default(),
+    };
+    let population = Population::of(&store, inputs, None);
     for (done, ((date, knowledge_time), members)) in groups.into_iter().enumerate() {
         let as_of = AsOf {
             date,
             knowledge_time,
         };
-        let (batches, computed) = compute_features(lake, &as_of, inputs).await?;
-        let features = concat_batches(&MERCHANT_FEATURES.schema, &batches)
-            .map_err(arrow_error("feature rows"))?;
+        let (vectors, computed) = vectors_as_of(&store, &as_of, inputs, &population, true)?;
+        let features = vector_batch(&vectors)?;
         let operators = string_column(&features, "operator_id")?;
         let merchants = string_column(&features, "merchant_id")?;
         let position: HashMap<(&str, &str), u32> = (0..features.num_rows())

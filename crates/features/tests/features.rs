@@ -5,11 +5,13 @@
 
 use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use chrono_tz::Asia::Shanghai;
+use streetflow_core::KnowledgeRules;
 use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
-    AsOf, BronzeCache, BronzeChanges, FeatureInputs, LOOKBACK_DAYS, MerchantAsOf,
-    OneMerchantFeatures, compute_features, compute_merchant_features,
+    AsOf, DayRange, FeatureInputs, HistoryChanges, HistoryStore, LOOKBACK_DAYS, MerchantAsOf,
+    SilverMode, SilverSettings, compute_features, compute_merchant_features, merchant_features,
+    reference_features, refresh_silver,
 };
 use streetflow_ingest::{
     BackfillOptions, DeadLetterRows, EventRows, InputFormat, KnowledgeTime, Origin, RowAppender,
@@ -83,8 +85,19 @@ fn json(e: &Event) -> String {
     value.to_string()
 }
 
-/// Writes the events to bronze in one commit, as the ingest path would.
+/// Writes the events to bronze in one commit, as the ingest path would, then brings
+/// silver up to date.
 async fn lake_with(dir: &std::path::Path, events: &[Event]) -> Lake {
+    let lake = bronze_with(dir, events).await;
+    // Bitemporal silver, which every features path reads, up to what is settled now.
+    refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    lake
+}
+
+/// Writes the events to bronze in one commit, as the ingest path would.
+async fn bronze_with(dir: &std::path::Path, events: &[Event]) -> Lake {
     let lake = Lake::new(dir.to_str().unwrap(), &Default::default()).unwrap();
     let mut appender = RowAppender::new(Default::default(), OperatorCalendars::default());
     let (mut rows, mut dead) = (EventRows::default(), DeadLetterRows::default());
@@ -100,6 +113,7 @@ async fn lake_with(dir: &std::path::Path, events: &[Event]) -> Lake {
             Some(line.as_bytes()),
             None,
             e.ingested,
+            streetflow_core::Knowledge::Asserted(e.ingested),
             origin,
             false,
         );
@@ -108,13 +122,25 @@ async fn lake_with(dir: &std::path::Path, events: &[Event]) -> Lake {
     let mut table = OffsetWriter::new(&lake, &POS_EVENTS, "fixture")
         .await
         .unwrap();
-    table.write(rows.finish().unwrap()).await.unwrap();
+    table
+        .write(rows.finish(chrono::Utc::now()).unwrap())
+        .await
+        .unwrap();
     let staged = table.stage().await.unwrap();
     table.commit(&staged, &[]).await.unwrap();
     OffsetWriter::new(&lake, &DEAD_LETTERS, "fixture")
         .await
         .unwrap();
     lake
+}
+
+/// Silver settings of the fixtures: Shanghai calendars, knowledge settled at once (the
+/// fixtures assert their knowledge times, and nothing else writes the lake).
+fn settings() -> SilverSettings {
+    SilverSettings {
+        calendars: OperatorCalendars::default(),
+        knowledge: KnowledgeRules::new(chrono::Duration::milliseconds(2)),
+    }
 }
 
 fn registry(merchant: &str, mcc: &str, opened: NaiveDate, rent: Option<i64>) -> MerchantRecord {
@@ -128,6 +154,7 @@ fn registry(merchant: &str, mcc: &str, opened: NaiveDate, rent: Option<i64>) -> 
         monthly_rent_fen: rent,
         lease_end: None,
         valid_from: opened,
+        recorded_at: None,
     }
 }
 
@@ -216,6 +243,8 @@ fn inputs() -> FeatureInputs {
                 None,
             ),
         ],
+        // Settled at once, as the fixtures' silver (`settings`).
+        knowledge: settings().knowledge,
     }
 }
 
@@ -620,6 +649,7 @@ async fn history_features_match_the_hand_computed_value() {
             registry("grower", "5812", day(182), None),
             registry("quiet", "5812", day(30), None),
         ],
+        ..FeatureInputs::default()
     };
     let (f, report) = compute_features(
         &lake,
@@ -773,7 +803,7 @@ async fn each_event_counts_once_and_voids_and_refunds_resolve() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let lake = lake_with(dir.path(), &events).await;
-    streetflow_features::refresh_silver(&lake, streetflow_features::SilverMode::Full)
+    refresh_silver(&lake, SilverMode::Full, &settings())
         .await
         .unwrap();
     let daily = lake
@@ -832,196 +862,136 @@ fn rows_keyed(
     rows
 }
 
-/// One merchant's features from the bronze cache (through the plan made once) and
-/// from the lake (planned for the call), as text rows.
-async fn both_paths(
-    features: &OneMerchantFeatures,
-    lake: &Lake,
-    cache: &BronzeCache,
-    as_of: &AsOf,
-    merchant: &str,
-) -> (Vec<String>, Vec<String>) {
-    let history = cache.merchant_history("lane", merchant).unwrap();
-    let inputs = inputs();
-    let request = MerchantAsOf {
-        operator_id: "lane",
-        merchant_id: merchant,
-        as_of,
-        inputs: &inputs,
-    };
-    let (cached, cached_report) = features
-        .compute(&history, cache.version(), request)
-        .unwrap();
-    // The definitions computed directly equal the planned SQL's row.
-    let (planned, planned_report) = features
-        .compute_with_sql(&history, cache.version(), request)
-        .await
-        .unwrap();
-    assert_eq!(cached_report, planned_report);
-    assert_same_row(
-        &rows_by_merchant(&cached).remove(merchant).unwrap(),
-        &rows_by_merchant(&planned).remove(merchant).unwrap(),
-        merchant,
-    );
-    let (read, read_report) = compute_merchant_features(lake, as_of, &inputs, "lane", merchant)
-        .await
-        .unwrap();
-    assert_eq!(cached_report, read_report);
-    let cached = rows_by_merchant(&cached).remove(merchant).unwrap();
-    let read = rows_by_merchant(&read).remove(merchant).unwrap();
-    (cached, read)
-}
-
-/// Two feature rows are equal, ratios up to floating-point summation order (the two
-/// paths add the same terms in a different order).
-fn assert_same_row(cached: &[String], read: &[String], merchant: &str) {
-    assert_eq!(cached.len(), read.len());
-    for (a, b) in cached.iter().zip(read) {
+/// Two feature rows are equal, ratios up to floating-point summation order (the SQL
+/// reference adds the same terms in another order).
+fn assert_same_row(ours: &[String], reference: &[String], context: &str) {
+    assert_eq!(ours.len(), reference.len());
+    for (a, b) in ours.iter().zip(reference) {
         let floats = (a.contains('.') || b.contains('.'))
             .then(|| a.parse::<f64>().ok().zip(b.parse::<f64>().ok()))
             .flatten();
         match floats {
             Some((x, y)) => assert!(
                 (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0),
-                "{merchant}: {cached:?} != {read:?}"
+                "{context}: {ours:?} != {reference:?}"
             ),
-            None => assert_eq!(a, b, "{merchant}: {cached:?} != {read:?}"),
+            None => assert_eq!(a, b, "{context}: {ours:?} != {reference:?}"),
         }
     }
 }
 
+fn day_number(date: NaiveDate) -> i32 {
+    date.signed_duration_since(NaiveDate::default()).num_days() as i32
+}
+
+/// A history store holding the lookback of every as-of date from `first` to `last`.
+async fn store_for(lake: &Lake, first: NaiveDate, last: NaiveDate) -> HistoryStore {
+    let range = DayRange {
+        first: day_number(first) - LOOKBACK_DAYS as i32,
+        last: day_number(last),
+    };
+    let payers = DayRange {
+        first: day_number(first) - 90,
+        last: day_number(last),
+    };
+    HistoryStore::load(lake, range, payers, None).await.unwrap()
+}
+
+/// A merchant's row from the serving path, as text.
+fn served(
+    store: &HistoryStore,
+    as_of: &AsOf,
+    inputs: &FeatureInputs,
+    operator: &str,
+    merchant: &str,
+) -> Option<Vec<String>> {
+    let (rows, _) = merchant_features(
+        store,
+        MerchantAsOf {
+            operator_id: operator,
+            merchant_id: merchant,
+            as_of,
+            inputs,
+        },
+    )
+    .unwrap();
+    rows_keyed(&rows, &["operator_id", "merchant_id"]).remove(&format!("{operator}/{merchant}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bronze_cache_gives_the_lake_features_and_follows_new_commits() {
+async fn the_history_cache_gives_the_batch_rows_and_follows_new_commits() {
     let dir = tempfile::tempdir().unwrap();
     let mut events = steady();
     events.extend(irregular());
     let lake = lake_with(dir.path(), &events).await;
-    let since = d() - Days::new(LOOKBACK_DAYS);
-    let mut cache = BronzeCache::load(&lake, since).await.unwrap().unwrap();
-    assert_eq!(
-        cache.row_count(),
-        90 + 6,
-        "every bronze row, duplicates included"
-    );
-    assert_eq!(cache.merchant_count(), 2);
-    assert_eq!(
-        cache.merchant_rows("lane", "steady").unwrap().num_rows(),
-        90
-    );
-    assert_eq!(cache.merchant_rows("lane", "nobody").unwrap().num_rows(), 0);
-    assert_eq!(
-        cache.merchant_rows("other", "steady").unwrap().num_rows(),
-        0
-    );
-
+    let mut store = store_for(&lake, d() - Days::new(5), d() + Days::new(5)).await;
+    assert_eq!(store.merchant_count(), 2);
+    let horizon = store.horizon().unwrap();
     let now = AsOf {
         date: d(),
-        knowledge_time: Some(at(d() + Days::new(5), 0, 0)),
+        knowledge_time: Some(horizon),
     };
-    let features = OneMerchantFeatures::new().unwrap();
-    // One merchant alone still sees its operator's whole feed, so its row is the batch
-    // job's, the peer percentile aside. irregular sold on two days; the feed (steady's
-    // sales) delivered on all 90, so its history starts with the feed and is covered.
-    let (batch, _) = compute_features(&lake, &now, &inputs()).await.unwrap();
-    let mut batch_rows = rows_by_merchant(&batch);
-    let peer_column = MERCHANT_FEATURES
+    let peer = MERCHANT_FEATURES
         .schema
         .index_of("peer_pct_net_90d")
         .unwrap();
-    for merchant in ["steady", "irregular"] {
-        let (cached, read) = both_paths(&features, &lake, &cache, &now, merchant).await;
-        assert_same_row(&cached, &read, merchant);
-        let mut expected = batch_rows.remove(merchant).unwrap();
-        expected[peer_column] = String::new();
-        assert_same_row(&cached, &expected, merchant);
-    }
+    // One merchant alone sees its operator's whole feed, so its row is the batch job's,
+    // the peer percentile aside: irregular sold on two days, the feed (steady's sales)
+    // delivered on all 90, so its history starts with the feed and is covered.
+    let check = |store: &HistoryStore, as_of: &AsOf, batch: &[RecordBatch]| {
+        let mut batch_rows = rows_keyed(batch, &["operator_id", "merchant_id"]);
+        for merchant in ["steady", "irregular"] {
+            let mut expected = batch_rows.remove(&format!("lane/{merchant}")).unwrap();
+            expected[peer] = String::new();
+            assert_eq!(
+                served(store, as_of, &inputs(), "lane", merchant).unwrap(),
+                expected
+            );
+        }
+    };
+    let (batch, _) = compute_features(&lake, &now, &inputs()).await.unwrap();
+    check(&store, &now, &batch);
+    let (read, _) = compute_merchant_features(&lake, &now, &inputs(), "lane", "steady")
+        .await
+        .unwrap();
+    let mut expected = rows_by_merchant(&batch).remove("steady").unwrap();
+    expected[peer] = String::new();
+    assert_eq!(rows_by_merchant(&read).remove("steady").unwrap(), expected);
     assert_eq!(value(&batch, "irregular", "coverage_ratio_90d"), "1.0");
     assert_eq!(value(&batch, "irregular", "days_on_book"), "90");
     assert!(
-        cache.changes(&lake).await.unwrap().is_none(),
+        store.changes(&lake).await.unwrap().is_none(),
         "no new commit"
     );
 
-    // A second commit: a late 100,000 fen sale of D − 3 for steady. The cache reads only
-    // the new file and then decides like the lake.
-    let version = cache.version();
+    // A late 100,000 fen sale of D − 3 that the lake learns of now: the refresh appends
+    // one version of steady's day, and the store reads only that.
     let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
-    late.ingested = at(d() + Days::new(2), 9, 0);
+    late.ingested = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let lake = lake_with(dir.path(), &[late]).await;
-    let changes = cache.changes(&lake).await.unwrap().unwrap();
-    assert!(matches!(changes, BronzeChanges::Appended { .. }));
-    assert_eq!(cache.apply(changes).unwrap(), 1);
-    assert_eq!(cache.version(), version + 1);
-    assert_eq!(
-        cache.merchant_rows("lane", "steady").unwrap().num_rows(),
-        91
-    );
-    let (cached, read) = both_paths(&features, &lake, &cache, &now, "steady").await;
-    assert_same_row(&cached, &read, "steady");
-    let (vector, _) = features
-        .compute(
-            &cache.merchant_history("lane", "steady").unwrap(),
-            cache.version(),
-            MerchantAsOf {
-                operator_id: "lane",
-                merchant_id: "steady",
-                as_of: &now,
-                inputs: &inputs(),
-            },
-        )
-        .unwrap();
-    assert_eq!(value(&vector, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
-    // Before the late sale was known, the cached rows still give the earlier vector.
-    let before = AsOf {
+    let changes = store.changes(&lake).await.unwrap().unwrap();
+    assert!(matches!(changes, HistoryChanges::Appended { .. }));
+    assert_eq!(store.apply(changes).unwrap(), 1);
+    let later = AsOf {
         date: d(),
-        knowledge_time: None,
+        knowledge_time: store.horizon(),
     };
-    let (cached, read) = both_paths(&features, &lake, &cache, &before, "steady").await;
-    assert_same_row(&cached, &read, "steady");
-
-    let event_ids = |rows: &RecordBatch| -> Vec<String> {
-        let ids = rows.column_by_name("event_id").unwrap();
-        (0..rows.num_rows())
-            .map(|row| array_value_to_string(ids, row).unwrap())
-            .collect()
-    };
-    let mut expected = event_ids(&cache.merchant_rows("lane", "steady").unwrap());
-    // Many small commits: each adds a piece to the merchant's cached rows until the
-    // pieces are joined. Rows stay in arrival order and the features stay the lake's.
-    for i in 0..12 {
-        let mut late = sale(
-            &format!("later-{i}"),
-            "steady",
-            1_000 + i,
-            at(day(2), 10, 0),
-            None,
-        );
-        late.ingested = at(d() + Days::new(3), 9, i as u32);
-        let lake = lake_with(dir.path(), &[late]).await;
-        let changes = cache.changes(&lake).await.unwrap().unwrap();
-        assert_eq!(cache.apply(changes).unwrap(), 1);
-        expected.push(format!("later-{i}"));
-        assert_eq!(
-            event_ids(&cache.merchant_rows("lane", "steady").unwrap()),
-            expected,
-            "commit {i}: the earlier rows in their order, the newest last"
-        );
-    }
-    assert_eq!(cache.row_count(), 96 + 1 + 12);
-    assert_eq!(
-        cache.merchant_rows("lane", "irregular").unwrap().num_rows(),
-        6
-    );
-    let (cached, read) = both_paths(&features, &lake, &cache, &now, "steady").await;
-    assert_same_row(&cached, &read, "steady");
+    let (batch, _) = compute_features(&lake, &later, &inputs()).await.unwrap();
+    assert_eq!(value(&batch, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
+    check(&store, &later, &batch);
+    // Before the late sale was known, both still give the earlier vector.
+    let (batch, _) = compute_features(&lake, &now, &inputs()).await.unwrap();
+    assert_eq!(value(&batch, "steady", "net_fen_7d"), "61600");
+    check(&store, &now, &batch);
 }
 
-/// The feature row of every merchant of the synthetic district computed directly
-/// ([`OneMerchantFeatures::compute`], the serving path) equals the SQL's, run on the
-/// same inputs, at as-of dates from the feed's second day to two months after it ended,
-/// at the day's default knowledge time and at a late one; and equals the batch job's.
+/// Every merchant's vector of the synthetic district from the history, through the
+/// batch job and the serving path, equals the SQL definition over the raw events the
+/// lake knew, at as-of dates from the feed's second day to two months after it ended,
+/// at the day's default knowledge time and at a late one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
+async fn vectors_from_the_history_equal_the_sql_over_raw_events_across_the_district() {
     let config = GenConfig {
         merchants: 24,
         days: 200,
@@ -1040,7 +1010,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
         &Default::default(),
     )
     .unwrap();
-    // Ingestion times as a stream would have stamped them: late events arrive late.
+    // Knowledge times as a stream would have given them: late events arrive late.
     let options = BackfillOptions {
         config: streetflow_core::PipelineConfig::defaults(),
         knowledge: KnowledgeTime::FromOccurred,
@@ -1048,6 +1018,9 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
         bytes_read: None,
     };
     backfill_file(&lake, &events, &options, &InputFormat::JsonLines)
+        .await
+        .unwrap();
+    refresh_silver(&lake, SilverMode::Incremental, &settings())
         .await
         .unwrap();
 
@@ -1060,6 +1033,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
         merchant_id: "registered-only".into(),
         opened_on: start + Days::new(20),
         valid_from: start + Days::new(20),
+        recorded_at: None,
         ..generated.registry[0].clone()
     });
     let mut moved = generated.registry[1].clone();
@@ -1071,6 +1045,7 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
     let inputs = FeatureInputs {
         calendars: OperatorCalendars::default(),
         registry,
+        ..FeatureInputs::default()
     };
     let mut merchants: Vec<(String, String)> = inputs
         .registry
@@ -1081,14 +1056,10 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
     merchants.dedup();
     merchants.push((operator.clone(), "nobody".into()));
 
-    let cache = BronzeCache::load(&lake, start - Days::new(LOOKBACK_DAYS))
-        .await
-        .unwrap()
-        .unwrap();
-    let features = OneMerchantFeatures::new().unwrap();
+    let store = store_for(&lake, start, start + Days::new(260)).await;
     let late = at(start + Days::new(400), 0, 0);
     let mut compared = 0;
-    let mut direct_rows = Vec::new();
+    let mut sample = Vec::new();
     // (days after the feed's start, with the late knowledge time too)
     for (offset, late_too) in [(1, false), (60, true), (200, true), (260, false)] {
         let date = start + Days::new(offset);
@@ -1102,36 +1073,49 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
                 date,
                 knowledge_time,
             };
+            let (reference, reference_report) = reference_features(&lake, &as_of, &inputs, None)
+                .await
+                .unwrap();
+            let (batch, batch_report) = compute_features(&lake, &as_of, &inputs).await.unwrap();
+            assert_eq!(
+                reference_report.knowledge_times,
+                batch_report.knowledge_times
+            );
+            let reference = rows_keyed(&reference, &["operator_id", "merchant_id"]);
+            let batch_rows = rows_keyed(&batch, &["operator_id", "merchant_id"]);
+            assert_eq!(
+                reference.keys().collect::<Vec<_>>(),
+                batch_rows.keys().collect::<Vec<_>>(),
+                "merchants as of {date} ({knowledge_time:?})"
+            );
+            let bronze = MERCHANT_FEATURES.schema.index_of("bronze_version").unwrap();
+            for (key, expected) in &reference {
+                let context = format!("{key} as of {date} ({knowledge_time:?})");
+                let mut ours = batch_rows[key].clone();
+                // The reference reads bronze; the history records the version it reflects.
+                ours[bronze] = expected[bronze].clone();
+                assert_same_row(&ours, expected, &context);
+                compared += 1;
+            }
+            let peer = MERCHANT_FEATURES
+                .schema
+                .index_of("peer_pct_net_90d")
+                .unwrap();
             for (operator_id, merchant_id) in &merchants {
-                let history = cache.merchant_history(operator_id, merchant_id).unwrap();
-                let request = MerchantAsOf {
-                    operator_id,
-                    merchant_id,
-                    as_of: &as_of,
-                    inputs: &inputs,
-                };
-                let (direct, direct_report) = features
-                    .compute(&history, cache.version(), request)
-                    .unwrap();
-                let (planned, planned_report) = features
-                    .compute_with_sql(&history, cache.version(), request)
-                    .await
-                    .unwrap();
-                let context =
-                    format!("{operator_id}/{merchant_id} as of {date} ({knowledge_time:?})");
-                assert_eq!(direct_report, planned_report, "{context}");
-                let (direct_row, planned_row) = (
-                    rows_by_merchant(&direct).remove(merchant_id.as_str()),
-                    rows_by_merchant(&planned).remove(merchant_id.as_str()),
+                let key = format!("{operator_id}/{merchant_id}");
+                let served = served(&store, &as_of, &inputs, operator_id, merchant_id);
+                let expected = batch_rows.get(&key).map(|row| {
+                    let mut row = row.clone();
+                    row[peer] = String::new();
+                    row
+                });
+                assert_eq!(
+                    served, expected,
+                    "{key} served as of {date} ({knowledge_time:?})"
                 );
-                assert_eq!(direct_row.is_some(), planned_row.is_some(), "{context}");
-                if let (Some(direct_row), Some(planned_row)) = (direct_row, planned_row) {
-                    assert_same_row(&direct_row, &planned_row, &context);
-                    compared += 1;
-                }
-                if offset == 200 && knowledge_time.is_none() {
-                    direct_rows.extend(direct);
-                }
+            }
+            if offset == 200 && knowledge_time.is_none() {
+                sample = batch;
             }
         }
     }
@@ -1144,15 +1128,16 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
         "top5_payer_share_90d",
         "rent_to_turnover_90d",
         "subsidy_sector",
+        "peer_pct_net_90d",
     ] {
-        let set = direct_rows
+        let set = sample
             .iter()
             .filter(|b| b.column_by_name(feature).unwrap().null_count() < b.num_rows())
             .count();
         assert!(set > 0, "no merchant has {feature}");
     }
     assert!(
-        rows_keyed(&direct_rows, &["operator_id", "merchant_id"])
+        rows_keyed(&sample, &["operator_id", "merchant_id"])
             .values()
             .any(|row| row[MERCHANT_FEATURES
                 .schema
@@ -1161,26 +1146,104 @@ async fn one_merchant_features_equal_the_sql_across_the_synthetic_district() {
                 != "0"),
         "no merchant has a day without sales"
     );
+}
 
-    // And the batch job over the whole district gives the same rows, peers aside.
-    let as_of = AsOf {
-        date: start + Days::new(200),
-        knowledge_time: None,
-    };
-    let (batch, _) = compute_features(&lake, &as_of, &inputs).await.unwrap();
-    let batch_rows = rows_keyed(&batch, &["operator_id", "merchant_id"]);
-    let direct_rows = rows_keyed(&direct_rows, &["operator_id", "merchant_id"]);
-    assert_eq!(
-        batch_rows.keys().collect::<Vec<_>>(),
-        direct_rows.keys().collect::<Vec<_>>()
-    );
-    let peer_column = MERCHANT_FEATURES
-        .schema
-        .index_of("peer_pct_net_90d")
+/// A compaction of bronze between two refreshes rewrites the new rows into files that
+/// read as no change: silver notices and recomputes instead of missing them (or failing
+/// on files that are gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_between_refreshes_loses_no_new_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &steady()).await;
+    let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
+    late.ingested = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let lake_after = bronze_with(dir.path(), &[late]).await;
+    let compacted = lake_after
+        .compact("pos_events", &[], None)
+        .await
+        .unwrap()
         .unwrap();
-    for (merchant, direct) in &direct_rows {
-        let mut expected = batch_rows[merchant].clone();
-        expected[peer_column] = String::new();
-        assert_same_row(direct, &expected, merchant);
-    }
+    assert!(compacted.files_removed > 0, "{compacted:?}");
+    let report = refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    assert!(report.history.versions_written > 0, "{report:?}");
+    let later = AsOf {
+        date: d(),
+        knowledge_time: HistoryStore::load(
+            &lake,
+            DayRange { first: 0, last: 1 },
+            DayRange { first: 0, last: 1 },
+            None,
+        )
+        .await
+        .unwrap()
+        .horizon(),
+    };
+    let (batch, _) = compute_features(&lake, &later, &inputs()).await.unwrap();
+    assert_eq!(value(&batch, "steady", "net_fen_7d"), "161600"); // 61,600 + 100,000
+    let daily = lake
+        .read_only_query(&format!(
+            "SELECT sum(sales_fen) FROM merchant_daily WHERE business_date = DATE '{}'",
+            day(3)
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        array_value_to_string(daily[0].column(0), 0).unwrap(),
+        (100_000 + 8_800).to_string()
+    );
+}
+
+/// Every column of `merchant_features` is documented in a row of the table in
+/// `schemas/merchant_features.md`, and every documented column exists.
+#[test]
+fn every_feature_column_is_documented() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/merchant_features.md"),
+    )
+    .unwrap();
+    // The first cell of each row names columns in backticks; `a_{7,30}d` stands for
+    // `a_7d` and `a_30d`.
+    let expand = |name: &str| -> Vec<String> {
+        match (name.find('{'), name.find('}')) {
+            (Some(open), Some(close)) => name[open + 1..close]
+                .split(',')
+                .map(|part| format!("{}{part}{}", &name[..open], &name[close + 1..]))
+                .collect(),
+            _ => vec![name.to_owned()],
+        }
+    };
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .filter_map(|line| line.split('|').nth(1))
+        .flat_map(|cell| {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .flat_map(expand)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let columns: std::collections::BTreeSet<String> = MERCHANT_FEATURES
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let missing: Vec<_> = columns.difference(&documented).collect();
+    assert!(
+        missing.is_empty(),
+        "undocumented feature columns: {missing:?}"
+    );
+    let stale: Vec<_> = documented.difference(&columns).collect();
+    assert!(
+        stale.is_empty(),
+        "documented columns that do not exist: {stale:?}"
+    );
 }

@@ -18,27 +18,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use streetflow_core::PipelineConfig;
 use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
+use streetflow_core::{Knowledge, PipelineConfig};
 use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 use tokio::sync::mpsc;
 
-use crate::batch::{DeadLetterRows, EventRows, Origin, RowAppender};
+use crate::batch::{DeadLetterRows, EventRows, Origin, RowAppender, restamp_observed};
 use crate::csv_input::{CsvMapping, row_as_csv};
 use crate::error::{Error, Result};
-use crate::freeze::{self, points};
 use crate::produce::StreamClock;
+use streetflow_lake::freeze::{self, points};
 
-/// What bronze records as `ingested_at`, i.e. when the bank learned of a backfilled event.
+/// The knowledge time of backfilled rows: when the bank came to hold the events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KnowledgeTime {
-    /// One instant for every row (default: when the load started). Features as of an
-    /// earlier date do not see these events, as the bank did not know them then.
+    /// Observed (the default): the lake's own stamp at each commit of the load, as for
+    /// streamed events. Features as of an earlier knowledge time never see these rows.
+    Observed,
+    /// Asserted: one instant for every row, for history the bank says it held then
+    /// (recorded as `knowledge_source = 'asserted'`).
     At(DateTime<Utc>),
-    /// The arrival time a stream would have given: the latest `occurred_at` seen so far
-    /// in the file (never moving back, ignoring jumps of more than 30 days), as
-    /// `streetflow produce` stamps Kafka records. For history the bank really held at
+    /// Asserted: the arrival time a stream would have given, the latest `occurred_at`
+    /// seen so far in the file (never moving back, ignoring jumps of more than 30 days),
+    /// as `streetflow produce` stamps Kafka records. For history the bank really held at
     /// the time, e.g. a re-load of what was streamed.
     FromOccurred,
 }
@@ -57,7 +60,7 @@ pub enum InputFormat {
 pub struct BackfillOptions {
     /// Pipeline settings (decoder limits, calendars).
     pub config: PipelineConfig,
-    /// `ingested_at` of the loaded rows.
+    /// Knowledge time of the loaded rows.
     pub knowledge: KnowledgeTime,
     /// Commit (and so make resumable) after this many lines.
     pub commit_every_lines: u64,
@@ -251,20 +254,35 @@ struct Reader {
     since_checkpoint: u64,
     /// Lines read in this run (skipped ones included).
     lines: u64,
+    /// The loader's clock, as last read.
+    received_at: Option<DateTime<Utc>>,
     sender: mpsc::Sender<Piece>,
 }
 
 impl Reader {
-    fn ingested_at(&mut self, occurred_at: Option<&str>) -> DateTime<Utc> {
+    /// The knowledge a line's rows carry.
+    fn knowledge(&mut self, occurred_at: Option<&str>) -> Knowledge {
         match self.knowledge {
-            KnowledgeTime::At(at) => at,
+            KnowledgeTime::Observed => Knowledge::Observed,
+            KnowledgeTime::At(at) => Knowledge::Asserted(at),
             KnowledgeTime::FromOccurred => {
                 if let Some(at) = occurred_at.and_then(streetflow_core::time::parse_rfc3339) {
                     self.clock.observe(at.timestamp_millis());
                 }
-                DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_else(Utc::now)
+                Knowledge::Asserted(
+                    DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_else(Utc::now),
+                )
             }
         }
+    }
+
+    /// The loader's own clock, for `future_timestamp` and dead letters; read every few
+    /// thousand lines (it moves little in between, and the tolerance is minutes).
+    fn received_at(&mut self) -> DateTime<Utc> {
+        if self.lines.is_multiple_of(4096) || self.received_at.is_none() {
+            self.received_at = Some(Utc::now());
+        }
+        self.received_at.unwrap_or_else(Utc::now)
     }
 
     /// Appends one line (`raw` differs from `message` for converted CSV rows).
@@ -279,7 +297,8 @@ impl Reader {
         if line <= self.events_done {
             return Ok(());
         }
-        let ingested_at = self.ingested_at(occurred_at);
+        let knowledge = self.knowledge(occurred_at);
+        let received_at = self.received_at();
         let origin = Origin::File {
             path: &self.path_text,
             line,
@@ -290,7 +309,8 @@ impl Reader {
             Some(message),
             Some(raw),
             None,
-            ingested_at,
+            received_at,
+            knowledge,
             origin,
             line <= self.dead_letters_done,
         );
@@ -305,10 +325,14 @@ impl Reader {
     }
 
     fn send_rows(&mut self) -> Result<()> {
-        let events = self.events.finish().map_err(|source| Error::Arrow {
-            table: POS_EVENTS.name,
-            source,
-        })?;
+        // Observed rows are stamped again by the writer at their commit.
+        let events = self
+            .events
+            .finish(Utc::now())
+            .map_err(|source| Error::Arrow {
+                table: POS_EVENTS.name,
+                source,
+            })?;
         let dead_letters = self.dead_letters.finish().map_err(|source| Error::Arrow {
             table: DEAD_LETTERS.name,
             source,
@@ -467,6 +491,7 @@ pub async fn backfill_file(
         commit_every: options.commit_every_lines.max(1),
         since_checkpoint: 0,
         lines: 0,
+        received_at: None,
         sender,
     };
     let input = open_input(path, options.bytes_read.clone())?;
@@ -481,6 +506,11 @@ pub async fn backfill_file(
     });
 
     let mut staged_rows = (0_u64, 0_u64);
+    // Observed knowledge: the rows of a commit wait in memory until the commit, so they
+    // can be stamped just before they are written (and again if the deadline passes).
+    let observed = options.knowledge == KnowledgeTime::Observed;
+    let deadline = options.config.knowledge_rules().commit_deadline();
+    let mut waiting: Vec<RecordBatch> = Vec::new();
     while let Some(piece) = receiver.recv().await {
         match piece {
             Piece::Rows {
@@ -490,7 +520,11 @@ pub async fn backfill_file(
                 staged_rows.0 += event_rows.num_rows() as u64;
                 staged_rows.1 += dead_rows.num_rows() as u64;
                 if event_rows.num_rows() > 0 {
-                    events.write(event_rows).await?;
+                    if observed {
+                        waiting.push(event_rows);
+                    } else {
+                        events.write(event_rows).await?;
+                    }
                 }
                 if dead_rows.num_rows() > 0 {
                     dead_letters.write(dead_rows).await?;
@@ -516,7 +550,7 @@ pub async fn backfill_file(
                     dead_done = Some(last_line);
                     freeze::point(points::DEAD_LETTER_COMMIT);
                 }
-                let staged = events.stage().await?;
+                let (mut staged, mut stamp) = stage_events(&mut events, &waiting).await?;
                 let mut progress = Vec::new();
                 if last_line > events_done.unwrap_or(0) || events_done.is_none() {
                     progress.push(AppProgress {
@@ -533,6 +567,12 @@ pub async fn backfill_file(
                     });
                 }
                 if !progress.is_empty() {
+                    // Stamped too long ago (slow storage): stamp again, write again (the
+                    // files of the first stamp are never committed).
+                    while stamp.is_some_and(|at| Utc::now() - at > deadline) {
+                        tracing::warn!(path = %report.path, "a commit missed the knowledge deadline of its stamp; stamping again");
+                        (staged, stamp) = stage_events(&mut events, &waiting).await?;
+                    }
                     committed(
                         events.commit_appended(&staged, &progress).await?,
                         &report.path,
@@ -544,6 +584,7 @@ pub async fn backfill_file(
                     report.dead_lettered += staged_rows.1;
                 }
                 staged_rows = (0, 0);
+                waiting.clear();
                 tracing::debug!(path = %report.path, last_line, "backfill committed");
             }
         }
@@ -553,6 +594,25 @@ pub async fn backfill_file(
         .map_err(|e| Error::Backfill(format!("the file reader failed: {e}")))??;
     report.lines = lines;
     Ok(report)
+}
+
+/// Writes `waiting` (observed rows, stamped now) and stages everything written since the
+/// last stage; the stamp, when there were observed rows.
+async fn stage_events(
+    events: &mut OffsetWriter,
+    waiting: &[RecordBatch],
+) -> Result<(streetflow_lake::StagedFiles, Option<DateTime<Utc>>)> {
+    let stamp = (!waiting.is_empty()).then(Utc::now);
+    if let Some(at) = stamp {
+        for batch in waiting {
+            let batch = restamp_observed(batch, at).map_err(|source| Error::Arrow {
+                table: POS_EVENTS.name,
+                source,
+            })?;
+            events.write(batch).await?;
+        }
+    }
+    Ok((events.stage().await?, stamp))
 }
 
 fn committed(outcome: CommitOutcome, path: &str) -> Result<()> {

@@ -13,12 +13,41 @@ use streetflow_core::{
     BusinessDateCache, DecodeOptions, LocalPlace, OperatorCalendars, PosEvent, ReasonCode,
     Rejection, decode, operator_hint,
 };
+use streetflow_core::{Knowledge, KnowledgeSource};
 use streetflow_lake::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Int32Builder, Int64Builder,
-    StringBuilder, TimestampMicrosecondBuilder,
+    StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMicrosecondBuilder,
 };
 use streetflow_lake::arrow::error::ArrowError;
 use streetflow_lake::arrow::record_batch::RecordBatch;
+
+/// Which clock set a Kafka record's timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaTimestampKind {
+    /// The producer's clock (`CreateTime`).
+    CreateTime,
+    /// The broker's clock when it appended the record (`LogAppendTime`).
+    LogAppendTime,
+}
+
+impl KafkaTimestampKind {
+    /// The value of the `kafka_timestamp_type` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaTimestampKind::CreateTime => "create_time",
+            KafkaTimestampKind::LogAppendTime => "log_append_time",
+        }
+    }
+}
+
+/// A Kafka record's timestamp: kept for tracing, never used as knowledge time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaTimestamp {
+    /// The instant.
+    pub at: DateTime<Utc>,
+    /// Whose clock set it.
+    pub kind: KafkaTimestampKind,
+}
 
 /// Where a message came from.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +60,8 @@ pub enum Origin<'a> {
         partition: i32,
         /// Offset.
         offset: i64,
+        /// The record's timestamp, when it has one.
+        timestamp: Option<KafkaTimestamp>,
     },
     /// A line of a file (backfill).
     File {
@@ -56,6 +87,8 @@ struct OriginColumns {
     kafka_topic: StringBuilder,
     kafka_partition: Int32Builder,
     kafka_offset: Int64Builder,
+    kafka_timestamp: TimestampMicrosecondBuilder,
+    kafka_timestamp_type: StringBuilder,
     source_file: StringBuilder,
     source_line: Int64Builder,
 }
@@ -66,6 +99,8 @@ impl OriginColumns {
             kafka_topic: StringBuilder::new(),
             kafka_partition: Int32Builder::new(),
             kafka_offset: Int64Builder::new(),
+            kafka_timestamp: utc_timestamps(),
+            kafka_timestamp_type: StringBuilder::new(),
             source_file: StringBuilder::new(),
             source_line: Int64Builder::new(),
         }
@@ -77,10 +112,15 @@ impl OriginColumns {
                 topic,
                 partition,
                 offset,
+                timestamp,
             } => {
                 self.kafka_topic.append_value(topic);
                 self.kafka_partition.append_value(partition);
                 self.kafka_offset.append_value(offset);
+                self.kafka_timestamp
+                    .append_option(timestamp.map(|t| t.at.timestamp_micros()));
+                self.kafka_timestamp_type
+                    .append_option(timestamp.map(|t| t.kind.as_str()));
                 self.source_file.append_null();
                 self.source_line.append_null();
             }
@@ -88,20 +128,30 @@ impl OriginColumns {
                 self.kafka_topic.append_null();
                 self.kafka_partition.append_null();
                 self.kafka_offset.append_null();
+                self.kafka_timestamp.append_null();
+                self.kafka_timestamp_type.append_null();
                 self.source_file.append_value(path);
                 self.source_line.append_value(line);
             }
         }
     }
 
-    fn finish(&mut self) -> [ArrayRef; 5] {
-        [
-            Arc::new(self.kafka_topic.finish()),
-            Arc::new(self.kafka_partition.finish()),
-            Arc::new(self.kafka_offset.finish()),
-            Arc::new(self.source_file.finish()),
-            Arc::new(self.source_line.finish()),
-        ]
+    /// The Kafka columns (topic, partition, offset, timestamp, its type), then the file
+    /// columns (file, line).
+    fn finish(&mut self) -> ([ArrayRef; 5], [ArrayRef; 2]) {
+        (
+            [
+                Arc::new(self.kafka_topic.finish()),
+                Arc::new(self.kafka_partition.finish()),
+                Arc::new(self.kafka_offset.finish()),
+                Arc::new(self.kafka_timestamp.finish()),
+                Arc::new(self.kafka_timestamp_type.finish()),
+            ],
+            [
+                Arc::new(self.source_file.finish()),
+                Arc::new(self.source_line.finish()),
+            ],
+        )
     }
 }
 
@@ -121,7 +171,8 @@ pub struct EventRows {
     channel: StringBuilder,
     ref_event_id: StringBuilder,
     payer_ref: StringBuilder,
-    ingested_at: TimestampMicrosecondBuilder,
+    /// Asserted knowledge times; `None` for observed rows, stamped at [`EventRows::finish`].
+    asserted: Vec<Option<i64>>,
     origin: OriginColumns,
     rows: usize,
 }
@@ -143,11 +194,57 @@ impl Default for EventRows {
             channel: StringBuilder::new(),
             ref_event_id: StringBuilder::new(),
             payer_ref: StringBuilder::new(),
-            ingested_at: utc_timestamps(),
+            asserted: Vec::new(),
             origin: OriginColumns::new(),
             rows: 0,
         }
     }
+}
+
+/// The `knowledge_time` and `knowledge_source` columns of rows whose asserted times are
+/// `asserted` (`None`: observed, stamped `observed_at`).
+fn knowledge_columns(asserted: &[Option<i64>], observed_at: DateTime<Utc>) -> [ArrayRef; 2] {
+    let stamp = observed_at.timestamp_micros();
+    let times = TimestampMicrosecondArray::from_iter_values(
+        asserted.iter().map(|known| known.unwrap_or(stamp)),
+    )
+    .with_timezone("UTC");
+    let sources = StringArray::from_iter_values(asserted.iter().map(|known| match known {
+        Some(_) => KnowledgeSource::Asserted.as_str(),
+        None => KnowledgeSource::Observed.as_str(),
+    }));
+    [Arc::new(times), Arc::new(sources)]
+}
+
+/// `batch` (of `pos_events`) with its observed rows stamped `observed_at` instead: for a
+/// writer whose commit missed the deadline of its first stamp.
+pub fn restamp_observed(
+    batch: &RecordBatch,
+    observed_at: DateTime<Utc>,
+) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let time_index = schema.index_of("knowledge_time")?;
+    let source_index = schema.index_of("knowledge_source")?;
+    let times = batch
+        .column(time_index)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .ok_or_else(|| ArrowError::SchemaError("knowledge_time is not a timestamp".into()))?;
+    let sources = batch
+        .column(source_index)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ArrowError::SchemaError("knowledge_source is not a string".into()))?;
+    let asserted: Vec<Option<i64>> = (0..batch.num_rows())
+        .map(|row| {
+            (sources.value(row) == KnowledgeSource::Asserted.as_str()).then(|| times.value(row))
+        })
+        .collect();
+    let [time_column, source_column] = knowledge_columns(&asserted, observed_at);
+    let mut columns = batch.columns().to_vec();
+    columns[time_index] = time_column;
+    columns[source_index] = source_column;
+    RecordBatch::try_new(schema, columns)
 }
 
 impl EventRows {
@@ -156,7 +253,7 @@ impl EventRows {
         &mut self,
         event: &PosEvent<'_>,
         place: LocalPlace,
-        ingested_at: DateTime<Utc>,
+        knowledge: Knowledge,
         origin: &Origin<'_>,
     ) {
         self.operator_id.append_value(&event.operator_id);
@@ -178,8 +275,10 @@ impl EventRows {
         self.ref_event_id
             .append_option(event.ref_event_id.as_deref());
         self.payer_ref.append_option(event.payer_ref.as_deref());
-        self.ingested_at
-            .append_value(ingested_at.timestamp_micros());
+        self.asserted.push(match knowledge {
+            Knowledge::Observed => None,
+            Knowledge::Asserted(at) => Some(at.timestamp_micros()),
+        });
         self.origin.append(origin);
         self.rows += 1;
     }
@@ -194,16 +293,22 @@ impl EventRows {
         self.rows == 0
     }
 
-    /// The buffered rows as a batch; the builder starts empty again.
-    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+    /// The buffered rows as a batch, observed rows stamped `observed_at` (the writer's
+    /// clock just before it writes them); the builder starts empty again.
+    pub fn finish(&mut self, observed_at: DateTime<Utc>) -> Result<RecordBatch, ArrowError> {
         self.rows = 0;
-        let [
-            kafka_topic,
-            kafka_partition,
-            kafka_offset,
-            source_file,
-            source_line,
-        ] = self.origin.finish();
+        let (
+            [
+                kafka_topic,
+                kafka_partition,
+                kafka_offset,
+                kafka_timestamp,
+                kafka_timestamp_type,
+            ],
+            [source_file, source_line],
+        ) = self.origin.finish();
+        let [knowledge_time, knowledge_source] =
+            knowledge_columns(&std::mem::take(&mut self.asserted), observed_at);
         RecordBatch::try_new(
             POS_EVENTS.schema.clone(),
             vec![
@@ -221,10 +326,13 @@ impl EventRows {
                 Arc::new(self.channel.finish()),
                 Arc::new(self.ref_event_id.finish()),
                 Arc::new(self.payer_ref.finish()),
-                Arc::new(self.ingested_at.finish()),
+                knowledge_time,
+                knowledge_source,
                 kafka_topic,
                 kafka_partition,
                 kafka_offset,
+                kafka_timestamp,
+                kafka_timestamp_type,
                 source_file,
                 source_line,
             ],
@@ -235,7 +343,7 @@ impl EventRows {
     pub fn clear(&mut self) {
         if self.rows > 0 {
             // Finishing resets every builder; the batch is discarded.
-            let _ = self.finish();
+            let _ = self.finish(DateTime::UNIX_EPOCH);
         }
     }
 }
@@ -286,7 +394,7 @@ pub struct DeadLetter<'a> {
     pub payload: Option<&'a [u8]>,
     /// The Kafka key, if any.
     pub key: Option<&'a [u8]>,
-    /// When it was received.
+    /// When the receiving worker (or file load) read it, by its own clock.
     pub ingested_at: DateTime<Utc>,
     /// Where it came from.
     pub origin: Origin<'a>,
@@ -335,13 +443,16 @@ impl DeadLetterRows {
     /// The buffered rows as a batch; the builder starts empty again.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
         self.rows = 0;
-        let [
-            kafka_topic,
-            kafka_partition,
-            kafka_offset,
-            source_file,
-            source_line,
-        ] = self.origin.finish();
+        let (
+            [
+                kafka_topic,
+                kafka_partition,
+                kafka_offset,
+                kafka_timestamp,
+                kafka_timestamp_type,
+            ],
+            [source_file, source_line],
+        ) = self.origin.finish();
         RecordBatch::try_new(
             DEAD_LETTERS.schema.clone(),
             vec![
@@ -357,6 +468,8 @@ impl DeadLetterRows {
                 kafka_topic,
                 kafka_partition,
                 kafka_offset,
+                kafka_timestamp,
+                kafka_timestamp_type,
                 source_file,
                 source_line,
             ],
@@ -401,9 +514,9 @@ impl RowAppender {
         }
     }
 
-    /// Decodes one message (`None`: a Kafka tombstone) received at `ingested_at` and
-    /// appends its row. A rejected message is not appended when
-    /// `dead_letter_already_stored` says the dead-letter table holds it.
+    /// Decodes one message (`None`: a Kafka tombstone) that the worker's own clock read
+    /// as `received_at`, and appends its row with `knowledge`. A rejected message is not
+    /// appended when `dead_letter_already_stored` says the dead-letter table holds it.
     #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
@@ -411,7 +524,8 @@ impl RowAppender {
         dead_letters: &mut DeadLetterRows,
         payload: Option<&[u8]>,
         key: Option<&[u8]>,
-        ingested_at: DateTime<Utc>,
+        received_at: DateTime<Utc>,
+        knowledge: Knowledge,
         origin: Origin<'_>,
         dead_letter_already_stored: bool,
     ) -> Appended {
@@ -421,7 +535,8 @@ impl RowAppender {
             payload,
             payload,
             key,
-            ingested_at,
+            received_at,
+            knowledge,
             origin,
             dead_letter_already_stored,
         )
@@ -438,13 +553,14 @@ impl RowAppender {
         message: Option<&[u8]>,
         raw: Option<&[u8]>,
         key: Option<&[u8]>,
-        ingested_at: DateTime<Utc>,
+        received_at: DateTime<Utc>,
+        knowledge: Knowledge,
         origin: Origin<'_>,
         dead_letter_already_stored: bool,
     ) -> Appended {
         let payload = message;
         let result = match payload {
-            Some(bytes) => decode(bytes, ingested_at, &self.decode_options),
+            Some(bytes) => decode(bytes, received_at, &self.decode_options),
             None => Err(Rejection {
                 reason: ReasonCode::EmptyMessage,
                 detail: "Kafka tombstone (null value)".to_owned(),
@@ -462,7 +578,7 @@ impl RowAppender {
                         }),
                 };
                 let place = cache.locate(event.occurred_at.timestamp_micros());
-                events.append(&event, place, ingested_at, &origin);
+                events.append(&event, place, knowledge, &origin);
                 Appended::Event
             }
             Err(rejection) if dead_letter_already_stored => {
@@ -473,7 +589,7 @@ impl RowAppender {
                 let ingest_date = self
                     .calendars
                     .default_calendar()
-                    .local_time(&ingested_at)
+                    .local_time(&received_at)
                     .date();
                 dead_letters.append(&DeadLetter {
                     operator_id: operator.as_deref().unwrap_or(UNKNOWN_OPERATOR),
@@ -481,7 +597,7 @@ impl RowAppender {
                     rejection: &rejection,
                     payload: raw,
                     key,
-                    ingested_at,
+                    ingested_at: received_at,
                     origin,
                 });
                 Appended::DeadLetter(rejection)

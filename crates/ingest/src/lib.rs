@@ -11,7 +11,6 @@ mod backfill;
 mod batch;
 mod csv_input;
 mod error;
-mod freeze;
 mod group;
 pub mod metrics;
 mod produce;
@@ -21,7 +20,10 @@ pub use backfill::{
     BackfillOptions, FileReport, InputFormat, KnowledgeTime, backfill_file, expand_inputs,
     file_identity, is_csv_file,
 };
-pub use batch::{Appended, DeadLetter, DeadLetterRows, EventRows, Origin, RowAppender};
+pub use batch::{
+    Appended, DeadLetter, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin,
+    RowAppender, restamp_observed,
+};
 pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};
 pub use error::{Error, Result};
 pub use produce::{

@@ -27,6 +27,9 @@ pub const RECORDS_LOST: &str = "streetflow_ingest_records_lost_on_broker_total";
 pub const GROUP_REJOINS: &str = "streetflow_ingest_group_rejoins_total";
 /// Seconds spent in the after-commit hook (the merchant_daily refresh).
 pub const AFTER_COMMIT_SECONDS: &str = "streetflow_ingest_after_commit_seconds";
+/// Commits whose rows were stamped again because the first stamp's knowledge deadline
+/// passed before the commit.
+pub const KNOWLEDGE_RESTAMPS: &str = "streetflow_ingest_knowledge_restamps_total";
 /// Consumer lag per partition, from librdkafka statistics (label: `partition`).
 pub const CONSUMER_LAG: &str = "streetflow_ingest_consumer_lag_records";
 
@@ -69,4 +72,8 @@ pub fn describe() {
         "after-commit hook (merchant_daily refresh) latency"
     );
     metrics::describe_gauge!(CONSUMER_LAG, "consumer lag in records by partition");
+    metrics::describe_counter!(
+        KNOWLEDGE_RESTAMPS,
+        "flushes stamped again because their commit missed the knowledge deadline"
+    );
 }

@@ -26,21 +26,25 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, Timestamp};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use streetflow_core::PipelineConfig;
 use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
+use streetflow_core::{Knowledge, PipelineConfig};
+use streetflow_lake::arrow::array::{AsArray, RecordBatch};
+use streetflow_lake::arrow::datatypes::TimestampMicrosecondType;
 use streetflow_lake::{CommitOutcome, Lake, OffsetWriter, PartitionProgress, StagedFiles};
 use tokio::runtime::Handle;
 
-use crate::batch::{Appended, DeadLetterRows, EventRows, Origin, RowAppender};
+use crate::batch::{
+    Appended, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin, RowAppender,
+};
 use crate::error::{Error, Result};
-use crate::freeze::{self, points};
 use crate::metrics as names;
 use crate::produce::PartitionWatermarks;
+use streetflow_lake::freeze::{self, points};
 
 /// Work to run after each bronze commit, at start-up and before exit, on the worker's
 /// thread with the lake and the runtime handle (the binary refreshes `merchant_daily`).
@@ -397,6 +401,29 @@ struct State {
     gaps: Vec<Gap>,
 }
 
+/// A Kafka record's timestamp and whose clock set it.
+fn kafka_timestamp(timestamp: Timestamp) -> Option<KafkaTimestamp> {
+    let (millis, kind) = match timestamp {
+        Timestamp::NotAvailable => return None,
+        Timestamp::CreateTime(millis) => (millis, KafkaTimestampKind::CreateTime),
+        Timestamp::LogAppendTime(millis) => (millis, KafkaTimestampKind::LogAppendTime),
+    };
+    DateTime::from_timestamp_millis(millis).map(|at| KafkaTimestamp { at, kind })
+}
+
+/// The stamp of a batch's observed rows (they all share one), if it has any.
+fn observed_stamp(batch: &RecordBatch) -> Option<DateTime<Utc>> {
+    let sources = batch
+        .column_by_name("knowledge_source")?
+        .as_string_opt::<i32>()?;
+    let times = batch
+        .column_by_name("knowledge_time")?
+        .as_primitive_opt::<TimestampMicrosecondType>()?;
+    (0..batch.num_rows())
+        .find(|&row| sources.value(row) == streetflow_core::KnowledgeSource::Observed.as_str())
+        .and_then(|row| DateTime::from_timestamp_micros(times.value(row)))
+}
+
 fn consumer_config(config: &PipelineConfig, client_id: &str) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -703,15 +730,14 @@ impl State {
             report.replayed += 1;
             return;
         }
-        let ingested_at = message
-            .timestamp()
-            .to_millis()
-            .and_then(DateTime::from_timestamp_millis)
-            .unwrap_or_else(Utc::now);
+        // The worker's own clock judges `future_timestamp`; the record's timestamp (the
+        // producer's or the broker's clock) is kept, never used as knowledge time.
+        let received_at = Utc::now();
         let origin = Origin::Kafka {
             topic,
             partition,
             offset,
+            timestamp: kafka_timestamp(message.timestamp()),
         };
         let payload = message.payload();
         let dead_stored = state
@@ -723,7 +749,8 @@ impl State {
             &mut buffer.dead_letters,
             payload,
             message.key(),
-            ingested_at,
+            received_at,
+            Knowledge::Observed,
             origin,
             dead_stored,
         ) {
@@ -1077,8 +1104,10 @@ impl Worker {
                 table: DEAD_LETTERS.name,
                 source,
             })?;
+        // Observed knowledge: stamped now, just before the rows are written, and stamped
+        // again if the commit cannot make the deadline (see `commit_events`).
         let event_batch = (!self.state.buffer.events.is_empty())
-            .then(|| self.state.buffer.events.finish())
+            .then(|| self.state.buffer.events.finish(Utc::now()))
             .transpose()
             .map_err(|source| Error::Arrow {
                 table: POS_EVENTS.name,
@@ -1109,15 +1138,7 @@ impl Worker {
                 }
             }
         }
-        let staged = match event_batch {
-            Some(batch) => self.state.handle.block_on(async {
-                sink.events.write(batch).await?;
-                sink.events.stage().await
-            })?,
-            None => StagedFiles::default(),
-        };
-        freeze::point(points::EVENT_FILES);
-        if !self.commit(&mut sink.events, POS_EVENTS.name, &staged, &event_progress)? {
+        if !self.commit_events(&mut sink.events, event_batch, &event_progress)? {
             drop(sink);
             return self.fenced();
         }
@@ -1191,6 +1212,106 @@ impl Worker {
         }
     }
 
+    /// Writes and commits the event rows (observed knowledge stamped at `knowledge_time`
+    /// by [`EventRows::finish`](crate::EventRows::finish)); `false` when another worker
+    /// owns a partition.
+    ///
+    /// The knowledge rule: the commit must become visible within the deadline of the
+    /// stamp its rows carry, or a reader that already settled that instant would miss
+    /// rows it should have seen. Before each attempt the worker checks the stamp's age
+    /// and, past the deadline, stamps the rows again and writes new files (the old ones
+    /// are never committed).
+    fn commit_events(
+        &self,
+        writer: &mut OffsetWriter,
+        batch: Option<RecordBatch>,
+        progress: &[PartitionProgress],
+    ) -> Result<bool> {
+        let deadline = self
+            .state
+            .options
+            .config
+            .knowledge_rules()
+            .commit_deadline();
+        let stage = |writer: &mut OffsetWriter, batch: &Option<RecordBatch>| {
+            self.state.handle.block_on(async {
+                match batch {
+                    Some(batch) => {
+                        writer.write(batch.clone()).await?;
+                        writer.stage().await
+                    }
+                    None => Ok(StagedFiles::default()),
+                }
+            })
+        };
+        let observed = batch.as_ref().is_some_and(|b| observed_stamp(b).is_some());
+        let restamp = |batch: &Option<RecordBatch>, at: DateTime<Utc>| {
+            batch
+                .as_ref()
+                .map(|b| crate::batch::restamp_observed(b, at))
+                .transpose()
+                .map_err(|source| Error::Arrow {
+                    table: POS_EVENTS.name,
+                    source,
+                })
+        };
+        // Stamped (again) just before the files are written, so the dead-letter commit
+        // before does not count against the deadline; its age is taken from both clocks,
+        // so a wall-clock step back cannot hide a slow commit.
+        let mut stamped = (Utc::now(), Instant::now());
+        let mut batch = if observed {
+            restamp(&batch, stamped.0)?
+        } else {
+            batch
+        };
+        let mut staged = stage(writer, &batch)?;
+        freeze::point(points::EVENT_FILES);
+        let started = Instant::now();
+        let mut attempt = 0;
+        let age = |stamped: (DateTime<Utc>, Instant)| {
+            let wall = (Utc::now() - stamped.0).to_std().unwrap_or_default();
+            wall.max(stamped.1.elapsed())
+        };
+        loop {
+            if observed && age(stamped) > deadline.to_std().unwrap_or_default() {
+                tracing::warn!(
+                    stamped = %stamped.0,
+                    age_ms = age(stamped).as_millis() as u64,
+                    "the commit missed the knowledge deadline of its stamp; stamping the rows again"
+                );
+                metrics::counter!(names::KNOWLEDGE_RESTAMPS).increment(1);
+                stamped = (Utc::now(), Instant::now());
+                batch = restamp(&batch, stamped.0)?;
+                staged = stage(writer, &batch)?;
+                // Writing the files again took time too: check again before committing.
+                continue;
+            }
+            match self.state.handle.block_on(writer.commit(&staged, progress)) {
+                Ok(outcome) => {
+                    metrics::histogram!(names::COMMIT_SECONDS, "table" => POS_EVENTS.name)
+                        .record(started.elapsed().as_secs_f64());
+                    if observed && age(stamped) > deadline.to_std().unwrap_or_default() {
+                        // Visible too late: silver reports it when it finds the rows behind
+                        // its horizon, and rebuilds.
+                        tracing::error!(
+                            stamped = %stamped.0,
+                            age_ms = age(stamped).as_millis() as u64,
+                            "a commit became visible after the knowledge deadline of its stamp; \
+                             readers that settled that instant may have missed it (raise knowledge.settle_ms)"
+                        );
+                    }
+                    return Ok(self.outcome(POS_EVENTS.name, &staged, outcome));
+                }
+                Err(error) if error.is_retryable() && attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, table = POS_EVENTS.name, "commit failed; retrying");
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
     /// Commits one table; `false` when another worker owns a partition.
     fn commit(
         &self,
@@ -1214,12 +1335,17 @@ impl Worker {
         };
         metrics::histogram!(names::COMMIT_SECONDS, "table" => table)
             .record(started.elapsed().as_secs_f64());
+        Ok(self.outcome(table, staged, outcome))
+    }
+
+    /// Logs and counts a commit's outcome; `false` when another worker owns a partition.
+    fn outcome(&self, table: &'static str, staged: &StagedFiles, outcome: CommitOutcome) -> bool {
         match outcome {
             CommitOutcome::Committed { version } => {
                 metrics::counter!(names::FILES_WRITTEN, "table" => table)
                     .increment(staged.files() as u64);
                 tracing::debug!(table, version, files = staged.files(), "committed");
-                Ok(true)
+                true
             }
             CommitOutcome::Fenced {
                 app_id,
@@ -1233,7 +1359,7 @@ impl Worker {
                     ?found,
                     "another worker committed this partition; dropping the buffer"
                 );
-                Ok(false)
+                false
             }
         }
     }

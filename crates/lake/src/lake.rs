@@ -70,6 +70,11 @@ impl Lake {
         })
     }
 
+    /// The object-store options the lake was opened with.
+    pub(crate) fn storage_options(&self) -> &HashMap<String, String> {
+        &self.storage_options
+    }
+
     /// The root URL (ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root

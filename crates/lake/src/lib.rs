@@ -8,16 +8,21 @@
 //! writer started from, so a worker that lost its partitions to another cannot write
 //! the same offsets twice.
 
+mod changes;
 mod error;
+pub mod freeze;
 mod lake;
 mod maintenance;
+mod migrate;
 mod prepared;
 mod query;
 mod writer;
 
+pub use changes::{DataChanges, data_changes};
 pub use error::{Error, Result};
 pub use lake::{Lake, TableState};
 pub use maintenance::{CompactReport, VacuumReport};
+pub use migrate::Rewritten;
 pub use prepared::{PreparedQuery, RequestTables};
 pub use query::memory_limit;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};

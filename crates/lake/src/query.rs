@@ -4,6 +4,7 @@ use deltalake::DeltaTableError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
 
+use deltalake::DeltaTable;
 use deltalake::datafusion::execution::context::SQLOptions;
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -12,18 +13,20 @@ use deltalake::datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use deltalake::datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use streetflow_core::tables::{
-    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_FEATURES, POS_EVENTS,
+    CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES,
+    POS_EVENTS,
 };
 
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 
 /// Tables a session registers, when they exist.
-fn table_names() -> [&'static str; 5] {
+fn table_names() -> [&'static str; 6] {
     [
         POS_EVENTS.name,
         DEAD_LETTERS.name,
         MERCHANT_DAILY.name,
+        MERCHANT_DAILY_HISTORY.name,
         MERCHANT_FEATURES.name,
         CREDIT_DECISIONS.name,
     ]
@@ -46,32 +49,21 @@ impl Lake {
     /// fill it, and a fair pool once panicked in repartition's spill path ("partition not
     /// used yet") on the 10,000-merchant features run, though it passed at 12,000 MB.
     pub async fn session(&self) -> Result<SessionContext> {
-        let mut builder = RuntimeEnvBuilder::new();
-        if let Some(limit) = memory_limit() {
-            builder = builder.with_memory_pool(std::sync::Arc::new(FairSpillPool::new(limit)));
-        }
-        let runtime = builder
-            .build_arc()
-            .map_err(datafusion_error("session", "build runtime"))?;
-        // DataFusion's own settings can be tuned with `DATAFUSION_*` environment
-        // variables (e.g. `DATAFUSION_EXECUTION_TARGET_PARTITIONS`).
-        let config =
-            SessionConfig::from_env().map_err(datafusion_error("session", "read DATAFUSION_*"))?;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let ctx = empty_session()?;
         for name in table_names() {
             let Some(table) = self.open(name).await? else {
                 continue;
             };
-            table
-                .update_datafusion_session(&ctx.state())
-                .map_err(Error::delta(name, "register object store"))?;
-            let provider = table
-                .table_provider()
-                .await
-                .map_err(datafusion_error(name, "build table provider"))?;
-            ctx.register_table(name, provider)
-                .map_err(datafusion_error(name, "register table"))?;
+            register(&ctx, name, &table).await?;
         }
+        Ok(ctx)
+    }
+
+    /// A session (as [`Lake::session`]) with only `table`, at the version it holds,
+    /// registered as `name`: what a reader that records which version it read needs.
+    pub async fn pinned_session(&self, name: &str, table: &DeltaTable) -> Result<SessionContext> {
+        let ctx = empty_session()?;
+        register(&ctx, name, table).await?;
         Ok(ctx)
     }
 
@@ -115,6 +107,36 @@ impl Lake {
             .await
             .map_err(datafusion_error("sql", "execute"))
     }
+}
+
+/// A session without tables, with the memory pool of [`Lake::session`].
+fn empty_session() -> Result<SessionContext> {
+    let mut builder = RuntimeEnvBuilder::new();
+    if let Some(limit) = memory_limit() {
+        builder = builder.with_memory_pool(std::sync::Arc::new(FairSpillPool::new(limit)));
+    }
+    let runtime = builder
+        .build_arc()
+        .map_err(datafusion_error("session", "build runtime"))?;
+    // DataFusion's own settings can be tuned with `DATAFUSION_*` environment variables
+    // (e.g. `DATAFUSION_EXECUTION_TARGET_PARTITIONS`).
+    let config =
+        SessionConfig::from_env().map_err(datafusion_error("session", "read DATAFUSION_*"))?;
+    Ok(SessionContext::new_with_config_rt(config, runtime))
+}
+
+/// Registers `table` in `ctx` as `name`.
+async fn register(ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<()> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(Error::delta(name, "register object store"))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(datafusion_error(name, "build table provider"))?;
+    ctx.register_table(name, provider)
+        .map_err(datafusion_error(name, "register table"))?;
+    Ok(())
 }
 
 /// The memory pool DataFusion may use for one session's queries before spilling, from

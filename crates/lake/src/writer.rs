@@ -13,6 +13,12 @@ use streetflow_core::tables::TableDef;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 
+/// A short pause before attempt `attempt` of a contended commit.
+async fn tokio_sleep(attempt: usize) {
+    let millis = (10 * attempt as u64).min(500);
+    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+}
+
 /// How far one Kafka partition gets with a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionProgress {
@@ -213,35 +219,110 @@ impl OffsetWriter {
 
     /// Replaces every row of `partitions` (values in partition-column order; `None`: the
     /// whole table) by the staged files, in one commit that also records `progress`.
+    ///
+    /// The files to remove are listed from the snapshot the commit is built on, and the
+    /// commit is refused if any other commit landed after that snapshot: a compaction
+    /// (whose rewritten files Delta's conflict check ignores) or another writer in
+    /// between would otherwise leave its files next to the replacement. The listing and
+    /// commit are then repeated on the newer snapshot.
     pub async fn replace_partitions(
         &mut self,
         staged: &StagedFiles,
         partitions: Option<&HashSet<Vec<String>>>,
         progress: &[AppProgress],
     ) -> Result<CommitOutcome> {
-        self.refresh().await?;
+        const ATTEMPTS: usize = 20;
+        for attempt in 1..=ATTEMPTS {
+            self.refresh().await?;
+            let snapshot = self
+                .table
+                .snapshot()
+                .map_err(Error::delta(self.name, "list files"))?;
+            let removes: Vec<Remove> = snapshot
+                .log_data()
+                .iter()
+                .filter(|file| {
+                    partitions.is_none_or(|wanted| {
+                        let values = file.partition_values_map();
+                        let key: Vec<String> = self
+                            .partition_columns
+                            .iter()
+                            .map(|c| values.get(c).cloned().flatten().unwrap_or_default())
+                            .collect();
+                        wanted.contains(&key)
+                    })
+                })
+                .map(|file| file.remove_action(true))
+                .collect();
+            match self
+                .commit_on_snapshot(staged, removes, progress, SaveMode::Overwrite)
+                .await
+            {
+                Err(Error::Delta { source, .. })
+                    if matches!(
+                        source.as_ref(),
+                        DeltaTableError::Transaction {
+                            source: TransactionError::MaxCommitAttempts(_)
+                        } | DeltaTableError::VersionAlreadyExists(_)
+                    ) =>
+                {
+                    tracing::debug!(
+                        table = self.name,
+                        attempt,
+                        "the table moved during a replace; listing again"
+                    );
+                    tokio_sleep(attempt).await;
+                }
+                other => return other,
+            }
+        }
+        Err(Error::delta(self.name, "replace partitions")(
+            DeltaTableError::Generic(format!(
+                "other commits kept landing while the replacement was committed ({ATTEMPTS} attempts)"
+            )),
+        ))
+    }
+
+    /// Commits `staged` and `removes` on the snapshot the writer holds, failing (instead
+    /// of rebasing) when another commit landed after it.
+    async fn commit_on_snapshot(
+        &mut self,
+        staged: &StagedFiles,
+        removes: Vec<Remove>,
+        progress: &[AppProgress],
+        mode: SaveMode,
+    ) -> Result<CommitOutcome> {
+        self.refuse_moving_back(progress)?;
+        if let Some(fenced) = self.check_expected(progress).await? {
+            return Ok(fenced);
+        }
+        let transactions = progress
+            .iter()
+            .map(|p| Transaction::new(&p.app_id, p.version))
+            .collect();
+        let operation = DeltaOperation::Write {
+            mode,
+            partition_by: Some(self.partition_columns.clone()),
+            predicate: None,
+        };
+        let mut actions: Vec<Action> = staged.adds.iter().cloned().map(Action::Add).collect();
+        actions.extend(removes.into_iter().map(Action::Remove));
         let snapshot = self
             .table
             .snapshot()
-            .map_err(Error::delta(self.name, "list files"))?;
-        let removes: Vec<Remove> = snapshot
-            .log_data()
-            .iter()
-            .filter(|file| {
-                partitions.is_none_or(|wanted| {
-                    let values = file.partition_values_map();
-                    let key: Vec<String> = self
-                        .partition_columns
-                        .iter()
-                        .map(|c| values.get(c).cloned().flatten().unwrap_or_default())
-                        .collect();
-                    wanted.contains(&key)
-                })
-            })
-            .map(|file| file.remove_action(true))
-            .collect();
-        self.commit_actions(staged, removes, progress, SaveMode::Overwrite)
-            .await
+            .map_err(Error::delta(self.name, "commit"))?;
+        let finalized = CommitBuilder::from(
+            CommitProperties::default()
+                .with_application_transactions(transactions)
+                .with_max_retries(0),
+        )
+        .with_actions(actions)
+        .build(Some(snapshot), self.table.log_store(), operation)
+        .await
+        .map_err(Error::delta(self.name, "commit"))?;
+        Ok(CommitOutcome::Committed {
+            version: finalized.version(),
+        })
     }
 
     async fn commit_actions(
@@ -251,17 +332,7 @@ impl OffsetWriter {
         progress: &[AppProgress],
         mode: SaveMode,
     ) -> Result<CommitOutcome> {
-        if let Some(p) = progress
-            .iter()
-            .find(|p| p.expected.is_some_and(|stored| p.version < stored))
-        {
-            return Err(Error::OffsetWouldMoveBack {
-                table: self.name.to_owned(),
-                app_id: p.app_id.clone(),
-                stored: p.expected.unwrap_or_default(),
-                proposed: p.version,
-            });
-        }
+        self.refuse_moving_back(progress)?;
         self.refresh().await?;
         if let Some(fenced) = self.check_expected(progress).await? {
             return Ok(fenced);
@@ -314,6 +385,22 @@ impl OffsetWriter {
         }
     }
 
+    /// An application version never moves back.
+    fn refuse_moving_back(&self, progress: &[AppProgress]) -> Result<()> {
+        match progress
+            .iter()
+            .find(|p| p.expected.is_some_and(|stored| p.version < stored))
+        {
+            Some(p) => Err(Error::OffsetWouldMoveBack {
+                table: self.name.to_owned(),
+                app_id: p.app_id.clone(),
+                stored: p.expected.unwrap_or_default(),
+                proposed: p.version,
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn check_expected(&self, progress: &[AppProgress]) -> Result<Option<CommitOutcome>> {
         for p in progress {
             let found = self.stored_app_version(&p.app_id).await?;
@@ -326,5 +413,97 @@ impl OffsetWriter {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, LazyLock};
+
+    use deltalake::arrow::array::{Int64Array, StringArray};
+    use deltalake::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    static TABLE: LazyLock<TableDef> = LazyLock::new(|| TableDef {
+        name: "numbers",
+        description: "test table",
+        schema: Arc::new(Schema::new(vec![
+            Field::new("shard", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ])),
+        partition_columns: &["shard"],
+    });
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        RecordBatch::try_new(
+            TABLE.schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["x"; values.len()])),
+                Arc::new(Int64Array::from(values.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn rows(lake: &Lake) -> i64 {
+        let table = lake.open("numbers").await.unwrap().unwrap();
+        table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .map(|f| f.num_records().unwrap_or(0) as i64)
+            .sum()
+    }
+
+    /// A compaction that lands between a replace's listing of the files and its commit
+    /// would leave its rewritten file (the old rows) next to the replacement, because
+    /// Delta's conflict check ignores `dataChange: false` removes. The replace commits
+    /// only on the snapshot it listed, and lists again when the table moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_between_listing_and_commit_never_doubles_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let mut appender = OffsetWriter::new(&lake, &TABLE, "a").await.unwrap();
+        for n in 0..3 {
+            appender.write(batch(&[n, n + 10])).await.unwrap();
+            let staged = appender.stage().await.unwrap();
+            appender.commit_appended(&staged, &[]).await.unwrap();
+        }
+        let mut replacer = OffsetWriter::new(&lake, &TABLE, "r").await.unwrap();
+        replacer.write(batch(&[100, 101, 102])).await.unwrap();
+        let staged = replacer.stage().await.unwrap();
+        // The replacer lists the partition's files...
+        replacer.refresh().await.unwrap();
+        let removes: Vec<Remove> = replacer
+            .table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .map(|file| file.remove_action(true))
+            .collect();
+        assert_eq!(removes.len(), 3);
+        // ...a compaction rewrites them into one...
+        let compacted = lake.compact("numbers", &[], None).await.unwrap().unwrap();
+        assert_eq!(compacted.files_after, 1);
+        // ...and a commit on the listed snapshot is refused rather than rebased.
+        let stale = replacer
+            .commit_on_snapshot(&staged, removes, &[], SaveMode::Overwrite)
+            .await;
+        assert!(stale.is_err(), "{stale:?}");
+        assert_eq!(rows(&lake).await, 6);
+        // The replace lists again and removes the compacted file too.
+        let partition = HashSet::from([vec!["x".to_owned()]]);
+        let outcome = replacer
+            .replace_partitions(&staged, Some(&partition), &[])
+            .await
+            .unwrap();
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        assert_eq!(rows(&lake).await, 3);
     }
 }

@@ -809,6 +809,7 @@ pub fn generate<W: Write>(config: &GenConfig, out: W) -> Result<Generated, GenEr
             monthly_rent_fen,
             lease_end: Some(lease_end),
             valid_from: opened_on,
+            recorded_at: None,
         });
         profiles.push(MerchantProfile {
             operator_id: operator_ids[operator].clone(),

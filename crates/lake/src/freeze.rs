@@ -1,6 +1,6 @@
 //! Freeze points for crash tests.
 //!
-//! With `STREETFLOW_FREEZE_AT=<point>[:<n>]` a worker that passes `<point>` for the n-th
+//! With `STREETFLOW_FREEZE_AT=<point>[:<n>]` a process that passes `<point>` for the n-th
 //! time (default: the first) prints `FROZEN AT <point>` on standard error and stops
 //! moving, so a test can kill it with SIGKILL at exactly that step. Without the variable
 //! a freeze point is one relaxed atomic load.
@@ -22,26 +22,30 @@ fn plan() -> &'static Option<(String, u64)> {
     })
 }
 
-/// The named steps of a flush, in order.
-pub(crate) mod points {
+/// The named steps of the writers, in order.
+pub mod points {
     /// Dead-letter Parquet files written, not committed.
-    pub(crate) const DEAD_LETTER_FILES: &str = "dead_letter_files_written";
+    pub const DEAD_LETTER_FILES: &str = "dead_letter_files_written";
     /// Dead letters committed, bronze not yet written.
-    pub(crate) const DEAD_LETTER_COMMIT: &str = "dead_letters_committed";
+    pub const DEAD_LETTER_COMMIT: &str = "dead_letters_committed";
     /// Bronze Parquet files written, not committed.
-    pub(crate) const EVENT_FILES: &str = "event_files_written";
+    pub const EVENT_FILES: &str = "event_files_written";
     /// Bronze committed, Kafka group offsets not yet committed.
-    pub(crate) const EVENT_COMMIT: &str = "events_committed";
+    pub const EVENT_COMMIT: &str = "events_committed";
     /// Bronze committed, the after-commit hook (silver refresh) not yet run.
-    pub(crate) const AFTER_COMMIT_PENDING: &str = "after_commit_pending";
+    pub const AFTER_COMMIT_PENDING: &str = "after_commit_pending";
     /// Group offsets committed.
-    pub(crate) const OFFSETS_COMMIT: &str = "group_offsets_committed";
+    pub const OFFSETS_COMMIT: &str = "group_offsets_committed";
     /// A message buffered, mid-batch.
-    pub(crate) const BUFFERED: &str = "message_buffered";
+    pub const BUFFERED: &str = "message_buffered";
+    /// `merchant_daily_history` Parquet files written, not committed.
+    pub const HISTORY_FILES: &str = "history_files_written";
+    /// `merchant_daily_history` committed.
+    pub const HISTORY_COMMIT: &str = "history_committed";
 }
 
 /// Freezes here if the plan says so.
-pub(crate) fn point(name: &'static str) {
+pub fn point(name: &'static str) {
     let Some((target, n)) = plan() else { return };
     if target != name {
         return;
