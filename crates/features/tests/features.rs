@@ -1247,3 +1247,45 @@ fn every_feature_column_is_documented() {
         "documented columns that do not exist: {stale:?}"
     );
 }
+
+/// A registry correction recorded after K (the shop's MCC, rent and opening date were
+/// wrong all along) does not change the vector for (D, K); asked at a later K it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_correction_recorded_after_k_changes_nothing_at_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &steady()).await;
+    let recorded = at(day(200), 9, 0);
+    let corrected_at = at(d() + Days::new(3), 9, 0);
+    let mut first = registry("steady", "5812", day(90), Some(300_000));
+    first.recorded_at = Some(recorded);
+    // The same version (same valid_from), corrected and recorded three days after D.
+    let mut correction = registry("steady", "5814", day(200), Some(600_000));
+    correction.valid_from = first.valid_from;
+    correction.recorded_at = Some(corrected_at);
+    let mut inputs = inputs();
+    inputs.registry = vec![first, correction];
+    let as_of = |k| AsOf {
+        date: d(),
+        knowledge_time: k,
+    };
+    let (at_k, _) = compute_features(&lake, &as_of(None), &inputs)
+        .await
+        .unwrap();
+    assert_eq!(value(&at_k, "steady", "mcc"), "5812");
+    // Opened D − 90 (2025-01-01): three whole months by 2025-04-01.
+    assert_eq!(value(&at_k, "steady", "months_on_book"), "3");
+    let rent_ratio = float(&at_k, "steady", "rent_to_turnover_90d");
+    // Asked again (any time later), the same vector.
+    let (again, _) = compute_features(&lake, &as_of(None), &inputs)
+        .await
+        .unwrap();
+    assert_eq!(rows_by_merchant(&again), rows_by_merchant(&at_k));
+    // As of a knowledge time after the correction, the corrected record.
+    let (later, _) = compute_features(&lake, &as_of(Some(corrected_at)), &inputs)
+        .await
+        .unwrap();
+    assert_eq!(value(&later, "steady", "mcc"), "5814");
+    assert!(float(&later, "steady", "rent_to_turnover_90d") > rent_ratio * 1.9);
+    // Opened D − 200 (2024-09-13) after all: six whole months.
+    assert_eq!(value(&later, "steady", "months_on_book"), "6");
+}
