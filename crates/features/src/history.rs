@@ -163,7 +163,7 @@ fn days_schema() -> Arc<Schema> {
 }
 
 /// The operators bronze holds.
-async fn operators(ctx: &SessionContext) -> Result<Vec<String>> {
+pub(crate) async fn operators(ctx: &SessionContext) -> Result<Vec<String>> {
     let batches = collect(
         ctx,
         "SELECT DISTINCT operator_id FROM pos_events",
@@ -208,6 +208,18 @@ fn days_ending(calendars: &OperatorCalendars, operator: &str, after: i64, until:
         date = date + Days::new(1);
     }
     days_found
+}
+
+/// Writes `rows` to `writer` (unstaged); returns how many.
+pub(crate) async fn write_all(history: &mut OffsetWriter, rows: Vec<RecordBatch>) -> Result<usize> {
+    let mut written = 0;
+    for batch in rows {
+        if batch.num_rows() > 0 {
+            written += batch.num_rows();
+            history.write(batch).await?;
+        }
+    }
+    Ok(written)
 }
 
 /// Brings `merchant_daily_history` up to the newest bronze version and the knowledge
@@ -342,7 +354,25 @@ pub async fn refresh_history(
     };
     report.rebuilt = touched.is_none();
 
-    let mut builder = ParallelDaily::per_core(DailyBuilder::new);
+    report.days_computed = touched.as_ref().map_or(0, BTreeSet::len);
+    let keep_days: Option<HashSet<(String, i32)>> =
+        touched.as_ref().map(|d| d.iter().cloned().collect());
+    let keep = |operator: &str, date: i32| {
+        keep_days
+            .as_ref()
+            .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
+    };
+    let end_of = |operator: &str, date: i32| day_end(calendars, operator, date);
+    let spec = HistorySpec {
+        after: if report.rebuilt {
+            None
+        } else {
+            previous_horizon
+        },
+        horizon: report.horizon.unwrap_or(horizon),
+        day_end: &end_of,
+        keep: &keep,
+    };
     match &touched {
         Some(days_touched) if days_touched.is_empty() => {}
         Some(days_touched) => {
@@ -367,36 +397,30 @@ pub async fn refresh_history(
             })?;
             mem_table(&ctx, "touched", days_schema(), vec![batch])?;
             broadcast_small_join_sides(&ctx);
+            let mut builder = ParallelDaily::per_core(DailyBuilder::new);
             builder
                 .push_scan(&ctx, &format!("({EVENTS_OF_DAYS})"))
                 .await?;
+            report.versions_written +=
+                write_all(&mut history, builder.finish_history(&spec)?).await?;
         }
-        None => builder.push_scan(&ctx, "pos_events").await?,
-    }
-    report.days_computed = touched.as_ref().map_or(0, BTreeSet::len);
-    let keep_days: Option<HashSet<(String, i32)>> =
-        touched.as_ref().map(|d| d.iter().cloned().collect());
-    let keep = |operator: &str, date: i32| {
-        keep_days
-            .as_ref()
-            .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
-    };
-    let end_of = |operator: &str, date: i32| day_end(calendars, operator, date);
-    let spec = HistorySpec {
-        after: if report.rebuilt {
-            None
-        } else {
-            previous_horizon
-        },
-        horizon: report.horizon.unwrap_or(horizon),
-        day_end: &end_of,
-        keep: &keep,
-    };
-    let rows = builder.finish_history(&spec)?;
-    for batch in &rows {
-        if batch.num_rows() > 0 {
-            report.versions_written += batch.num_rows();
-            history.write(batch.clone()).await?;
+        // A rebuild resolves one operator at a time: event keys never cross operators,
+        // and memory then holds the largest operator's events, not the lake's.
+        None => {
+            for operator in operators(&ctx).await? {
+                let mut builder = ParallelDaily::new(1, DailyBuilder::new);
+                builder
+                    .push_scan(
+                        &ctx,
+                        &format!(
+                            "(SELECT * FROM pos_events WHERE operator_id = {})",
+                            crate::gold::sql_literal(&operator)
+                        ),
+                    )
+                    .await?;
+                report.versions_written +=
+                    write_all(&mut history, builder.finish_history(&spec)?).await?;
+            }
         }
     }
     let staged = history.stage().await?;

@@ -14,7 +14,7 @@ use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter, data_chang
 use crate::daily::DailyBuilder;
 use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
-use crate::history::{HistoryReport, SilverSettings, refresh_history};
+use crate::history::{HistoryReport, SilverSettings, refresh_history, write_all};
 use crate::relations::broadcast_small_join_sides;
 use crate::sql;
 
@@ -145,7 +145,14 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
     };
 
     let started = std::time::Instant::now();
-    let mut builder = ParallelDaily::per_core(DailyBuilder::new);
+    let keep = match &touched {
+        Some(batches) => Some(touched_days(batches)?),
+        None => None,
+    };
+    let keep_day = |operator: &str, date: i32| {
+        keep.as_ref()
+            .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
+    };
     match &touched {
         Some(batches) => {
             let schema = batches
@@ -158,38 +165,35 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
                 .map_err(Error::query("registering touched partitions"))?;
             broadcast_small_join_sides(&ctx);
             let events = collect(&ctx, sql::EVENTS_FOR_TOUCHED, "events of touched days").await?;
+            let mut builder = ParallelDaily::per_core(DailyBuilder::new);
             for batch in events {
                 builder.push(batch).await?;
             }
+            report.rows_written += write_all(&mut silver, builder.finish(keep_day)?).await?;
         }
+        // Everything, one operator at a time: event keys never cross operators, and
+        // memory then holds the largest operator's events, not the lake's.
         None => {
-            // All of bronze, streamed.
-            builder.push_scan(&ctx, "pos_events").await?;
+            for operator in crate::history::operators(&ctx).await? {
+                let mut builder = ParallelDaily::new(1, DailyBuilder::new);
+                builder
+                    .push_scan(
+                        &ctx,
+                        &format!(
+                            "(SELECT * FROM pos_events WHERE operator_id = {})",
+                            crate::gold::sql_literal(&operator)
+                        ),
+                    )
+                    .await?;
+                report.rows_written += write_all(&mut silver, builder.finish(keep_day)?).await?;
+            }
         }
     }
-    let keep = match &touched {
-        Some(batches) => Some(touched_days(batches)?),
-        None => None,
-    };
-    let bronze_rows = builder.rows();
-    let read_seconds = started.elapsed().as_secs_f64();
-    let daily = builder.finish(|operator, date| {
-        keep.as_ref()
-            .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
-    })?;
     tracing::debug!(
-        bronze_rows,
-        read_seconds,
-        resolve_seconds = started.elapsed().as_secs_f64() - read_seconds,
+        seconds = started.elapsed().as_secs_f64(),
+        rows = report.rows_written,
         "daily rows computed"
     );
-
-    for batch in &daily {
-        if batch.num_rows() > 0 {
-            report.rows_written += batch.num_rows();
-            silver.write(batch.clone()).await?;
-        }
-    }
     let staged = silver.stage().await?;
     let partitions = keep.as_ref().map(partition_keys);
     report.partitions_rewritten = partitions.as_ref().map(HashSet::len);
