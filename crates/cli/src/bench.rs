@@ -40,6 +40,9 @@ pub(crate) enum BenchCommand {
     /// Credit decisions on a generated district lake: p50 / p99 latency of one-merchant
     /// evaluation over HTTP, and the time of a batch decide over every merchant.
     Decide(crate::bench_decide::BenchDecideArgs),
+    /// A training set of many spine rows across as-of dates and knowledge times, on the
+    /// lake `bench features` generates.
+    Training(crate::bench_features::BenchTrainingArgs),
 }
 
 /// Options of `streetflow bench ingest`.
@@ -92,6 +95,7 @@ pub(crate) fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => bench_ingest(args),
         BenchCommand::Features(args) => crate::bench_features::bench_features(args),
         BenchCommand::Decide(args) => crate::bench_decide::bench_decide(args),
+        BenchCommand::Training(args) => crate::bench_features::bench_training(args),
         BenchCommand::Backfill(args) => crate::bench_backfill::bench_backfill(args),
     }
 }

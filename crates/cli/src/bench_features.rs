@@ -4,9 +4,10 @@
 //! The lake is generated straight into bronze (no JSON, no broker): merchants spread over
 //! four operators, a chosen number of sales per merchant-day with payers, refunds, voids,
 //! duplicate deliveries and late arrivals. streetflow's time is one call of the production
-//! [`compute_features`]; DuckDB's is the same three SQL files over `read_parquet` of the
-//! bronze table's files, timed inside the Python process. The two results are compared
-//! value by value.
+//! [`compute_features`] over bitemporal silver; DuckDB's is the feature SQL
+//! (`daily_as_of.sql`, `payer_sales_as_of.sql`, `feed_days.sql`,
+//! `merchant_features.sql`) over `read_parquet` of the same history table's live files,
+//! timed inside the Python process. The two results are compared value by value.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,11 +20,11 @@ use chrono::{Days, NaiveDate, Offset, TimeZone, Timelike};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use streetflow_core::tables::{MERCHANT_FEATURES, POS_EVENTS};
+use streetflow_core::tables::{MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES, POS_EVENTS};
 use streetflow_core::{MerchantRecord, OperatorCalendars};
 use streetflow_features::{
-    AsOf, FeatureInputs, SilverMode, SilverSettings, compute_features, daily_view, events_view,
-    reference_tables, refresh_silver, sql,
+    AsOf, FeatureInputs, SilverMode, SilverSettings, compute_features, reference_tables,
+    refresh_silver, sql,
 };
 use streetflow_lake::arrow::array::{
     Array, ArrayRef, Date32Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
@@ -414,6 +415,14 @@ pub(crate) fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resident memory of this process now, in bytes.
+pub(crate) fn current_rss() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Resets the peak resident memory counter (Linux), so the peak measures one phase.
 pub(crate) fn reset_peak_rss() {
     let _ = fs::write("/proc/self/clear_refs", "5");
@@ -434,10 +443,11 @@ con = duckdb.connect()
 con.execute(f"SET threads = {threads}")
 # merchant_features.sql divides integers as integers (DataFusion's and SQL's rule).
 con.execute("SET integer_division = true")
+with open(f"{work}/history_files.txt") as f:
+    files = [line.strip() for line in f if line.strip()]
 con.execute(
-    "CREATE VIEW pos_events AS SELECT * FROM read_parquet("
-    f"'{work}/lake/pos_events/*/*/*.parquet', hive_partitioning = true, "
-    "hive_types = {'operator_id': VARCHAR, 'business_date': DATE})")
+    "CREATE VIEW merchant_daily_history AS SELECT * FROM read_parquet("
+    f"{files!r}, hive_partitioning = true, hive_types = {{'business_month': DATE}})")
 for path in sorted(glob.glob(f"{work}/reference/*.parquet")):
     name = os.path.basename(path)[: -len(".parquet")]
     con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet('{path}')")
@@ -692,18 +702,30 @@ pub(crate) fn bench_features(args: &BenchFeaturesArgs) -> anyhow::Result<()> {
         )?;
     }
     fs::create_dir_all(work.join("sql"))?;
-    let mut relations = vec![("events", events_view(d), true)];
-    relations.extend(
-        sql::RESOLVE_STEPS
-            .iter()
-            .map(|step| (step.name, step.sql.to_owned(), step.materialize)),
-    );
-    relations.extend([
-        ("daily", daily_view(d), true),
-        ("payer_sales", sql::PAYER_SALES.to_owned(), true),
+    // DuckDB reads bitemporal silver's live files, as streetflow does, and applies the
+    // feature SQL to the rows as known at K.
+    let history = runtime
+        .block_on(lake.open(MERCHANT_DAILY_HISTORY.name))?
+        .context("the bench lake has no merchant_daily_history")?;
+    let files: Vec<String> = history
+        .snapshot()?
+        .log_data()
+        .iter()
+        .map(|f| {
+            lake_dir
+                .join(MERCHANT_DAILY_HISTORY.name)
+                .join(f.path().as_ref())
+                .display()
+                .to_string()
+        })
+        .collect();
+    fs::write(work.join("history_files.txt"), files.join("\n"))?;
+    let relations = vec![
+        ("daily", sql::DAILY_AS_OF.to_owned(), true),
+        ("payer_sales", sql::PAYER_SALES_AS_OF.to_owned(), true),
         ("feed_days", sql::FEED_DAYS.to_owned(), true),
         ("features", sql::MERCHANT_FEATURES.to_owned(), true),
-    ]);
+    ];
     let mut steps = String::new();
     for (name, text, materialize) in &relations {
         fs::write(work.join("sql").join(format!("{name}.sql")), text)?;
@@ -784,4 +806,89 @@ fn walk_parquet(dir: &Path) -> anyhow::Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Options of `streetflow bench training`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchTrainingArgs {
+    /// Merchants, dealt to four operators.
+    #[arg(long, default_value_t = 10_000)]
+    merchants: u32,
+    /// Days of history before the bench date.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Mean sales per merchant and open day.
+    #[arg(long, default_value_t = 5)]
+    sales_per_day: u32,
+    /// Directory of the generated lake (shared with `bench features`; kept).
+    #[arg(long)]
+    workdir: PathBuf,
+    /// Spine rows.
+    #[arg(long, default_value_t = 100_000)]
+    rows: usize,
+    /// As-of dates, 30 days apart, ending at the bench date.
+    #[arg(long, default_value_t = 12)]
+    dates: u32,
+}
+
+/// Times one training set: `--rows` spine rows over `--dates` as-of dates, half of them
+/// at the default knowledge time and half twelve hours later.
+pub(crate) fn bench_training(args: &BenchTrainingArgs) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; measure with `cargo run --release -- bench …`");
+    }
+    let runtime = runtime()?;
+    fs::create_dir_all(&args.workdir)?;
+    let district = district_args(
+        args.merchants,
+        args.days,
+        args.sales_per_day,
+        args.workdir.clone(),
+    );
+    let (lake, merchants) = prepare_lake(&runtime, &district, &args.workdir)?;
+    let inputs = FeatureInputs {
+        calendars: OperatorCalendars::default(),
+        registry: registry(&merchants),
+        ..FeatureInputs::default()
+    };
+    let calendar = *inputs.calendars.for_operator("");
+    let spine: Vec<streetflow_features::SpineRow> = (0..args.rows)
+        .map(|r| {
+            let merchant = &merchants[(r * 7_919) % merchants.len()];
+            let date = AS_OF - Days::new(30 * u64::from(r as u32 % args.dates.max(1)));
+            let knowledge_time =
+                (r % 2 == 1).then(|| calendar.day_start(date) + chrono::Duration::hours(12));
+            streetflow_features::SpineRow {
+                operator_id: merchant.operator.to_owned(),
+                merchant_id: merchant.id.clone(),
+                as_of_date: date,
+                knowledge_time,
+            }
+        })
+        .collect();
+    let out = args.workdir.join("training.parquet");
+    reset_peak_rss();
+    let started = Instant::now();
+    let report = runtime.block_on(streetflow_features::write_training_set(
+        &lake,
+        &spine,
+        &inputs,
+        &out,
+        |_, _| {},
+    ))?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "bench training: {} spine rows over {} (as-of date, knowledge time) groups, {} merchants, {} days, {} sales/day",
+        thousands(report.rows as u64),
+        report.as_of_groups,
+        thousands(u64::from(args.merchants)),
+        args.days,
+        args.sales_per_day
+    );
+    println!(
+        "written in {seconds:.2} s (goal ≤ 60 s for 100,000 rows), peak RSS {:.0} MB, {} rows without history",
+        peak_rss().unwrap_or(0) as f64 / 1e6,
+        thousands(report.rows_without_history as u64)
+    );
+    Ok(())
 }

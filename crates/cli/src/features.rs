@@ -8,13 +8,14 @@ use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use streetflow_features::{
-    AsOf, FeatureInputs, load_registry, load_spine, write_features, write_training_set,
+    AsOf, FeatureInputs, SilverMode, load_registry, load_spine, refresh_silver, write_features,
+    write_training_set,
 };
 use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::settings::load_pipeline;
+use crate::settings::{load_pipeline, silver_settings};
 
 /// Options of `streetflow features`.
 #[derive(Debug, Args)]
@@ -61,6 +62,15 @@ pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     };
     let runtime = runtime()?;
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
+    // Bitemporal silver up to the settled present first: a scheduled run must not wait
+    // for a worker's next flush to find the day it asks about closed.
+    runtime
+        .block_on(refresh_silver(
+            &lake,
+            SilverMode::Incremental,
+            &silver_settings(&config)?,
+        ))
+        .context("bringing silver up to date")?;
     if let (Some(spine), Some(out)) = (&args.spine, &args.out) {
         return training_set(&runtime, &lake, spine, out, &inputs, args);
     }

@@ -378,19 +378,11 @@ pub fn reference_tables(
 
 /// SQL of the `events` relation as of `date`: the bronze rows (`pos_events`) ingested by
 /// their operator's knowledge time (`knowledge`), business dates within the lookback.
-pub fn events_view(date: NaiveDate) -> String {
+pub(crate) fn events_view(date: NaiveDate) -> String {
     let window_start = date - Days::new(LOOKBACK_DAYS);
     format!(
         "SELECT e.* FROM knowledge k JOIN pos_events e ON e.operator_id = k.operator_id \
          WHERE e.knowledge_time <= k.knowledge_time AND e.business_date >= DATE '{window_start}'"
-    )
-}
-
-/// SQL of the `daily` relation as of `date`: `daily.sql` over `resolved`, dates before it.
-pub fn daily_view(date: NaiveDate) -> String {
-    format!(
-        "SELECT * FROM ({}) d WHERE d.business_date < DATE '{date}'",
-        sql::DAILY
     )
 }
 

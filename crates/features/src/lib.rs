@@ -28,8 +28,8 @@ pub use daily_parallel::ParallelDaily;
 pub use error::{Error, Result};
 pub use gold::{
     AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,
-    compute_features, compute_merchant_features, daily_view, events_view, load_registry,
-    reference_tables, sql_literal, write_features,
+    compute_features, compute_merchant_features, load_registry, reference_tables, sql_literal,
+    write_features,
 };
 pub use history::{HORIZON_APP_ID, HistoryReport, SilverSettings, refresh_history};
 pub use reference::reference_features;

@@ -44,6 +44,14 @@ pub const RESOLVE_STEPS: [Step; 5] = [
 /// Daily cash flow per merchant over `resolved`.
 pub const DAILY: &str = include_str!("../../../pipelines/features/daily.sql");
 
+/// `daily` over bitemporal silver: each merchant-day of the lookback as the lake knew it
+/// at its operator's knowledge time, with its payer entries.
+pub const DAILY_AS_OF: &str = include_str!("../../../pipelines/features/daily_as_of.sql");
+
+/// `payer_sales` over the payer entries of [`DAILY_AS_OF`].
+pub const PAYER_SALES_AS_OF: &str =
+    include_str!("../../../pipelines/features/payer_sales_as_of.sql");
+
 /// Each payer's live sales per merchant over the 90 days before the as-of date.
 pub const PAYER_SALES: &str = include_str!("../../../pipelines/features/payer_sales.sql");
 

@@ -46,9 +46,10 @@ use crate::metrics as names;
 use crate::produce::PartitionWatermarks;
 use streetflow_lake::freeze::{self, points};
 
-/// Work to run after each bronze commit, at start-up and before exit, on the worker's
-/// thread with the lake and the runtime handle (the binary refreshes `merchant_daily`).
-/// It must handle its own errors: bronze is committed whatever it does.
+/// Work to run after each bronze commit, at start-up and before exit, and after five
+/// minutes without a commit, on the worker's thread with the lake and the runtime handle
+/// (the binary refreshes `merchant_daily` and its history). It must handle its own
+/// errors: bronze is committed whatever it does.
 pub type AfterCommit = Arc<dyn Fn(&Lake, &Handle) + Send + Sync>;
 
 /// How a worker runs.
@@ -399,6 +400,8 @@ struct State {
     /// Assignments received so far.
     assignments: u64,
     gaps: Vec<Gap>,
+    /// When the after-commit hook last ran.
+    last_after_commit: Instant,
 }
 
 /// A Kafka record's timestamp and whose clock set it.
@@ -528,6 +531,7 @@ pub fn run_worker(
             ever_assigned: false,
             assignments: 0,
             gaps: Vec::new(),
+            last_after_commit: Instant::now(),
             options,
         },
     };
@@ -581,6 +585,11 @@ impl Worker {
             self.handle_gaps()?;
             if self.state.flush_due() {
                 self.flush()?;
+            }
+            // Without traffic the hook still runs now and then: silver's history settles
+            // what the lake knew as time passes (days end), not only when events arrive.
+            if idle && self.state.last_after_commit.elapsed() >= IDLE_AFTER_COMMIT {
+                self.after_commit();
             }
             if last_progress.elapsed() >= Duration::from_secs(1) {
                 self.find_silent_partitions()?;
@@ -797,6 +806,9 @@ impl State {
 /// With `exit_at_end`, how often a worker without partitions asks the lake whether the
 /// rest of the group has stored the whole topic.
 const EMPTY_MEMBER_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a worker without flushes waits before it runs the after-commit hook anyway.
+const IDLE_AFTER_COMMIT: Duration = Duration::from_secs(300);
 
 /// How often a worker compares the coordinator's view of the group with its own.
 const GROUP_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -1210,6 +1222,7 @@ impl Worker {
             metrics::histogram!(names::AFTER_COMMIT_SECONDS)
                 .record(started.elapsed().as_secs_f64());
         }
+        self.state.last_after_commit = Instant::now();
     }
 
     /// Writes and commits the event rows (observed knowledge stamped at `knowledge_time`
