@@ -8,7 +8,10 @@ while true; do
   streetflow features --lake /lake --as-of "$today" --config /etc/streetflow/pipeline.toml
   streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/district-turnover-loan.toml
   streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/daily-takings-line.toml
-  streetflow compact --lake /lake --table pos_events --zorder-by merchant_id
+  streetflow compact --lake /lake --table pos_events
+  # merchant_daily keeps about one file per business date by itself: each refresh
+  # rewrites the files of the days it touches.
+  streetflow compact --lake /lake --table merchant_daily_history
   streetflow vacuum --lake /lake --retain-hours 168
   sleep 86400
 done

@@ -95,7 +95,9 @@ SELECT
     d.round_sales_count,
     d.round_sales_fen,
     d.duplicate_deliveries,
-    d.conflicting_events
+    d.conflicting_events,
+    -- The partition column: the first day of the business date's month.
+    CAST(date_trunc('month', d.business_date) AS DATE) AS business_month
 FROM payers p
 RIGHT JOIN days d
     ON p.operator_id = d.operator_id AND p.merchant_id = d.merchant_id

@@ -46,7 +46,7 @@ pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
                 "previous_bronze_version": report.previous_bronze_version,
                 "bronze_version": report.bronze_version,
                 "new_bronze_files": report.new_bronze_files,
-                "partitions_rewritten": report.partitions_rewritten,
+                "days_rewritten": report.days_rewritten,
                 "rows_written": report.rows_written,
                 "fenced": report.fenced,
                 "history": {
@@ -69,9 +69,9 @@ pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
         (Some(now), _) => println!(
             "merchant_daily now reflects pos_events version {now}: {} rows written, {} ({} new bronze files){}",
             thousands(report.rows_written as u64),
-            report.partitions_rewritten.map_or_else(
-                || "every partition rewritten".to_owned(),
-                |n| format!("{n} partitions rewritten")
+            report.days_rewritten.map_or_else(
+                || "every day rewritten".to_owned(),
+                |n| format!("{n} operator-days rewritten")
             ),
             report.new_bronze_files,
             if report.fenced {

@@ -191,9 +191,16 @@ impl Rows {
         let utc = |b: &mut TimestampMicrosecondBuilder| -> ArrayRef {
             Arc::new(b.finish().with_timezone("UTC"))
         };
+        let business_date = self.business_date.finish();
+        let business_month = streetflow_lake::arrow::array::Date32Array::from_iter_values(
+            business_date
+                .values()
+                .iter()
+                .map(|&day| streetflow_core::tables::month_of(day)),
+        );
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.operator_id.finish()),
-            Arc::new(self.business_date.finish()),
+            Arc::new(business_date),
             Arc::new(self.event_id.finish()),
             Arc::new(self.merchant_id.finish()),
             Arc::new(self.terminal_id.finish()),
@@ -224,6 +231,7 @@ impl Rows {
             ),
             Arc::new(self.source_file.finish()),
             Arc::new(self.source_line.finish()),
+            Arc::new(business_month),
         ];
         Ok(RecordBatch::try_new(POS_EVENTS.schema.clone(), columns)?)
     }

@@ -31,6 +31,9 @@ pub(crate) struct GenArgs {
     /// District operators; merchants are dealt to them in turn.
     #[arg(long, default_value_t = 1)]
     operators: u32,
+    /// Scales every merchant's typical daily sales (0.03: a sparse feed of a few a day).
+    #[arg(long, default_value_t = 1.0)]
+    activity: f64,
     /// Events file (JSON Lines, arrival order); `-` for standard output.
     #[arg(long, default_value = "events.jsonl")]
     out: PathBuf,
@@ -75,6 +78,7 @@ impl GenArgs {
             late_rate: self.late_rate,
             malformed_rate: self.malformed_rate,
             calendar: BusinessCalendar::parse(&self.time_zone, &self.day_cutoff)?,
+            activity: self.activity,
         })
     }
 }

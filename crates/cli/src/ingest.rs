@@ -123,7 +123,7 @@ fn silver_refresh_hook(settings: SilverSettings) -> AfterCommit {
         match handle.block_on(refresh_silver(lake, SilverMode::Incremental, &settings)) {
             Ok(report) => tracing::debug!(
                 bronze_version = ?report.bronze_version,
-                partitions = ?report.partitions_rewritten,
+                days = ?report.days_rewritten,
                 rows = report.rows_written,
                 fenced = report.fenced,
                 history_versions = report.history.versions_written,

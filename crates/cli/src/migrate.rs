@@ -3,9 +3,12 @@
 //!
 //! Lakes written before knowledge time belonged to the lake have `pos_events.ingested_at`
 //! (the Kafka record timestamp, or a file load's time) where `knowledge_time` and
-//! `knowledge_source` are now, and no `kafka_timestamp` columns. The migration rewrites
-//! `pos_events` and `dead_letters` in one commit each, keeping every row and the ingest
-//! offsets, then builds `merchant_daily_history` from bronze.
+//! `knowledge_source` are now, and no `kafka_timestamp` columns. Lakes written before
+//! the month layout partition `pos_events` and `merchant_daily` by (operator, business
+//! date) and `dead_letters` by (operator, ingest date). The migration rewrites each table
+//! that differs from the contract in one commit, keeping every row and the ingest
+//! offsets (and adding the month partition column), then builds
+//! `merchant_daily_history` from bronze.
 //!
 //! What the old times mean afterwards: the lake never recorded when its commits made the
 //! old rows visible, so their `ingested_at` is kept as **asserted** knowledge
@@ -20,12 +23,14 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use streetflow_core::KnowledgeSource;
-use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS, TableDef};
+use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_DAILY, POS_EVENTS, TableDef};
 use streetflow_features::{SilverMode, refresh_silver};
-use streetflow_lake::arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
+use streetflow_lake::arrow::array::{
+    ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, new_null_array,
+};
 use streetflow_lake::arrow::compute::kernels::boolean::not;
 use streetflow_lake::arrow::compute::{cast, nullif};
-use streetflow_lake::arrow::datatypes::{DataType, TimeUnit};
+use streetflow_lake::arrow::datatypes::{DataType, Date32Type, TimeUnit};
 use streetflow_lake::{Lake, Rewritten};
 
 use crate::ingest::runtime;
@@ -64,20 +69,31 @@ fn kafka_times(batch: &RecordBatch, times: &ArrayRef, table: &str) -> anyhow::Re
 /// are kept (cast to the contract's type), the new ones derived from `ingested_at`.
 fn convert(def: &TableDef, batch: RecordBatch) -> anyhow::Result<RecordBatch> {
     let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let ingested = cast(column(&batch, "ingested_at", def.name)?, &utc)?;
+    let ingested = || -> anyhow::Result<ArrayRef> {
+        Ok(cast(column(&batch, "ingested_at", def.name)?, &utc)?)
+    };
+    // The month partition columns of the current layout, from the day columns.
+    let months_of = |day_column: &str| -> anyhow::Result<ArrayRef> {
+        let days = cast(column(&batch, day_column, def.name)?, &DataType::Date32)?;
+        Ok(Arc::new(Date32Array::from_iter(
+            days.as_primitive::<Date32Type>()
+                .iter()
+                .map(|day| day.map(streetflow_core::tables::month_of)),
+        )))
+    };
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(def.schema.fields().len());
     for field in def.schema.fields() {
         let name = field.name().as_str();
         let value: ArrayRef = match (name, batch.column_by_name(name)) {
-            (_, Some(existing)) if !(def.name == POS_EVENTS.name && name == "ingested_at") => {
-                cast(existing, field.data_type())?
-            }
-            ("knowledge_time", None) => ingested.clone(),
+            (_, Some(existing)) => cast(existing, field.data_type())?,
+            ("business_month", None) => months_of("business_date")?,
+            ("ingest_month", None) => months_of("ingest_date")?,
+            ("knowledge_time", None) => ingested()?,
             ("knowledge_source", None) => Arc::new(StringArray::from(vec![
                 KnowledgeSource::Asserted.as_str();
                 batch.num_rows()
             ])),
-            ("kafka_timestamp", None) => kafka_times(&batch, &ingested, def.name)?,
+            ("kafka_timestamp", None) => kafka_times(&batch, &ingested()?, def.name)?,
             ("kafka_timestamp_type", None) => new_null_array(&DataType::Utf8, batch.num_rows()),
             (other, _) => anyhow::bail!("{} has no column {other} to migrate from", def.name),
         };
@@ -94,7 +110,7 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let runtime = runtime()?;
     let mut done: Vec<(&str, Rewritten)> = Vec::new();
-    for def in [&*POS_EVENTS, &*DEAD_LETTERS] {
+    for def in [&*POS_EVENTS, &*DEAD_LETTERS, &*MERCHANT_DAILY] {
         let Some(state) = runtime.block_on(lake.inspect(def))? else {
             continue;
         };

@@ -52,8 +52,9 @@ pub static POS_EVENTS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
         Field::new("kafka_timestamp_type", DataType::Utf8, true),
         Field::new("source_file", DataType::Utf8, true),
         Field::new("source_line", DataType::Int64, true),
+        Field::new("business_month", DataType::Date32, false),
     ])),
-    partition_columns: &["operator_id", "business_date"],
+    partition_columns: &["business_month"],
 });
 
 /// Rejected messages with their reason, never dropped.
@@ -77,8 +78,9 @@ pub static DEAD_LETTERS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
         Field::new("kafka_timestamp_type", DataType::Utf8, true),
         Field::new("source_file", DataType::Utf8, true),
         Field::new("source_line", DataType::Int64, true),
+        Field::new("ingest_month", DataType::Date32, false),
     ])),
-    partition_columns: &["operator_id", "ingest_date"],
+    partition_columns: &["ingest_month"],
 });
 
 /// Silver: one row per (operator, merchant, business date) with anything on it; an exact,
@@ -112,12 +114,13 @@ pub static MERCHANT_DAILY: LazyLock<TableDef> = LazyLock::new(|| {
         count("round_sales_fen"),
         count("duplicate_deliveries"),
         count("conflicting_events"),
+        Field::new("business_month", DataType::Date32, false),
     ]);
     TableDef {
         name: "merchant_daily",
         description: "Daily cash flow per merchant: deduplicated, voids cancelling their sale, refunds on their own date",
         schema: Arc::new(Schema::new(fields)),
-        partition_columns: &["operator_id", "business_date"],
+        partition_columns: &["business_month"],
     }
 });
 
@@ -157,7 +160,7 @@ pub static MERCHANT_DAILY_HISTORY: LazyLock<TableDef> = LazyLock::new(|| {
             .filter(|f| {
                 !matches!(
                     f.name().as_str(),
-                    "operator_id" | "business_date" | "merchant_id"
+                    "operator_id" | "business_date" | "merchant_id" | "business_month"
                 )
             })
             .map(|f| f.as_ref().clone()),
@@ -255,6 +258,25 @@ pub static CREDIT_DECISIONS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
     partition_columns: &["as_of_date", "product"],
 });
 
+/// The partition value of a day: the first day of its month, both as days since
+/// 1970-01-01 (`business_month` of `pos_events`, `merchant_daily` and
+/// `merchant_daily_history`, `ingest_month` of `dead_letters`).
+///
+/// Why months: a district's day holds a few hundred daily rows and a few thousand events,
+/// so day partitions (per operator, as the first layout had them) made files of a few
+/// kilobytes, thousands per backfill and per query plan; a month of a city is a few GB
+/// of bronze, split into files by size. Within a month, files carry min/max statistics
+/// of `operator_id` and `business_date`, which readers use to skip files.
+pub fn month_of(day: i32) -> i32 {
+    use chrono::{Datelike, NaiveDate};
+    NaiveDate::default()
+        .checked_add_signed(chrono::Duration::days(i64::from(day)))
+        .and_then(|date| date.with_day(1))
+        .map_or(day, |first| {
+            first.signed_duration_since(NaiveDate::default()).num_days() as i32
+        })
+}
+
 /// `operator_id` of a dead letter whose operator cannot be read from the message.
 pub const UNKNOWN_OPERATOR: &str = "unknown";
 
@@ -264,6 +286,20 @@ pub const MAX_DEAD_LETTER_PAYLOAD_BYTES: usize = 1024 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_day_belongs_to_the_first_day_of_its_month() {
+        use chrono::NaiveDate;
+        let day = |y, m, d| {
+            NaiveDate::from_ymd_opt(y, m, d)
+                .map(|date| date.signed_duration_since(NaiveDate::default()).num_days() as i32)
+                .unwrap_or_default()
+        };
+        assert_eq!(month_of(day(2025, 3, 31)), day(2025, 3, 1));
+        assert_eq!(month_of(day(2025, 3, 1)), day(2025, 3, 1));
+        assert_eq!(month_of(day(2024, 2, 29)), day(2024, 2, 1));
+        assert_eq!(month_of(day(1969, 12, 31)), day(1969, 12, 1));
+    }
 
     #[test]
     fn partition_columns_exist_and_are_required() {

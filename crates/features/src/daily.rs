@@ -476,6 +476,8 @@ pub struct DailyBuilder {
     channels: Labels<Option<usize>>,
     events: Chunked<Event>,
     rows: u64,
+    /// Whether repeats and claims are resolved: they are once all rows are in.
+    settled: bool,
 }
 
 impl Default for DailyBuilder {
@@ -602,6 +604,7 @@ impl DailyBuilder {
             channels: Labels::new(),
             events: Chunked::new(),
             rows: 0,
+            settled: false,
         }
     }
 
@@ -801,6 +804,15 @@ impl DailyBuilder {
             .then(a.source_line.cmp(&b.source_line))
     }
 
+    /// Resolves repeats and claims once every row is in (again: nothing to do).
+    pub(crate) fn settle(&mut self) {
+        if !self.settled {
+            self.settle_repeats();
+            self.resolve_claims();
+            self.settled = true;
+        }
+    }
+
     /// Decides each repeated key's first arrival (`repeated.sql`'s order), and when a
     /// delivery that differs from it became known. The event keeps the first arrival's
     /// content; its later deliveries' knowledge times stay in `repeats`, sorted.
@@ -967,8 +979,7 @@ impl DailyBuilder {
         mut self,
         keep: impl Fn(&str, i32) -> bool,
     ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
-        self.settle_repeats();
-        self.resolve_claims();
+        self.settle();
         let mut payer_totals: PayerTotals = HashMap::with_hasher(FixedState::with_seed(11));
         let mut groups: HashMap<(u32, u32, i32), u32, FixedState> =
             HashMap::with_hasher(FixedState::with_seed(7));
@@ -1159,7 +1170,10 @@ fn output_batch<'a>(
     columns.push(Arc::new(StringArray::from_iter_values(
         rows.clone().map(|(_, _, merchant, _)| merchant),
     )));
-    columns.extend(measure_columns(rows.map(|(_, _, _, day)| day)));
+    columns.extend(measure_columns(rows.clone().map(|(_, _, _, day)| day)));
+    columns.push(Arc::new(Date32Array::from_iter_values(
+        rows.map(|(_, date, _, _)| streetflow_core::tables::month_of(date)),
+    )));
     debug_assert_eq!(columns.len(), MERCHANT_DAILY.schema.fields().len());
     debug_assert!(columns.iter().all(|c| c.len() == len));
     RecordBatch::try_new(MERCHANT_DAILY.schema.clone(), columns).map_err(|source| Error::Arrow {

@@ -1,9 +1,8 @@
 //! [`DailyBuilder`]s on several threads, one share of the operators each.
 //!
 //! Event keys, and the sales that refunds and voids name, never cross operators, so each
-//! operator's rows can be numbered and resolved by a builder of its own. Bronze files
-//! hold one (operator, business date) partition each, so a scanned batch almost always
-//! belongs to one operator and goes to its builder whole. One builder numbering every key
+//! operator's rows can be numbered and resolved by a builder of its own. A scanned batch
+//! of one operator goes to its builder whole; a batch of several is split. One builder numbering every key
 //! was the single busy thread of a silver or features run (cache misses on millions of
 //! keys), while the scan used the other core only in part.
 
@@ -208,6 +207,22 @@ impl ParallelDaily {
     /// merchant, date, knowledge time).
     pub fn finish_history(self, spec: &HistorySpec<'_>) -> Result<Vec<RecordBatch>> {
         by_operator(self.finish_each(|builder| builder.finish_history(spec))?)
+    }
+
+    /// The builders' daily rows ([`ParallelDaily::finish`]) and history rows
+    /// ([`ParallelDaily::finish_history`]) from one pass.
+    pub fn finish_daily_and_history(
+        self,
+        keep: impl Fn(&str, i32) -> bool + Sync,
+        spec: &HistorySpec<'_>,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        let finished = self.finish_each(|builder| builder.finish_daily_and_history(&keep, spec))?;
+        let (mut daily, mut history) = (Vec::new(), Vec::new());
+        for (rows, versions) in finished {
+            daily.push(rows);
+            history.push(versions);
+        }
+        Ok((by_operator(daily)?, by_operator(history)?))
     }
 }
 

@@ -129,6 +129,11 @@ fn bronze(rows: &[Row]) -> RecordBatch {
         optional(|_| None),
         optional(|r| r.file),
         Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.line))),
+        Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| {
+            streetflow_core::tables::month_of(
+                (day(r.date) - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days() as i32,
+            )
+        }))),
     ];
     RecordBatch::try_new(POS_EVENTS.schema.clone(), columns).unwrap()
 }

@@ -164,27 +164,71 @@ fn days_schema() -> Arc<Schema> {
 
 /// The operators bronze holds.
 pub(crate) async fn operators(ctx: &SessionContext) -> Result<Vec<String>> {
+    Ok(operator_events(ctx)
+        .await?
+        .into_iter()
+        .map(|(operator, _)| operator)
+        .collect())
+}
+
+/// Each operator of bronze with its number of rows, by name.
+async fn operator_events(ctx: &SessionContext) -> Result<Vec<(String, i64)>> {
     let batches = collect(
         ctx,
-        "SELECT DISTINCT operator_id FROM pos_events",
+        "SELECT operator_id, count(*) FROM pos_events GROUP BY operator_id ORDER BY operator_id",
         "operators",
     )
     .await?;
-    let mut names = Vec::new();
+    let mut found = Vec::new();
     for batch in &batches {
         let column = cast(batch.column(0), &DataType::Utf8).map_err(|source| Error::Arrow {
             context: "reading operators".to_owned(),
             source,
         })?;
-        names.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .flatten()
-                .map(str::to_owned),
-        );
+        let counts = batch
+            .column(1)
+            .as_primitive::<streetflow_lake::arrow::datatypes::Int64Type>();
+        for (row, name) in column.as_string::<i32>().iter().enumerate() {
+            if let Some(name) = name {
+                found.push((name.to_owned(), counts.value(row)));
+            }
+        }
     }
-    Ok(names)
+    Ok(found)
+}
+
+/// Bronze rows one rebuild pass resolves at most (the builders hold about 190 bytes an
+/// event, so about 4 GB), unless one operator alone has more.
+const EVENTS_PER_PASS: i64 = 20_000_000;
+
+/// The relations (over `pos_events`) a rebuild reads, one pass each: groups of whole
+/// operators (event keys never cross operators) of at most [`EVENTS_PER_PASS`] rows.
+/// Few passes matter: a month file holds every operator's rows, so a pass per operator
+/// would read all of bronze once per operator.
+pub(crate) async fn rebuild_passes(ctx: &SessionContext) -> Result<Vec<String>> {
+    let mut groups: Vec<(Vec<String>, i64)> = Vec::new();
+    for (operator, events) in operator_events(ctx).await? {
+        match groups.last_mut() {
+            Some((names, total)) if *total + events <= EVENTS_PER_PASS => {
+                names.push(operator);
+                *total += events;
+            }
+            _ => groups.push((vec![operator], events)),
+        }
+    }
+    if groups.len() <= 1 {
+        return Ok(vec!["pos_events".to_owned()]);
+    }
+    Ok(groups
+        .into_iter()
+        .map(|(names, _)| {
+            let list: Vec<String> = names.iter().map(|n| crate::gold::sql_literal(n)).collect();
+            format!(
+                "(SELECT * FROM pos_events WHERE operator_id IN ({}))",
+                list.join(", ")
+            )
+        })
+        .collect())
 }
 
 /// The business days of `operator` that end in (`after`, `until`] (µs UTC).
@@ -404,20 +448,11 @@ pub async fn refresh_history(
             report.versions_written +=
                 write_all(&mut history, builder.finish_history(&spec)?).await?;
         }
-        // A rebuild resolves one operator at a time: event keys never cross operators,
-        // and memory then holds the largest operator's events, not the lake's.
+        // A rebuild resolves whole operators, as many per pass as memory allows.
         None => {
-            for operator in operators(&ctx).await? {
-                let mut builder = ParallelDaily::new(1, DailyBuilder::new);
-                builder
-                    .push_scan(
-                        &ctx,
-                        &format!(
-                            "(SELECT * FROM pos_events WHERE operator_id = {})",
-                            crate::gold::sql_literal(&operator)
-                        ),
-                    )
-                    .await?;
+            for relation in rebuild_passes(&ctx).await? {
+                let mut builder = ParallelDaily::per_core(DailyBuilder::new);
+                builder.push_scan(&ctx, &relation).await?;
                 report.versions_written +=
                     write_all(&mut history, builder.finish_history(&spec)?).await?;
             }

@@ -3,20 +3,23 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chrono::NaiveDate;
-use streetflow_core::tables::{MERCHANT_DAILY, POS_EVENTS};
+use streetflow_core::tables::{MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, POS_EVENTS};
 use streetflow_lake::arrow::array::{AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 use streetflow_lake::datafusion::datasource::MemTable;
-use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter, data_changes};
+use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter, StagedFiles, data_changes};
 
-use crate::daily::DailyBuilder;
+use crate::daily::{DailyBuilder, HistorySpec};
 use crate::daily_parallel::ParallelDaily;
 use crate::error::{Error, Result, collect};
-use crate::history::{HistoryReport, SilverSettings, refresh_history, write_all};
+use crate::history::{
+    HORIZON_APP_ID, HistoryReport, SilverSettings, day_end, rebuild_passes, refresh_history,
+    write_all,
+};
 use crate::relations::broadcast_small_join_sides;
 use crate::sql;
+use streetflow_lake::freeze::{self, points};
 
 /// The Delta `txn` application id under which silver records the bronze version it
 /// reflects.
@@ -41,8 +44,8 @@ pub struct SilverReport {
     pub bronze_version: Option<i64>,
     /// Bronze files read as new (incremental mode).
     pub new_bronze_files: usize,
-    /// (operator, business date) partitions rewritten; `None` for a full rewrite.
-    pub partitions_rewritten: Option<usize>,
+    /// (operator, business date) days rewritten; `None` for a full rewrite.
+    pub days_rewritten: Option<usize>,
     /// Daily rows written.
     pub rows_written: usize,
     /// Another process refreshed silver first; nothing was written.
@@ -68,16 +71,6 @@ fn touched_days(batches: &[RecordBatch]) -> Result<HashSet<(String, i32)>> {
     Ok(days)
 }
 
-/// Delta partition values (operator, `YYYY-MM-DD`) of (operator, date) pairs.
-fn partition_keys(days: &HashSet<(String, i32)>) -> HashSet<Vec<String>> {
-    days.iter()
-        .map(|(operator, date)| {
-            let date = NaiveDate::from_epoch_days(*date).unwrap_or_default();
-            vec![operator.clone(), date.format("%Y-%m-%d").to_string()]
-        })
-        .collect()
-}
-
 /// Brings `merchant_daily` up to the newest `pos_events` version, then
 /// `merchant_daily_history` up to it and to the knowledge settled now
 /// ([`refresh_history`]).
@@ -86,9 +79,107 @@ pub async fn refresh_silver(
     mode: SilverMode,
     settings: &SilverSettings,
 ) -> Result<SilverReport> {
+    let now = chrono::Utc::now();
+    if let Some(report) = rebuild_both(lake, mode, settings, now).await? {
+        return Ok(report);
+    }
     let mut report = refresh_latest(lake, mode).await?;
-    report.history = refresh_history(lake, mode, settings, chrono::Utc::now()).await?;
+    report.history = refresh_history(lake, mode, settings, now).await?;
     Ok(report)
+}
+
+/// Rebuilds `merchant_daily` and `merchant_daily_history` together, from one pass over
+/// bronze, when both must be built from scratch (`--full`, or neither holds anything
+/// yet: a first load); `None` otherwise. Each table's commit is fenced on the versions
+/// it read, as the separate refreshes' are, so a crash between them leaves the history
+/// to the next refresh.
+async fn rebuild_both(
+    lake: &Lake,
+    mode: SilverMode,
+    settings: &SilverSettings,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<SilverReport>> {
+    let Some(bronze) = lake.open(POS_EVENTS.name).await? else {
+        return Ok(None);
+    };
+    let Some(version) = bronze.version().map(|v| v as i64) else {
+        return Ok(None);
+    };
+    let mut silver = OffsetWriter::new(lake, &MERCHANT_DAILY, "merchant_daily").await?;
+    let mut history = OffsetWriter::new(lake, &MERCHANT_DAILY_HISTORY, "history").await?;
+    let previous = silver.app_version(BRONZE_APP_ID).await?;
+    let previous_history = history.app_version(BRONZE_APP_ID).await?;
+    let previous_horizon = history.app_version(HORIZON_APP_ID).await?;
+    let first_build =
+        previous.is_none() && (previous_history.is_none() || previous_horizon.is_none());
+    if mode != SilverMode::Full && !first_build {
+        return Ok(None);
+    }
+    let horizon = (now - settings.knowledge.settle())
+        .timestamp_micros()
+        .max(previous_horizon.unwrap_or(i64::MIN));
+    let calendars = &settings.calendars;
+    let end_of = |operator: &str, date: i32| day_end(calendars, operator, date);
+    let every_day = |_: &str, _: i32| true;
+    let spec = HistorySpec {
+        after: None,
+        horizon,
+        day_end: &end_of,
+        keep: &every_day,
+    };
+    let mut report = SilverReport {
+        previous_bronze_version: previous,
+        bronze_version: Some(version),
+        history: HistoryReport {
+            previous_horizon,
+            horizon: Some(horizon),
+            rebuilt: true,
+            ..HistoryReport::default()
+        },
+        ..SilverReport::default()
+    };
+    let ctx = lake.pinned_session(POS_EVENTS.name, &bronze).await?;
+    for relation in rebuild_passes(&ctx).await? {
+        let mut builder = ParallelDaily::per_core(DailyBuilder::new);
+        builder.push_scan(&ctx, &relation).await?;
+        let (daily, versions) = builder.finish_daily_and_history(every_day, &spec)?;
+        report.rows_written += write_all(&mut silver, daily).await?;
+        report.history.versions_written += write_all(&mut history, versions).await?;
+    }
+    let staged = silver.stage().await?;
+    let progress = [AppProgress {
+        app_id: BRONZE_APP_ID.to_owned(),
+        expected: previous,
+        version,
+    }];
+    if let CommitOutcome::Fenced { .. } =
+        silver.replace_partitions(&staged, None, &progress).await?
+    {
+        silver.discard();
+        report.fenced = true;
+    }
+    let staged = history.stage().await?;
+    freeze::point(points::HISTORY_FILES);
+    let progress = [
+        AppProgress {
+            app_id: BRONZE_APP_ID.to_owned(),
+            expected: previous_history,
+            version,
+        },
+        AppProgress {
+            app_id: HORIZON_APP_ID.to_owned(),
+            expected: previous_horizon,
+            version: horizon,
+        },
+    ];
+    match history.replace_partitions(&staged, None, &progress).await? {
+        CommitOutcome::Committed { .. } => freeze::point(points::HISTORY_COMMIT),
+        CommitOutcome::Fenced { .. } => {
+            history.discard();
+            report.history.fenced = true;
+        }
+    }
+    Ok(Some(report))
 }
 
 /// Brings `merchant_daily` up to the newest `pos_events` version.
@@ -149,6 +240,7 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
         Some(batches) => Some(touched_days(batches)?),
         None => None,
     };
+    let mut staged_days = None;
     let keep_day = |operator: &str, date: i32| {
         keep.as_ref()
             .is_none_or(|days| days.contains(&(operator.to_owned(), date)))
@@ -169,22 +261,17 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
             for batch in events {
                 builder.push(batch).await?;
             }
-            report.rows_written += write_all(&mut silver, builder.finish(keep_day)?).await?;
+            let rows = builder.finish(keep_day)?;
+            report.rows_written += rows.iter().map(RecordBatch::num_rows).sum::<usize>();
+            // One file per business date: the next refresh of a day rewrites that day's
+            // file, not its month's.
+            staged_days = Some(silver.stage_days(rows).await?);
         }
-        // Everything, one operator at a time: event keys never cross operators, and
-        // memory then holds the largest operator's events, not the lake's.
+        // Everything, whole operators, as many per pass as memory allows.
         None => {
-            for operator in crate::history::operators(&ctx).await? {
-                let mut builder = ParallelDaily::new(1, DailyBuilder::new);
-                builder
-                    .push_scan(
-                        &ctx,
-                        &format!(
-                            "(SELECT * FROM pos_events WHERE operator_id = {})",
-                            crate::gold::sql_literal(&operator)
-                        ),
-                    )
-                    .await?;
+            for relation in rebuild_passes(&ctx).await? {
+                let mut builder = ParallelDaily::per_core(DailyBuilder::new);
+                builder.push_scan(&ctx, &relation).await?;
                 report.rows_written += write_all(&mut silver, builder.finish(keep_day)?).await?;
             }
         }
@@ -194,18 +281,25 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
         rows = report.rows_written,
         "daily rows computed"
     );
-    let staged = silver.stage().await?;
-    let partitions = keep.as_ref().map(partition_keys);
-    report.partitions_rewritten = partitions.as_ref().map(HashSet::len);
+    report.days_rewritten = keep.as_ref().map(HashSet::len);
     let progress = [AppProgress {
         app_id: BRONZE_APP_ID.to_owned(),
         expected: previous,
         version,
     }];
-    match silver
-        .replace_partitions(&staged, partitions.as_ref(), &progress)
-        .await?
-    {
+    let outcome = match (&keep, staged_days) {
+        (Some(days), Some(staged)) => silver.replace_days(&staged, days, &progress).await?,
+        (Some(days), None) => {
+            silver
+                .replace_days(&StagedFiles::default(), days, &progress)
+                .await?
+        }
+        (None, _) => {
+            let staged = silver.stage().await?;
+            silver.replace_partitions(&staged, None, &progress).await?
+        }
+    };
+    match outcome {
         CommitOutcome::Committed { .. } => {}
         CommitOutcome::Fenced { .. } => {
             silver.discard();

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, Utc};
 use streetflow_core::card::mask_card_numbers;
 use streetflow_core::tables::{
-    DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS, UNKNOWN_OPERATOR,
+    DEAD_LETTERS, MAX_DEAD_LETTER_PAYLOAD_BYTES, POS_EVENTS, UNKNOWN_OPERATOR, month_of,
 };
 use streetflow_core::{
     BusinessDateCache, DecodeOptions, LocalPlace, OperatorCalendars, PosEvent, ReasonCode,
@@ -15,11 +15,19 @@ use streetflow_core::{
 };
 use streetflow_core::{Knowledge, KnowledgeSource};
 use streetflow_lake::arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Int32Builder, Int64Builder,
-    StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Array, Date32Builder, Int32Builder,
+    Int64Builder, StringArray, StringBuilder, TimestampMicrosecondArray,
+    TimestampMicrosecondBuilder,
 };
 use streetflow_lake::arrow::error::ArrowError;
 use streetflow_lake::arrow::record_batch::RecordBatch;
+
+/// The partition column of a date column: the first day of each row's month.
+fn months_of(dates: &Date32Array) -> ArrayRef {
+    Arc::new(Date32Array::from_iter_values(
+        dates.values().iter().map(|&day| month_of(day)),
+    ))
+}
 
 /// Which clock set a Kafka record's timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,11 +317,13 @@ impl EventRows {
         ) = self.origin.finish();
         let [knowledge_time, knowledge_source] =
             knowledge_columns(&std::mem::take(&mut self.asserted), observed_at);
+        let business_date = self.business_date.finish();
+        let business_month = months_of(&business_date);
         RecordBatch::try_new(
             POS_EVENTS.schema.clone(),
             vec![
                 Arc::new(self.operator_id.finish()),
-                Arc::new(self.business_date.finish()),
+                Arc::new(business_date),
                 Arc::new(self.event_id.finish()),
                 Arc::new(self.merchant_id.finish()),
                 Arc::new(self.terminal_id.finish()),
@@ -335,6 +345,7 @@ impl EventRows {
                 kafka_timestamp_type,
                 source_file,
                 source_line,
+                business_month,
             ],
         )
     }
@@ -453,11 +464,13 @@ impl DeadLetterRows {
             ],
             [source_file, source_line],
         ) = self.origin.finish();
+        let ingest_date = self.ingest_date.finish();
+        let ingest_month = months_of(&ingest_date);
         RecordBatch::try_new(
             DEAD_LETTERS.schema.clone(),
             vec![
                 Arc::new(self.operator_id.finish()),
-                Arc::new(self.ingest_date.finish()),
+                Arc::new(ingest_date),
                 Arc::new(self.reason.finish()),
                 Arc::new(self.detail.finish()),
                 Arc::new(self.payload.finish()),
@@ -472,6 +485,7 @@ impl DeadLetterRows {
                 kafka_timestamp_type,
                 source_file,
                 source_line,
+                ingest_month,
             ],
         )
     }

@@ -17,7 +17,9 @@ pub enum Error {
         reason: String,
     },
     /// The table exists with columns other than the contract's.
-    #[error("table {table} at {url} does not match the streetflow schema: {detail}")]
+    #[error(
+        "table {table} at {url} does not match the streetflow schema: {detail} (a lake written by an earlier streetflow is brought to the current one by `streetflow migrate`)"
+    )]
     SchemaMismatch {
         /// Table name.
         table: String,

@@ -4,7 +4,7 @@ use deltalake::DeltaTableError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, MetadataExt, StructType};
+use deltalake::kernel::{Action, StructType};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::StreamExt;
@@ -88,11 +88,21 @@ impl Lake {
             .as_ref()
             .try_into_kernel()
             .map_err(|e| Error::delta(name, "convert schema")(DeltaTableError::from(e)))?;
-        let metadata = snapshot
-            .metadata()
-            .clone()
-            .with_schema(&schema)
-            .map_err(|e| Error::delta(name, "new schema")(DeltaTableError::from(e)))?;
+        // The contract's schema and partition columns, the rest of the table's metadata
+        // (id, name, configuration) kept.
+        let current = snapshot.metadata();
+        let metadata: deltalake::kernel::Metadata = serde_json::from_value(serde_json::json!({
+            "id": current.id(),
+            "name": current.name(),
+            "description": current.description(),
+            "format": { "provider": "parquet", "options": {} },
+            "schemaString": serde_json::to_string(&schema)
+                .map_err(|e| Error::delta(name, "new schema")(DeltaTableError::from(e)))?,
+            "partitionColumns": def.partition_columns,
+            "configuration": current.configuration(),
+            "createdTime": current.created_time(),
+        }))
+        .map_err(|e| Error::delta(name, "new metadata")(DeltaTableError::from(e)))?;
         let mut actions = vec![Action::Metadata(metadata)];
         actions.extend(adds.into_iter().map(Action::Add));
         actions.extend(
@@ -111,7 +121,9 @@ impl Lake {
             ),
             predicate: None,
         };
-        let committed = CommitBuilder::from(CommitProperties::default())
+        // Never rebased: a commit that landed after the rows were read (a worker still
+        // running) would otherwise stay, in the old layout, beside the rewrite.
+        let committed = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
             .with_actions(actions)
             .build(Some(&snapshot), table.log_store(), operation)
             .await

@@ -1,5 +1,7 @@
 //! Appending to one table with Kafka offsets in the same Delta commit.
 
+use deltalake::arrow::array::UInt32Array;
+use deltalake::arrow::compute::take_record_batch;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use std::collections::HashSet;
@@ -12,6 +14,68 @@ use streetflow_core::tables::TableDef;
 
 use crate::error::{Error, Result};
 use crate::lake::Lake;
+
+/// `YYYY-MM-DD` of a day number (days since 1970-01-01), as Delta writes a date partition.
+fn date_text(day: i32) -> String {
+    chrono::NaiveDate::default()
+        .checked_add_signed(chrono::Duration::days(i64::from(day)))
+        .map(|date| date.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+/// Whether a file whose Delta statistics are `stats` may hold a row of one of `dates`:
+/// its `business_date` range meets one of them, or it has no usable statistics.
+fn may_hold_dates(stats: Option<&str>, dates: &std::collections::BTreeSet<i32>) -> bool {
+    let day_of = |value: &serde_json::Value| {
+        value
+            .as_str()
+            .and_then(|text| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+            .map(|date| {
+                date.signed_duration_since(chrono::NaiveDate::default())
+                    .num_days() as i32
+            })
+    };
+    let Some(stats) = stats.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+    else {
+        return true;
+    };
+    match (
+        day_of(&stats["minValues"]["business_date"]),
+        day_of(&stats["maxValues"]["business_date"]),
+    ) {
+        (Some(first), Some(last)) if first <= last => dates.range(first..=last).next().is_some(),
+        _ => true,
+    }
+}
+
+/// The `operator_id` (as UTF-8) and `business_date` columns of `batch`.
+fn day_columns(
+    batch: &RecordBatch,
+    table: &'static str,
+) -> Result<(
+    deltalake::arrow::array::StringArray,
+    deltalake::arrow::array::Date32Array,
+)> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::{DataType, Date32Type};
+    let missing = |name: &str| {
+        Error::delta(table, "group rows by day")(DeltaTableError::Generic(format!(
+            "the rows have no {name} column"
+        )))
+    };
+    let operators = batch
+        .column_by_name("operator_id")
+        .ok_or_else(|| missing("operator_id"))?;
+    let operators = deltalake::arrow::compute::cast(operators, &DataType::Utf8)
+        .map_err(|e| Error::Query(e.to_string()))?;
+    let dates = batch
+        .column_by_name("business_date")
+        .ok_or_else(|| missing("business_date"))?;
+    let dates = dates
+        .as_primitive_opt::<Date32Type>()
+        .ok_or_else(|| missing("business_date (a date)"))?;
+    Ok((operators.as_string::<i32>().clone(), dates.clone()))
+}
 
 /// A short pause before attempt `attempt` of a contended commit.
 async fn tokio_sleep(attempt: usize) {
@@ -283,6 +347,239 @@ impl OffsetWriter {
         ))
     }
 
+    /// Replaces every row whose (`operator_id`, `business_date`) is in `days` (dates as
+    /// days since 1970-01-01) by the staged files, in one commit that also records
+    /// `progress`: for tables partitioned by `business_month`, whose rows of one day are
+    /// spread over files that hold other days too.
+    ///
+    /// The files that may hold such rows (in the days' months, with a `business_date`
+    /// range that meets one of the days, or without statistics) are removed, and their
+    /// other rows written again, one file per business date, so a day rewritten often
+    /// never drags the rest of its month along. As in [`OffsetWriter::replace_partitions`],
+    /// the listing, the rows carried over and the commit all belong to one snapshot; when
+    /// another commit (a compaction) landed meanwhile, the carried files are deleted and
+    /// all of it is done again on the newer snapshot.
+    pub async fn replace_days(
+        &mut self,
+        staged: &StagedFiles,
+        days: &HashSet<(String, i32)>,
+        progress: &[AppProgress],
+    ) -> Result<CommitOutcome> {
+        const ATTEMPTS: usize = 20;
+        let dates: std::collections::BTreeSet<i32> = days.iter().map(|(_, d)| *d).collect();
+        let months: HashSet<String> = dates
+            .iter()
+            .map(|&d| date_text(streetflow_core::tables::month_of(d)))
+            .collect();
+        for attempt in 1..=ATTEMPTS {
+            self.refresh().await?;
+            let snapshot = self
+                .table
+                .snapshot()
+                .map_err(Error::delta(self.name, "list files"))?;
+            let mut candidates = Vec::new();
+            let mut removes = Vec::new();
+            for file in snapshot.log_data().iter() {
+                let in_month = file
+                    .partition_values_map()
+                    .get("business_month")
+                    .cloned()
+                    .flatten()
+                    .is_none_or(|month| months.contains(&month));
+                if in_month && may_hold_dates(file.stats().as_deref(), &dates) {
+                    candidates.push(file.path().to_string());
+                    removes.push(file.remove_action(true));
+                }
+            }
+            let carried = if candidates.is_empty() {
+                StagedFiles::default()
+            } else {
+                self.carry_over(candidates, days).await?
+            };
+            let mut all = staged.clone();
+            all.adds.extend(carried.adds.iter().cloned());
+            match self
+                .commit_on_snapshot(&all, removes, progress, SaveMode::Overwrite)
+                .await
+            {
+                Err(Error::Delta { source, .. })
+                    if matches!(
+                        source.as_ref(),
+                        DeltaTableError::Transaction {
+                            source: TransactionError::MaxCommitAttempts(_)
+                        } | DeltaTableError::VersionAlreadyExists(_)
+                    ) =>
+                {
+                    self.delete_unreferenced(&carried).await?;
+                    tracing::debug!(
+                        table = self.name,
+                        attempt,
+                        "the table moved during a replace; listing again"
+                    );
+                    tokio_sleep(attempt).await;
+                }
+                Ok(fenced @ CommitOutcome::Fenced { .. }) => {
+                    self.delete_unreferenced(&carried).await?;
+                    return Ok(fenced);
+                }
+                other => return other,
+            }
+        }
+        Err(Error::delta(self.name, "replace days")(
+            DeltaTableError::Generic(format!(
+                "other commits kept landing while the replacement was committed ({ATTEMPTS} attempts)"
+            )),
+        ))
+    }
+
+    /// Writes the rows of `files` (paths in the writer's snapshot) whose day is not in
+    /// `days`, one file per business date, and stages them. The rows are streamed in
+    /// date order, so memory holds one date's rows being written, not the files'.
+    async fn carry_over(
+        &mut self,
+        files: Vec<String>,
+        days: &HashSet<(String, i32)>,
+    ) -> Result<StagedFiles> {
+        use deltalake::datafusion::prelude::{SessionContext, col};
+        use futures::StreamExt;
+        let query_error =
+            |e: deltalake::datafusion::error::DataFusionError| Error::Query(e.to_string());
+        let ctx = SessionContext::new();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(Error::delta(self.name, "register object store"))?;
+        let provider = self
+            .table
+            .table_provider()
+            .with_file_paths(files)
+            .await
+            .map_err(query_error)?;
+        let mut rows = ctx
+            .read_table(provider)
+            .and_then(|frame| frame.sort(vec![col("business_date").sort(true, false)]))
+            .map_err(query_error)?
+            .execute_stream()
+            .await
+            .map_err(query_error)?;
+        let touched: HashSet<(&str, i32)> = days.iter().map(|(o, d)| (o.as_str(), *d)).collect();
+        let mut carried = StagedFiles::default();
+        let mut open_date = None;
+        while let Some(batch) = rows.next().await {
+            let batch = self.in_table_order(batch.map_err(query_error)?)?;
+            let (operators, business_dates) = day_columns(&batch, self.name)?;
+            let mut row = 0;
+            while row < batch.num_rows() {
+                let date = business_dates.value(row);
+                let run_end = (row..batch.num_rows())
+                    .find(|&r| business_dates.value(r) != date)
+                    .unwrap_or(batch.num_rows());
+                if open_date.is_some_and(|open| open != date) {
+                    carried.adds.extend(self.stage().await?.adds);
+                }
+                open_date = Some(date);
+                let kept: Vec<u32> = (row..run_end)
+                    .filter(|&r| !touched.contains(&(operators.value(r), date)))
+                    .map(|r| r as u32)
+                    .collect();
+                if !kept.is_empty() {
+                    let kept = take_record_batch(&batch, &UInt32Array::from(kept))
+                        .map_err(|e| Error::Query(e.to_string()))?;
+                    self.write(kept).await?;
+                }
+                row = run_end;
+            }
+        }
+        carried.adds.extend(self.stage().await?.adds);
+        Ok(carried)
+    }
+
+    /// Writes `batches` (rows with `operator_id` and `business_date`) one file per
+    /// business date, and stages them: the files [`OffsetWriter::replace_days`] removes
+    /// when it rewrites one of those days then hold that day alone.
+    pub async fn stage_days(&mut self, batches: Vec<RecordBatch>) -> Result<StagedFiles> {
+        let mut by_date: std::collections::BTreeMap<i32, Vec<RecordBatch>> = Default::default();
+        for batch in batches {
+            let (_, business_dates) = day_columns(&batch, self.name)?;
+            let mut rows_of: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
+            for row in 0..batch.num_rows() {
+                rows_of
+                    .entry(business_dates.value(row))
+                    .or_default()
+                    .push(row as u32);
+            }
+            for (date, rows) in rows_of {
+                let rows = take_record_batch(&batch, &UInt32Array::from(rows))
+                    .map_err(|e| Error::Query(e.to_string()))?;
+                by_date.entry(date).or_default().push(rows);
+            }
+        }
+        let mut staged = StagedFiles::default();
+        for (_, batches) in by_date {
+            for batch in batches {
+                self.write(batch).await?;
+            }
+            staged.adds.extend(self.stage().await?.adds);
+        }
+        Ok(staged)
+    }
+
+    /// `batch`'s columns in the table's schema order and types (a scan puts partition
+    /// columns last and may read strings as views).
+    fn in_table_order(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let schema = self.writer.arrow_schema();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let column = batch.column_by_name(field.name()).ok_or_else(|| {
+                    Error::delta(self.name, "carry rows over")(DeltaTableError::Generic(format!(
+                        "a scan lacks column {}",
+                        field.name()
+                    )))
+                })?;
+                deltalake::arrow::compute::cast(column, field.data_type())
+                    .map_err(|e| Error::Query(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        RecordBatch::try_new(schema, columns).map_err(|e| Error::Query(e.to_string()))
+    }
+
+    /// Deletes the files of `staged` that the newest table version does not reference:
+    /// written for a commit that did not happen. A commit reported as failed may still
+    /// have landed (a conditional write retried by the store), so the table is asked
+    /// first; the deletion is best effort, since a file left behind is never read.
+    async fn delete_unreferenced(&mut self, staged: &StagedFiles) -> Result<()> {
+        use futures::StreamExt;
+        if staged.adds.is_empty() {
+            return Ok(());
+        }
+        self.refresh().await?;
+        let referenced: HashSet<String> = self
+            .table
+            .snapshot()
+            .map_err(Error::delta(self.name, "list files"))?
+            .log_data()
+            .iter()
+            .map(|file| file.path().to_string())
+            .collect();
+        let paths: Vec<Result<deltalake::Path, deltalake::ObjectStoreError>> = staged
+            .adds
+            .iter()
+            .filter(|add| !referenced.contains(add.path.as_str()))
+            .map(|add| Ok(deltalake::Path::from(add.path.as_str())))
+            .collect();
+        let mut deleted = self
+            .table
+            .object_store()
+            .delete_stream(futures::stream::iter(paths).boxed());
+        while let Some(result) = deleted.next().await {
+            if let Err(error) = result {
+                tracing::warn!(table = self.name, %error, "could not delete an uncommitted file");
+            }
+        }
+        Ok(())
+    }
+
     /// Commits `staged` and `removes` on the snapshot the writer holds, failing (instead
     /// of rebasing) when another commit landed after it.
     async fn commit_on_snapshot(
@@ -458,6 +755,206 @@ mod tests {
             .iter()
             .map(|f| f.num_records().unwrap_or(0) as i64)
             .sum()
+    }
+
+    static DAYS: LazyLock<TableDef> = LazyLock::new(|| TableDef {
+        name: "days",
+        description: "test table of days",
+        schema: Arc::new(Schema::new(vec![
+            Field::new("operator_id", DataType::Utf8, false),
+            Field::new("business_date", DataType::Date32, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new("business_month", DataType::Date32, false),
+        ])),
+        partition_columns: &["business_month"],
+    });
+
+    /// Rows of (operator, day number, n).
+    fn day_rows(rows: &[(&str, i32, i64)]) -> RecordBatch {
+        use deltalake::arrow::array::Date32Array;
+        RecordBatch::try_new(
+            DAYS.schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Date32Array::from_iter_values(
+                    rows.iter().map(|r| streetflow_core::tables::month_of(r.1)),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Every (operator, day, n) of the days table, sorted.
+    async fn day_table(lake: &Lake) -> Vec<(String, i32, i64)> {
+        use deltalake::arrow::array::AsArray;
+        use deltalake::arrow::datatypes::{Date32Type, Int64Type};
+        let table = lake.open("days").await.unwrap().unwrap();
+        let ctx = lake.pinned_session("days", &table).await.unwrap();
+        let batches = ctx
+            .sql("SELECT operator_id, business_date, n FROM days")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        for batch in batches {
+            let operators = deltalake::arrow::compute::cast(
+                batch.column(0),
+                &deltalake::arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            for row in 0..batch.num_rows() {
+                rows.push((
+                    operators.as_string::<i32>().value(row).to_owned(),
+                    batch.column(1).as_primitive::<Date32Type>().value(row),
+                    batch.column(2).as_primitive::<Int64Type>().value(row),
+                ));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Days 20000..20002 are in one month (2024-10-04..06); day 20030 in the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replacing_days_keeps_every_other_row_once_even_across_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let mut writer = OffsetWriter::new(&lake, &DAYS, "d").await.unwrap();
+        // Two commits, each a file spanning several days and operators of one month,
+        // and one file of the next month.
+        for rows in [
+            vec![("a", 20000, 1), ("b", 20000, 2), ("a", 20001, 3)],
+            vec![("a", 20002, 4), ("b", 20001, 5), ("a", 20030, 6)],
+        ] {
+            writer.write(day_rows(&rows)).await.unwrap();
+            let staged = writer.stage().await.unwrap();
+            writer.commit_appended(&staged, &[]).await.unwrap();
+        }
+        // A compaction merges the month's two files into one.
+        lake.compact("days", &[], None).await.unwrap();
+        // Replace day 20001 of operator a (once 3) and day 20000 of b (once 2, now gone).
+        let mut replacer = OffsetWriter::new(&lake, &DAYS, "r").await.unwrap();
+        let staged = replacer
+            .stage_days(vec![day_rows(&[("a", 20001, 30)])])
+            .await
+            .unwrap();
+        let days = HashSet::from([("a".to_owned(), 20001), ("b".to_owned(), 20000)]);
+        let outcome = replacer.replace_days(&staged, &days, &[]).await.unwrap();
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        assert_eq!(
+            day_table(&lake).await,
+            vec![
+                ("a".to_owned(), 20000, 1),
+                ("a".to_owned(), 20001, 30),
+                ("a".to_owned(), 20002, 4),
+                ("a".to_owned(), 20030, 6),
+                ("b".to_owned(), 20001, 5),
+            ]
+        );
+        // The carried rows are written one file per date; the other month is untouched.
+        let table = lake.open("days").await.unwrap().unwrap();
+        let snapshot = table.snapshot().unwrap();
+        let mut dates_per_file: Vec<(i32, i32)> = snapshot
+            .log_data()
+            .iter()
+            .map(|file| {
+                let stats: serde_json::Value =
+                    serde_json::from_str(&file.stats().unwrap()).unwrap();
+                let day = |v: &serde_json::Value| {
+                    (chrono::NaiveDate::parse_from_str(v.as_str().unwrap(), "%Y-%m-%d").unwrap()
+                        - chrono::NaiveDate::default())
+                    .num_days() as i32
+                };
+                (
+                    day(&stats["minValues"]["business_date"]),
+                    day(&stats["maxValues"]["business_date"]),
+                )
+            })
+            .collect();
+        dates_per_file.sort();
+        assert_eq!(
+            dates_per_file,
+            vec![
+                (20000, 20000),
+                (20001, 20001),
+                (20001, 20001),
+                (20002, 20002),
+                (20030, 20030)
+            ]
+        );
+
+        // A compaction landing between a replace's listing and its commit: the replace
+        // lists again, carries the rows again, and deletes the files it carried first.
+        let staged = replacer
+            .stage_days(vec![day_rows(&[("a", 20002, 40)])])
+            .await
+            .unwrap();
+        let days = HashSet::from([("a".to_owned(), 20002)]);
+        replacer.refresh().await.unwrap();
+        let stale_removes: Vec<Remove> = replacer
+            .table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .filter(|f| {
+                may_hold_dates(
+                    f.stats().as_deref(),
+                    &std::collections::BTreeSet::from([20002]),
+                )
+            })
+            .map(|f| f.remove_action(true))
+            .collect();
+        lake.compact("days", &[], None).await.unwrap();
+        let stale = replacer
+            .commit_on_snapshot(&staged, stale_removes, &[], SaveMode::Overwrite)
+            .await;
+        assert!(stale.is_err(), "{stale:?}");
+        let outcome = replacer.replace_days(&staged, &days, &[]).await.unwrap();
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        assert_eq!(
+            day_table(&lake).await,
+            vec![
+                ("a".to_owned(), 20000, 1),
+                ("a".to_owned(), 20001, 30),
+                ("a".to_owned(), 20002, 40),
+                ("a".to_owned(), 20030, 6),
+                ("b".to_owned(), 20001, 5),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_without_date_statistics_may_hold_any_day() {
+        let days = std::collections::BTreeSet::from([20001]);
+        assert!(may_hold_dates(None, &days));
+        assert!(may_hold_dates(Some(r#"{"numRecords":3}"#), &days));
+        let stats = |min: &str, max: &str| {
+            format!(
+                r#"{{"numRecords":3,"minValues":{{"business_date":"{min}"}},"maxValues":{{"business_date":"{max}"}}}}"#
+            )
+        };
+        // 20001 is 2024-10-05.
+        assert!(may_hold_dates(
+            Some(&stats("2024-10-04", "2024-10-06")),
+            &days
+        ));
+        assert!(may_hold_dates(
+            Some(&stats("2024-10-05", "2024-10-05")),
+            &days
+        ));
+        assert!(!may_hold_dates(
+            Some(&stats("2024-10-06", "2024-10-31")),
+            &days
+        ));
+        assert!(!may_hold_dates(
+            Some(&stats("2024-10-01", "2024-10-04")),
+            &days
+        ));
     }
 
     /// A compaction that lands between a replace's listing of the files and its commit

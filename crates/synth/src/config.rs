@@ -25,6 +25,9 @@ pub struct GenConfig {
     pub malformed_rate: f64,
     /// Business calendar of every operator (zone and day cutoff).
     pub calendar: BusinessCalendar,
+    /// Multiplies every merchant's typical daily sales (1.0: the archetypes' own figures;
+    /// 0.03: a sparse feed of a few sales a day).
+    pub activity: f64,
 }
 
 impl Default for GenConfig {
@@ -39,6 +42,7 @@ impl Default for GenConfig {
             late_rate: 0.0,
             malformed_rate: 0.0,
             calendar: BusinessCalendar::default(),
+            activity: 1.0,
         }
     }
 }
@@ -60,6 +64,12 @@ impl GenConfig {
             problems.push(format!(
                 "operators ({}) must not exceed merchants ({})",
                 self.operators, self.merchants
+            ));
+        }
+        if !(self.activity > 0.0 && self.activity <= 100.0) {
+            problems.push(format!(
+                "activity must be above 0 and at most 100, got {}",
+                self.activity
             ));
         }
         if self.merchants > 999_999 {

@@ -772,7 +772,7 @@ pub fn generate<W: Write>(config: &GenConfig, out: W) -> Result<Generated, GenEr
             let n: f64 = rand_distr::StandardNormal.sample(rng);
             (sigma * n).exp()
         };
-        let volume_scale = log_normal_scale(&mut rng, 0.35);
+        let volume_scale = log_normal_scale(&mut rng, 0.35) * config.activity;
         let ticket_scale = log_normal_scale(&mut rng, 0.2);
         let growth_noise: f64 = rand_distr::StandardNormal.sample(&mut rng);
         let growth = 0.06 + 0.12 * growth_noise;

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{Datelike, NaiveDate};
 use streetflow_core::tables::{MERCHANT_DAILY_HISTORY, payers_type};
 use streetflow_lake::arrow::array::{BooleanArray, Int64Builder, ListBuilder, StructBuilder};
 
@@ -43,22 +42,30 @@ struct HistoryRows {
     payers: Vec<Vec<(u64, i64, i64)>>,
 }
 
-/// First day of the month of a day number (days since 1970-01-01).
-pub(crate) fn month_of(day: i32) -> i32 {
-    NaiveDate::default()
-        .checked_add_signed(chrono::Duration::days(i64::from(day)))
-        .and_then(|date| date.with_day(1))
-        .map_or(day, |first| {
-            first.signed_duration_since(NaiveDate::default()).num_days() as i32
-        })
-}
+pub(crate) use streetflow_core::tables::month_of;
 
 impl DailyBuilder {
     /// Every version, within `spec`, of the rows of the days `spec` keeps, sorted by
     /// operator, merchant, date and knowledge time, in `merchant_daily_history`'s schema.
     pub fn finish_history(mut self, spec: &HistorySpec<'_>) -> Result<Vec<RecordBatch>> {
-        self.settle_repeats();
-        self.resolve_claims();
+        self.history_rows(spec)
+    }
+
+    /// [`DailyBuilder::finish`]'s rows of the days `keep` accepts, and
+    /// [`DailyBuilder::finish_history`]'s rows within `spec`: both tables of silver from
+    /// one pass over bronze.
+    pub fn finish_daily_and_history(
+        mut self,
+        keep: impl Fn(&str, i32) -> bool,
+        spec: &HistorySpec<'_>,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        let history = self.history_rows(spec)?;
+        let daily = self.finish(keep)?;
+        Ok((daily, history))
+    }
+
+    fn history_rows(&mut self, spec: &HistorySpec<'_>) -> Result<Vec<RecordBatch>> {
+        self.settle();
         let operator_names: Vec<String> = (0..self.operators.len() as u32)
             .map(|id| self.operators.text(id))
             .collect();
