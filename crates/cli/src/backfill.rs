@@ -11,7 +11,7 @@ use chrono::{DateTime, FixedOffset, Utc};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use streetflow_features::{SilverMode, refresh_silver};
+use streetflow_features::{SilverFromLoad, SilverMode, refresh_silver};
 use streetflow_ingest::{
     BackfillOptions, CsvMapping, FileReport, InputFormat, KnowledgeTime, backfill_file,
     expand_inputs, is_csv_file,
@@ -138,11 +138,18 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
         refuse_revising_settled_knowledge(&runtime, &lake, knowledge, &files)?;
     }
     let bytes_read = Arc::new(AtomicU64::new(0));
+    // A first load builds silver from the rows it commits, beside the load.
+    let from_load = if args.no_silver {
+        None
+    } else {
+        runtime.block_on(SilverFromLoad::start(&lake))?
+    };
     let options = BackfillOptions {
         config: config.clone(),
         knowledge,
         commit_every_lines: args.commit_every,
         bytes_read: Some(bytes_read.clone()),
+        committed_rows: from_load.as_ref().map(SilverFromLoad::sender),
     };
     let started = Instant::now();
     let bar = bytes_bar(total_bytes);
@@ -179,21 +186,28 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let _ = ticker.join();
+    drop(options);
     loaded?;
     let load_seconds = started.elapsed().as_secs_f64();
 
+    let mut silver_from_load = false;
     let silver = if args.no_silver {
         None
     } else {
         let spinner = ProgressBar::new_spinner();
         spinner.set_message("bringing merchant_daily up to date");
         spinner.enable_steady_tick(Duration::from_millis(120));
+        let settings = silver_settings(&config)?;
         let report = runtime
-            .block_on(refresh_silver(
-                &lake,
-                SilverMode::Incremental,
-                &silver_settings(&config)?,
-            ))
+            .block_on(async {
+                if let Some(from_load) = from_load
+                    && let Some(report) = from_load.finish(&lake, &settings).await?
+                {
+                    silver_from_load = true;
+                    return Ok(report);
+                }
+                refresh_silver(&lake, SilverMode::Incremental, &settings).await
+            })
             .context("refreshing merchant_daily (re-run, or run `streetflow aggregate`)");
         spinner.finish_and_clear();
         Some(report?)
@@ -222,6 +236,7 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
                 "bytes": total_bytes,
                 "load_seconds": load_seconds,
                 "silver_rows_written": silver.as_ref().map(|s| s.rows_written),
+                "silver_built_from_the_load": silver_from_load,
                 "bronze_version": silver.as_ref().and_then(|s| s.bronze_version),
                 "seconds": seconds,
             })

@@ -658,7 +658,7 @@ pub(crate) fn district_args(
 
 fn settings_text(args: &BenchFeaturesArgs) -> String {
     format!(
-        "merchants={} days={} sales_per_day={} generator=2",
+        "merchants={} days={} sales_per_day={} generator=3",
         args.merchants, args.days, args.sales_per_day
     )
 }

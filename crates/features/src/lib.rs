@@ -34,6 +34,6 @@ pub use gold::{
 pub use history::{HORIZON_APP_ID, HistoryReport, SilverSettings, refresh_history};
 pub use reference::reference_features;
 pub use serving::{MerchantAsOf, merchant_features};
-pub use silver::{BRONZE_APP_ID, SilverMode, SilverReport, refresh_silver};
+pub use silver::{BRONZE_APP_ID, SilverFromLoad, SilverMode, SilverReport, refresh_silver};
 pub use store::{DayRange, HistoryChanges, HistoryStore};
 pub use training::{SpineRow, TrainingReport, load_spine, training_schema, write_training_set};

@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use streetflow_core::tables::{MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, POS_EVENTS};
 use streetflow_lake::arrow::array::{AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
@@ -88,11 +90,129 @@ pub async fn refresh_silver(
     Ok(report)
 }
 
+/// Both silver tables about to be built from scratch as of one bronze version: their
+/// writers, the progress they recorded (fences) and the history's spec.
+struct FirstBuild {
+    silver: OffsetWriter,
+    history: OffsetWriter,
+    previous: Option<i64>,
+    previous_history: Option<i64>,
+    previous_horizon: Option<i64>,
+    horizon: i64,
+    report: SilverReport,
+}
+
+impl FirstBuild {
+    /// `None` unless both tables must be built from scratch: `full`, or neither holds
+    /// anything yet (a first load).
+    async fn start(
+        lake: &Lake,
+        full: bool,
+        version: i64,
+        settings: &SilverSettings,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Self>> {
+        let mut silver = OffsetWriter::new(lake, &MERCHANT_DAILY, "merchant_daily").await?;
+        let mut history = OffsetWriter::new(lake, &MERCHANT_DAILY_HISTORY, "history").await?;
+        let previous = silver.app_version(BRONZE_APP_ID).await?;
+        let previous_history = history.app_version(BRONZE_APP_ID).await?;
+        let previous_horizon = history.app_version(HORIZON_APP_ID).await?;
+        let first_build =
+            previous.is_none() && (previous_history.is_none() || previous_horizon.is_none());
+        if !full && !first_build {
+            return Ok(None);
+        }
+        let horizon = (now - settings.knowledge.settle())
+            .timestamp_micros()
+            .max(previous_horizon.unwrap_or(i64::MIN));
+        let report = SilverReport {
+            previous_bronze_version: previous,
+            bronze_version: Some(version),
+            history: HistoryReport {
+                previous_horizon,
+                horizon: Some(horizon),
+                rebuilt: true,
+                ..HistoryReport::default()
+            },
+            ..SilverReport::default()
+        };
+        Ok(Some(FirstBuild {
+            silver,
+            history,
+            previous,
+            previous_history,
+            previous_horizon,
+            horizon,
+            report,
+        }))
+    }
+
+    /// Finishes `builder` (fed with bronze rows) into both tables' writers.
+    async fn add(&mut self, builder: ParallelDaily, settings: &SilverSettings) -> Result<()> {
+        let calendars = &settings.calendars;
+        let end_of = |operator: &str, date: i32| day_end(calendars, operator, date);
+        let every_day = |_: &str, _: i32| true;
+        let spec = HistorySpec {
+            after: None,
+            horizon: self.horizon,
+            day_end: &end_of,
+            keep: &every_day,
+        };
+        let (daily, versions) = builder.finish_daily_and_history(every_day, &spec)?;
+        self.report.rows_written += write_all(&mut self.silver, daily).await?;
+        self.report.history.versions_written += write_all(&mut self.history, versions).await?;
+        Ok(())
+    }
+
+    /// Commits both tables as of bronze `version`, each fenced on what it recorded: a
+    /// crash between the two commits leaves the history to the next refresh.
+    async fn commit(mut self, version: i64) -> Result<SilverReport> {
+        let staged = self.silver.stage().await?;
+        let progress = [AppProgress {
+            app_id: BRONZE_APP_ID.to_owned(),
+            expected: self.previous,
+            version,
+        }];
+        if let CommitOutcome::Fenced { .. } = self
+            .silver
+            .replace_partitions(&staged, None, &progress)
+            .await?
+        {
+            self.silver.discard();
+            self.report.fenced = true;
+        }
+        let staged = self.history.stage().await?;
+        freeze::point(points::HISTORY_FILES);
+        let progress = [
+            AppProgress {
+                app_id: BRONZE_APP_ID.to_owned(),
+                expected: self.previous_history,
+                version,
+            },
+            AppProgress {
+                app_id: HORIZON_APP_ID.to_owned(),
+                expected: self.previous_horizon,
+                version: self.horizon,
+            },
+        ];
+        match self
+            .history
+            .replace_partitions(&staged, None, &progress)
+            .await?
+        {
+            CommitOutcome::Committed { .. } => freeze::point(points::HISTORY_COMMIT),
+            CommitOutcome::Fenced { .. } => {
+                self.history.discard();
+                self.report.history.fenced = true;
+            }
+        }
+        Ok(self.report)
+    }
+}
+
 /// Rebuilds `merchant_daily` and `merchant_daily_history` together, from one pass over
 /// bronze, when both must be built from scratch (`--full`, or neither holds anything
-/// yet: a first load); `None` otherwise. Each table's commit is fenced on the versions
-/// it read, as the separate refreshes' are, so a crash between them leaves the history
-/// to the next refresh.
+/// yet: a first load); `None` otherwise.
 async fn rebuild_both(
     lake: &Lake,
     mode: SilverMode,
@@ -105,81 +225,109 @@ async fn rebuild_both(
     let Some(version) = bronze.version().map(|v| v as i64) else {
         return Ok(None);
     };
-    let mut silver = OffsetWriter::new(lake, &MERCHANT_DAILY, "merchant_daily").await?;
-    let mut history = OffsetWriter::new(lake, &MERCHANT_DAILY_HISTORY, "history").await?;
-    let previous = silver.app_version(BRONZE_APP_ID).await?;
-    let previous_history = history.app_version(BRONZE_APP_ID).await?;
-    let previous_horizon = history.app_version(HORIZON_APP_ID).await?;
-    let first_build =
-        previous.is_none() && (previous_history.is_none() || previous_horizon.is_none());
-    if mode != SilverMode::Full && !first_build {
+    let full = mode == SilverMode::Full;
+    let Some(mut build) = FirstBuild::start(lake, full, version, settings, now).await? else {
         return Ok(None);
-    }
-    let horizon = (now - settings.knowledge.settle())
-        .timestamp_micros()
-        .max(previous_horizon.unwrap_or(i64::MIN));
-    let calendars = &settings.calendars;
-    let end_of = |operator: &str, date: i32| day_end(calendars, operator, date);
-    let every_day = |_: &str, _: i32| true;
-    let spec = HistorySpec {
-        after: None,
-        horizon,
-        day_end: &end_of,
-        keep: &every_day,
-    };
-    let mut report = SilverReport {
-        previous_bronze_version: previous,
-        bronze_version: Some(version),
-        history: HistoryReport {
-            previous_horizon,
-            horizon: Some(horizon),
-            rebuilt: true,
-            ..HistoryReport::default()
-        },
-        ..SilverReport::default()
     };
     let ctx = lake.pinned_session(POS_EVENTS.name, &bronze).await?;
     for relation in rebuild_passes(&ctx).await? {
         let mut builder = ParallelDaily::per_core(DailyBuilder::new);
         builder.push_scan(&ctx, &relation).await?;
-        let (daily, versions) = builder.finish_daily_and_history(every_day, &spec)?;
-        report.rows_written += write_all(&mut silver, daily).await?;
-        report.history.versions_written += write_all(&mut history, versions).await?;
+        build.add(builder, settings).await?;
     }
-    let staged = silver.stage().await?;
-    let progress = [AppProgress {
-        app_id: BRONZE_APP_ID.to_owned(),
-        expected: previous,
-        version,
-    }];
-    if let CommitOutcome::Fenced { .. } =
-        silver.replace_partitions(&staged, None, &progress).await?
-    {
-        silver.discard();
-        report.fenced = true;
-    }
-    let staged = history.stage().await?;
-    freeze::point(points::HISTORY_FILES);
-    let progress = [
-        AppProgress {
-            app_id: BRONZE_APP_ID.to_owned(),
-            expected: previous_history,
-            version,
-        },
-        AppProgress {
-            app_id: HORIZON_APP_ID.to_owned(),
-            expected: previous_horizon,
-            version: horizon,
-        },
-    ];
-    match history.replace_partitions(&staged, None, &progress).await? {
-        CommitOutcome::Committed { .. } => freeze::point(points::HISTORY_COMMIT),
-        CommitOutcome::Fenced { .. } => {
-            history.discard();
-            report.history.fenced = true;
+    build.commit(version).await.map(Some)
+}
+
+/// Bronze rows a load may feed [`SilverFromLoad`] before it gives up (its builders
+/// hold about 190 bytes an event) and leaves silver to a refresh.
+const LOAD_EVENTS_LIMIT: u64 = 20_000_000;
+
+/// Silver built from the rows a first load commits, as they are committed, instead of
+/// from bronze read back after it: the daily builders run beside the load's decoding
+/// and encoding. Used only when the lake has no bronze yet; [`SilverFromLoad::finish`]
+/// commits only when bronze then holds exactly the rows it was given (no other writer
+/// came in between), and otherwise leaves silver to [`refresh_silver`].
+pub struct SilverFromLoad {
+    sender: mpsc::Sender<RecordBatch>,
+    task: tokio::task::JoinHandle<Result<(Option<ParallelDaily>, u64)>>,
+}
+
+impl SilverFromLoad {
+    /// Starts the builders, or `None` when `pos_events` exists already.
+    pub async fn start(lake: &Lake) -> Result<Option<Self>> {
+        if lake.open(POS_EVENTS.name).await?.is_some() {
+            return Ok(None);
         }
+        let (sender, mut receiver) = mpsc::channel::<RecordBatch>(4);
+        let task = tokio::spawn(async move {
+            let mut builder = Some(ParallelDaily::per_core(DailyBuilder::new));
+            let mut rows = 0_u64;
+            while let Some(batch) = receiver.recv().await {
+                rows += batch.num_rows() as u64;
+                if rows > LOAD_EVENTS_LIMIT {
+                    // Too large to hold: a refresh reads bronze in passes instead.
+                    builder = None;
+                }
+                if let Some(builder) = &mut builder {
+                    builder.push(batch).await?;
+                }
+            }
+            Ok((builder, rows))
+        });
+        Ok(Some(SilverFromLoad { sender, task }))
     }
-    Ok(Some(report))
+
+    /// Where the load sends each `pos_events` batch once committed
+    /// (`BackfillOptions::committed_rows`).
+    pub fn sender(&self) -> mpsc::Sender<RecordBatch> {
+        self.sender.clone()
+    }
+
+    /// Builds and commits both silver tables from the rows received, once every sender
+    /// is dropped; `None` when it cannot (bronze holds rows it was not given, silver was
+    /// written meanwhile, or the load was too large): then run [`refresh_silver`].
+    pub async fn finish(
+        self,
+        lake: &Lake,
+        settings: &SilverSettings,
+    ) -> Result<Option<SilverReport>> {
+        drop(self.sender);
+        let (builder, rows) = self.task.await.map_err(|e| Error::Arrow {
+            context: "building silver from the load".to_owned(),
+            source: streetflow_lake::arrow::error::ArrowError::ComputeError(e.to_string()),
+        })??;
+        let Some(builder) = builder else {
+            return Ok(None);
+        };
+        let Some(bronze) = lake.open(POS_EVENTS.name).await? else {
+            return Ok(None);
+        };
+        let Some(version) = bronze.version().map(|v| v as i64) else {
+            return Ok(None);
+        };
+        let in_bronze: u64 = bronze
+            .snapshot()
+            .map_err(streetflow_lake::Error::delta(POS_EVENTS.name, "list files"))?
+            .log_data()
+            .iter()
+            .map(|file| file.num_records().unwrap_or(usize::MAX) as u64)
+            .fold(0_u64, u64::saturating_add);
+        if in_bronze != rows || builder.rows() != rows {
+            tracing::info!(
+                in_bronze,
+                received = rows,
+                "bronze holds rows the load did not send: silver is refreshed from bronze"
+            );
+            return Ok(None);
+        }
+        let Some(mut build) =
+            FirstBuild::start(lake, false, version, settings, chrono::Utc::now()).await?
+        else {
+            return Ok(None);
+        };
+        build.add(builder, settings).await?;
+        build.commit(version).await.map(Some)
+    }
 }
 
 /// Brings `merchant_daily` up to the newest `pos_events` version.

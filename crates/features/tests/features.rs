@@ -1016,6 +1016,7 @@ async fn vectors_from_the_history_equal_the_sql_over_raw_events_across_the_distr
         knowledge: KnowledgeTime::FromOccurred,
         commit_every_lines: 1_000_000,
         bytes_read: None,
+        committed_rows: None,
     };
     backfill_file(&lake, &events, &options, &InputFormat::JsonLines)
         .await

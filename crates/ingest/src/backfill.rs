@@ -66,6 +66,10 @@ pub struct BackfillOptions {
     pub commit_every_lines: u64,
     /// Bytes of input read so far, across files (for a progress bar).
     pub bytes_read: Option<Arc<AtomicU64>>,
+    /// Receives every `pos_events` batch once its commit has landed, as committed
+    /// (knowledge stamped): lets a caller build silver from the load itself instead of
+    /// reading bronze back. A receiver that hangs up stops nothing.
+    pub committed_rows: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
 }
 
 /// What became of one file.
@@ -506,11 +510,17 @@ pub async fn backfill_file(
     });
 
     let mut staged_rows = (0_u64, 0_u64);
-    // Observed knowledge: the rows of a commit wait in memory until the commit, so they
-    // can be stamped just before they are written (and again if the deadline passes).
+    // Observed knowledge: each piece is stamped when it is written (so Parquet encoding
+    // runs while the reader decodes the next lines) and the commit must follow the
+    // first stamp within the deadline. The pieces stay in memory until the commit, so a
+    // commit that misses it can stamp and write them again.
     let observed = options.knowledge == KnowledgeTime::Observed;
     let deadline = options.config.knowledge_rules().commit_deadline();
+    // The rows written since the last commit, as written: observed ones always (to
+    // stamp again), asserted ones when a caller wants the committed rows.
     let mut waiting: Vec<RecordBatch> = Vec::new();
+    let mut first_stamp: Option<DateTime<Utc>> = None;
+    let mut sink = options.committed_rows.clone();
     while let Some(piece) = receiver.recv().await {
         match piece {
             Piece::Rows {
@@ -520,10 +530,19 @@ pub async fn backfill_file(
                 staged_rows.0 += event_rows.num_rows() as u64;
                 staged_rows.1 += dead_rows.num_rows() as u64;
                 if event_rows.num_rows() > 0 {
-                    if observed {
-                        waiting.push(event_rows);
+                    let written = if observed {
+                        let at = Utc::now();
+                        first_stamp.get_or_insert(at);
+                        restamp_observed(&event_rows, at).map_err(|source| Error::Arrow {
+                            table: POS_EVENTS.name,
+                            source,
+                        })?
                     } else {
-                        events.write(event_rows).await?;
+                        event_rows
+                    };
+                    events.write(written.clone()).await?;
+                    if observed || sink.is_some() {
+                        waiting.push(written);
                     }
                 }
                 if dead_rows.num_rows() > 0 {
@@ -550,7 +569,8 @@ pub async fn backfill_file(
                     dead_done = Some(last_line);
                     freeze::point(points::DEAD_LETTER_COMMIT);
                 }
-                let (mut staged, mut stamp) = stage_events(&mut events, &waiting).await?;
+                let mut staged = events.stage().await?;
+                let mut stamp = first_stamp.take();
                 let mut progress = Vec::new();
                 if last_line > events_done.unwrap_or(0) || events_done.is_none() {
                     progress.push(AppProgress {
@@ -571,12 +591,20 @@ pub async fn backfill_file(
                     // files of the first stamp are never committed).
                     while stamp.is_some_and(|at| Utc::now() - at > deadline) {
                         tracing::warn!(path = %report.path, "a commit missed the knowledge deadline of its stamp; stamping again");
-                        (staged, stamp) = stage_events(&mut events, &waiting).await?;
+                        (staged, stamp) = stage_events(&mut events, &mut waiting).await?;
                     }
                     committed(
                         events.commit_appended(&staged, &progress).await?,
                         &report.path,
                     )?;
+                    if let Some(receiver) = &sink {
+                        for batch in waiting.drain(..) {
+                            if receiver.send(batch).await.is_err() {
+                                sink = None;
+                                break;
+                            }
+                        }
+                    }
                     events_done = Some(last_line.max(events_done.unwrap_or(0)));
                     report.commits += 1;
                     freeze::point(points::EVENT_COMMIT);
@@ -596,20 +624,20 @@ pub async fn backfill_file(
     Ok(report)
 }
 
-/// Writes `waiting` (observed rows, stamped now) and stages everything written since the
-/// last stage; the stamp, when there were observed rows.
+/// Stamps `waiting` (observed rows) again, now, writes it and stages everything written
+/// since the last stage; the stamp, when there were observed rows.
 async fn stage_events(
     events: &mut OffsetWriter,
-    waiting: &[RecordBatch],
+    waiting: &mut [RecordBatch],
 ) -> Result<(streetflow_lake::StagedFiles, Option<DateTime<Utc>>)> {
     let stamp = (!waiting.is_empty()).then(Utc::now);
     if let Some(at) = stamp {
-        for batch in waiting {
-            let batch = restamp_observed(batch, at).map_err(|source| Error::Arrow {
+        for batch in waiting.iter_mut() {
+            *batch = restamp_observed(batch, at).map_err(|source| Error::Arrow {
                 table: POS_EVENTS.name,
                 source,
             })?;
-            events.write(batch).await?;
+            events.write(batch.clone()).await?;
         }
     }
     Ok((events.stage().await?, stamp))
