@@ -864,8 +864,9 @@ pub(crate) fn bench_training(args: &BenchTrainingArgs) -> anyhow::Result<()> {
         .map(|r| {
             let merchant = &merchants[(r * 7_919) % merchants.len()];
             let date = AS_OF - Days::new(30 * u64::from(r as u32 % args.dates.max(1)));
-            let knowledge_time =
-                (r % 2 == 1).then(|| calendar.day_start(date) + chrono::Duration::hours(12));
+            // Every date at both knowledge times: the default and twelve hours later.
+            let knowledge_time = ((r / args.dates.max(1) as usize) % 2 == 1)
+                .then(|| calendar.day_start(date) + chrono::Duration::hours(12));
             streetflow_features::SpineRow {
                 operator_id: merchant.operator.to_owned(),
                 merchant_id: merchant.id.clone(),

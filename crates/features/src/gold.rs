@@ -548,26 +548,62 @@ pub(crate) fn vectors_as_of(
             },
         );
     }
+    let bronze_version = report.bronze_version;
+    let vectors_of = |merchants: &[(String, String)]| -> Result<Vec<FeatureVector>> {
+        let mut vectors = Vec::with_capacity(merchants.len());
+        for (operator, merchant) in merchants {
+            let Some(view) = operators.get(operator.as_str()) else {
+                continue;
+            };
+            let input = VectorInput {
+                operator_id: operator,
+                merchant_id: merchant,
+                as_of: d,
+                knowledge_time: view.k,
+                days: store.merchant(operator, merchant),
+                feed_days: &view.feed_days,
+                registered: view
+                    .registry
+                    .get(&(operator.as_str(), merchant.as_str()))
+                    .copied(),
+                bronze_version,
+            };
+            if let Some(vector) = feature_vector(&input, &rules)? {
+                vectors.push(vector);
+            }
+        }
+        Ok(vectors)
+    };
+    // Each vector reads only its merchant's days: the population is shared out among
+    // the cores in contiguous runs, and the runs joined in order.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let run = population.merchants.len().div_ceil(threads).max(1);
     let mut vectors = Vec::with_capacity(population.merchants.len());
-    for (operator, merchant) in &population.merchants {
-        let Some(view) = operators.get(operator.as_str()) else {
-            continue;
-        };
-        let input = VectorInput {
-            operator_id: operator,
-            merchant_id: merchant,
-            as_of: d,
-            knowledge_time: view.k,
-            days: store.merchant(operator, merchant),
-            feed_days: &view.feed_days,
-            registered: view
-                .registry
-                .get(&(operator.as_str(), merchant.as_str()))
-                .copied(),
-            bronze_version: report.bronze_version,
-        };
-        if let Some(vector) = feature_vector(&input, &rules)? {
-            vectors.push(vector);
+    if threads == 1 || population.merchants.len() < 1_000 {
+        vectors = vectors_of(&population.merchants)?;
+    } else {
+        let parts: Vec<Result<Vec<FeatureVector>>> = std::thread::scope(|scope| {
+            let running: Vec<_> = population
+                .merchants
+                .chunks(run)
+                .map(|part| scope.spawn(|| vectors_of(part)))
+                .collect();
+            running
+                .into_iter()
+                .map(|thread| {
+                    thread.join().unwrap_or_else(|_| {
+                        Err(Error::Arrow {
+                            context: "computing feature vectors".to_owned(),
+                            source: streetflow_lake::arrow::error::ArrowError::ComputeError(
+                                "a feature thread stopped".to_owned(),
+                            ),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for part in parts {
+            vectors.extend(part?);
         }
     }
     if with_peers {
