@@ -317,10 +317,8 @@ fn both_silver_tables(dir: &Path, lake: &Path) -> (String, String) {
     };
     (
         csv("SELECT * FROM merchant_daily ORDER BY operator_id, merchant_id, business_date"),
-        csv(
-            "SELECT * FROM merchant_daily_history \
-             ORDER BY operator_id, merchant_id, business_date, known_from",
-        ),
+        csv("SELECT * FROM merchant_daily_history \
+             ORDER BY operator_id, merchant_id, business_date, known_from"),
     )
 }
 
@@ -344,12 +342,18 @@ fn a_first_load_builds_the_silver_a_rebuild_from_bronze_builds() {
         .map(String::as_str)
         .collect::<Vec<_>>(),
     );
-    assert!(loaded["files"][0]["commits"].as_u64().unwrap() > 5, "{loaded}");
+    assert!(
+        loaded["files"][0]["commits"].as_u64().unwrap() > 5,
+        "{loaded}"
+    );
     assert_eq!(loaded["silver_built_from_the_load"], true, "{loaded}");
     let (daily, history) = both_silver_tables(&dir, &lake);
     assert!(daily.lines().count() > 300, "{daily}");
     assert!(history.lines().count() > daily.lines().count(), "{history}");
-    run(&dir, &["aggregate", "--lake", lake.to_str().unwrap(), "--full"]);
+    run(
+        &dir,
+        &["aggregate", "--lake", lake.to_str().unwrap(), "--full"],
+    );
     let (rebuilt_daily, rebuilt_history) = both_silver_tables(&dir, &lake);
     assert_eq!(daily, rebuilt_daily);
     assert_eq!(history, rebuilt_history);
