@@ -24,7 +24,7 @@ use streetflow_features::{AsOf, FeatureInputs, LOOKBACK_DAYS, write_features};
 use crate::bench_features::{AS_OF, district_args, prepare_lake, registry};
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::serve::{Service, router};
+use crate::serve::{Access, Limits, Service, router};
 
 /// Options of `streetflow bench decide`.
 #[derive(Debug, Args)]
@@ -56,6 +56,9 @@ pub(crate) struct BenchDecideArgs {
     load_seconds: u64,
 }
 
+/// The bearer token the bench's server accepts (its requests pass authentication).
+const BENCH_TOKEN: &str = "bench-token";
+
 /// Sends one HTTP/1.1 request (connection closed after it) and returns status and body.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).context("connecting to the server")?;
@@ -63,6 +66,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> anyhow::Resul
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {BENCH_TOKEN}\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
@@ -169,7 +173,10 @@ pub(crate) fn bench_decide(args: &BenchDecideArgs) -> anyhow::Result<()> {
     );
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
-    runtime.spawn(async move { axum::serve(listener, router(service, None)).await });
+    let access = Access::tokens([BENCH_TOKEN]).context("the bench token")?;
+    runtime.spawn(async move {
+        axum::serve(listener, router(service, None, access, Limits::default())).await
+    });
 
     // The bench's events arrived by the start of the as-of date, so that knowledge time
     // sees them all and every request decides on the same data.

@@ -10,12 +10,18 @@
 //!   evaluated on them. The rows come from an in-memory copy of recent
 //!   `merchant_daily_history` ([`HistoryStore`]) that a background task brings up to the
 //!   newest history version every `--refresh-seconds`, reading only the files each
-//!   commit added; a request whose lookback window starts before the cached dates reads
-//!   the lake;
+//!   commit added (with `--cache-days 0`, every evaluation reads the lake);
 //! * `GET /healthz`, `GET /metrics` (Prometheus).
 //!
+//! Every `/v1` route needs `Authorization: Bearer <token>`, one of the tokens of
+//! `STREETFLOW_SERVE_TOKENS` (comma-separated) or `--tokens-file` (one a line); without
+//! any, the server starts only with `--no-auth` on a loopback address. Requests have a
+//! time limit, evaluations a bound on how many run at once, bodies a size limit, and an
+//! evaluation's lookback must lie in the cached days.
+//!
 //! Errors are JSON, `{"error": {"code": …, "message": …}}`, with a 4xx status for what
-//! the caller can fix (unknown product or merchant, bad parameters).
+//! the caller can fix (unknown product or merchant, bad parameters, a missing or wrong
+//! credential) and 503 for what a limit refused (try again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -77,6 +83,122 @@ pub(crate) struct ServeArgs {
     /// window of a decision as of any day of the last three months.
     #[arg(long, default_value_t = LOOKBACK_DAYS + 92)]
     cache_days: u64,
+    /// File of bearer tokens the `/v1` routes accept: each line, trimmed, is one token
+    /// (lines starting with `#` are comments); added
+    /// to those of `STREETFLOW_SERVE_TOKENS` (comma-separated).
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    /// Serve `/v1` without credentials: only on a loopback address, for a laptop.
+    #[arg(long)]
+    no_auth: bool,
+    /// Answer 503 to a request not answered within this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    request_timeout_ms: u64,
+    /// Evaluations that run at once; more wait (within the request time limit).
+    #[arg(long, default_value_t = 64)]
+    max_evaluations: usize,
+}
+
+/// The earliest as-of date served: its lookback starts after 1970-01-01.
+const EARLIEST_AS_OF: NaiveDate = match NaiveDate::from_ymd_opt(1972, 1, 1) {
+    Some(date) => date,
+    None => NaiveDate::MIN,
+};
+
+/// The largest request body accepted (an evaluation request is a few hundred bytes).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Who may call the `/v1` routes: the SHA-256 digests of the accepted bearer tokens
+/// (compared as digests, so a comparison's timing tells nothing about a token), or
+/// anyone (`--no-auth`).
+#[derive(Clone)]
+pub(crate) enum Access {
+    /// Any caller.
+    Open,
+    /// Callers with one of these token digests.
+    Tokens(Arc<Vec<[u8; 32]>>),
+}
+
+impl Access {
+    /// Access for `tokens` (empty ones ignored); `None` when there is none.
+    pub(crate) fn tokens<'a>(tokens: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let digests: Vec<[u8; 32]> = tokens
+            .into_iter()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(token_digest)
+            .collect();
+        (!digests.is_empty()).then(|| Self::Tokens(Arc::new(digests)))
+    }
+
+    fn admits(&self, presented: Option<&str>) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Tokens(digests) => presented.is_some_and(|token| {
+                let digest = token_digest(token);
+                digests
+                    .iter()
+                    .fold(false, |found, d| found | (*d == digest))
+            }),
+        }
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// The access of `args`: tokens from the environment and the tokens file, or `--no-auth`
+/// on a loopback address; an error that says what to set otherwise.
+fn access_of(args: &ServeArgs) -> anyhow::Result<Access> {
+    let from_env = std::env::var("STREETFLOW_SERVE_TOKENS").unwrap_or_default();
+    let from_file = match &args.tokens_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the tokens file {}", path.display()))?,
+        None => String::new(),
+    };
+    let tokens = from_env.split(',').chain(
+        from_file
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#')),
+    );
+    match (Access::tokens(tokens), args.no_auth) {
+        (Some(_), true) => anyhow::bail!("--no-auth with tokens configured: choose one"),
+        (Some(access), false) => Ok(access),
+        (None, true) => {
+            anyhow::ensure!(
+                args.addr.ip().is_loopback(),
+                "--no-auth serves credit decisions to anyone who can connect: only on a \
+                 loopback address, not {}",
+                args.addr
+            );
+            tracing::warn!("serving /v1 without credentials (--no-auth)");
+            Ok(Access::Open)
+        }
+        (None, false) => anyhow::bail!(
+            "no credentials configured: set STREETFLOW_SERVE_TOKENS (comma-separated bearer \
+             tokens) or --tokens-file, or run with --no-auth on a loopback address"
+        ),
+    }
+}
+
+/// The limits a server applies to each request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Time from a request's arrival to its answer.
+    pub(crate) request_timeout: Duration,
+    /// Evaluations that run at once.
+    pub(crate) max_evaluations: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            max_evaluations: 64,
+        }
+    }
 }
 
 /// An error answered to the caller as JSON.
@@ -192,18 +314,31 @@ fn rows_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>, ApiErro
     crate::output::rows_json(batches).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// Identifiers travel into SQL as literals; refuse what no operator or merchant id is.
-fn check_id(name: &str, value: &str) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+/// The event contract's operator id: `[a-z0-9][a-z0-9_-]{0,63}`.
+fn check_operator(value: &str) -> Result<(), ApiError> {
+    let mut chars = value.chars();
+    let ok = value.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'));
     if ok {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "{name} {value:?} is not an id (1–128 letters, digits, '-', '_', '.', ':')"
+            "operator_id {value:?} is not an operator id ([a-z0-9][a-z0-9_-]{{0,63}})"
+        )))
+    }
+}
+
+/// The event contract's merchant id: 1–64 characters of any script. (It reaches SQL
+/// only as a quoted literal.)
+fn check_merchant(value: &str) -> Result<(), ApiError> {
+    if (1..=64).contains(&value.chars().count()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "merchant_id {value:?} is not a merchant id (1–64 characters)"
         )))
     }
 }
@@ -374,8 +509,8 @@ impl Service {
         merchant_id: &str,
         product: &str,
     ) -> Result<Value, ApiError> {
-        check_id("operator", operator_id)?;
-        check_id("merchant", merchant_id)?;
+        check_operator(operator_id)?;
+        check_merchant(merchant_id)?;
         let policy = self.policy(product)?;
         let found = self
             .decisions
@@ -411,14 +546,26 @@ impl Service {
 
     /// Decides one merchant now (or as of the request's date and knowledge time).
     pub(crate) async fn evaluate(&self, request: &EvaluateRequest) -> Result<Value, ApiError> {
-        check_id("operator_id", &request.operator_id)?;
-        check_id("merchant_id", &request.merchant_id)?;
+        check_operator(&request.operator_id)?;
+        check_merchant(&request.merchant_id)?;
         let policy = self.policy(&request.product)?;
         let started = Instant::now();
         // As of a date: what the lake knew at its default knowledge time (the end of the
         // day before), as the batch job computes it; as of now: the latest settled
         // knowledge and the business date it falls on.
         let calendar = self.inputs.calendars.for_operator(&request.operator_id);
+        // Instants far out would overflow the calendar's arithmetic.
+        if let Some(k) = request.knowledge_time {
+            let (earliest, latest) = (
+                EARLIEST_AS_OF.and_time(chrono::NaiveTime::MIN).and_utc(),
+                Utc::now() + chrono::Duration::days(1),
+            );
+            if !(earliest..=latest).contains(&k) {
+                return Err(ApiError::bad_request(format!(
+                    "knowledge_time {k} is out of range: {earliest} … {latest}"
+                )));
+            }
+        }
         let (date, knowledge_time) = match (request.as_of_date, request.knowledge_time) {
             (Some(date), k) => (date, k),
             (None, Some(k)) => (calendar.business_date(&k), Some(k)),
@@ -427,6 +574,13 @@ impl Service {
                 (calendar.business_date(&k), Some(k))
             }
         };
+        // Dates far out would overflow date arithmetic and ask for history no lake has.
+        let latest = Utc::now().date_naive() + chrono::Days::new(366);
+        if !(EARLIEST_AS_OF..=latest).contains(&date) {
+            return Err(ApiError::bad_request(format!(
+                "as_of_date {date} is out of range: {EARLIEST_AS_OF} … {latest}"
+            )));
+        }
         let as_of = AsOf {
             date,
             knowledge_time,
@@ -452,13 +606,35 @@ impl Service {
             as_of: &as_of,
             inputs: &inputs,
         };
+        // With a cache, only its days are served: a lookback before them would read the
+        // lake for every such request, at a cost no limit here bounds.
         let cached = match &self.cache {
             Some(cache) => {
                 let cache = cache.read().await;
-                cache
+                let covered = cache
                     .range()
-                    .is_some_and(|r| r.first <= window.first && window.last <= r.last)
-                    .then(|| merchant_features(&cache, request_features))
+                    .is_some_and(|r| r.first <= window.first && window.last <= r.last);
+                if !covered {
+                    let first = cache
+                        .range()
+                        .and_then(|r| {
+                            NaiveDate::default().checked_add_signed(chrono::Duration::days(
+                                i64::from(r.first) + LOOKBACK_DAYS as i64,
+                            ))
+                        })
+                        .map_or_else(String::new, |d| d.to_string());
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "outside_window",
+                        format!(
+                            "as_of_date {date} needs daily history from {} on, before the days \
+                             this server holds; it serves as-of dates from {first} (raise \
+                             --cache-days, or use the batch job)",
+                            date - chrono::Days::new(LOOKBACK_DAYS)
+                        ),
+                    ));
+                }
+                Some(merchant_features(&cache, request_features))
             }
             None => None,
         };
@@ -580,6 +756,8 @@ fn decision_json(
 struct AppState {
     service: Arc<Service>,
     metrics: Option<PrometheusHandle>,
+    /// Permits for evaluations running at once.
+    evaluations: Arc<tokio::sync::Semaphore>,
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -621,11 +799,99 @@ async fn get_decision(
     Ok(axum::Json(body).into_response())
 }
 
-async fn post_evaluate(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn post_evaluate(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a request body holds at most {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body: Bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|error| {
+            // A body without a length that runs past the limit, or one that broke off.
+            if error.to_string().contains("length limit") {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("reading the request body: {error}"))
+            }
+        })?;
     let request: EvaluateRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
+    // Waiting for a permit counts against the request's time limit (the timeout layer).
+    let _permit = state
+        .evaluations
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the evaluation permits are closed"))?;
     let answer = state.service.evaluate(&request).await?;
     Ok(axum::Json(answer).into_response())
+}
+
+/// Lets a `/v1` request through only with an accepted bearer token.
+async fn authenticate(State(access): State<Access>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    if access.admits(presented) {
+        return next.run(request).await;
+    }
+    let message = if presented.is_some() {
+        "the bearer token is not accepted"
+    } else {
+        "this route needs Authorization: Bearer <token>"
+    };
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Answers 503 to a request the server did not answer within the limit (the work
+/// behind it is dropped).
+async fn time_limit(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("streetflow_http_timeouts_total").increment(1);
+            let mut response = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "not answered within {} ms; try again",
+                    limits.request_timeout.as_millis()
+                ),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -652,19 +918,33 @@ async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
-/// The HTTP routes over `service`.
-pub(crate) fn router(service: Arc<Service>, metrics: Option<PrometheusHandle>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
+/// The HTTP routes over `service`: `/v1` behind `access`, every route under `limits`.
+pub(crate) fn router(
+    service: Arc<Service>,
+    metrics: Option<PrometheusHandle>,
+    access: Access,
+    limits: Limits,
+) -> Router {
+    let state = AppState {
+        service,
+        metrics,
+        evaluations: Arc::new(tokio::sync::Semaphore::new(limits.max_evaluations.max(1))),
+    };
+    let v1 = Router::new()
         .route(
             "/v1/merchants/{operator}/{merchant}/decision",
             get(get_decision),
         )
         .route("/v1/decisions:evaluate", post(post_evaluate))
+        .route_layer(middleware::from_fn_with_state(access, authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .merge(v1)
         .route_layer(middleware::from_fn(observe))
         .fallback(not_found)
-        .with_state(AppState { service, metrics })
+        .layer(middleware::from_fn_with_state(limits, time_limit))
+        .with_state(state)
 }
 
 /// Builds the service of `args` (policies, registry, calendars, lake).
@@ -680,8 +960,23 @@ async fn service_of(args: &ServeArgs) -> anyhow::Result<Service> {
     };
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let policies = load_policies(&args.policies).await?;
-    let cache_since =
-        (args.cache_days > 0).then(|| Utc::now().date_naive() - chrono::Days::new(args.cache_days));
+    // A cache shorter than one lookback would serve no as-of date at all.
+    anyhow::ensure!(
+        args.cache_days == 0 || args.cache_days >= LOOKBACK_DAYS,
+        "--cache-days {} holds no whole lookback of {LOOKBACK_DAYS} days: give at least \
+         {LOOKBACK_DAYS}, or 0 to read the lake for every evaluation",
+        args.cache_days
+    );
+    let cache_since = match args.cache_days {
+        0 => None,
+        days => Some(
+            Utc::now()
+                .date_naive()
+                .checked_sub_days(chrono::Days::new(days))
+                .filter(|since| *since >= NaiveDate::default())
+                .with_context(|| format!("--cache-days {days} reaches back before 1970"))?,
+        ),
+    };
     Service::open(
         lake,
         policies,
@@ -709,6 +1004,11 @@ async fn shutdown_signal() {
 }
 
 pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let access = access_of(args)?;
+    let limits = Limits {
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+        max_evaluations: args.max_evaluations.max(1),
+    };
     let runtime = runtime()?;
     runtime.block_on(async {
         let service = Arc::new(service_of(args).await?);
@@ -732,7 +1032,7 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
             products = ?service.policies.keys().collect::<Vec<_>>(),
             "serving decisions: listening on http://{bound}"
         );
-        axum::serve(listener, router(service, Some(metrics)))
+        axum::serve(listener, router(service, Some(metrics), access, limits))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving HTTP")?;

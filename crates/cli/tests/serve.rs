@@ -21,16 +21,26 @@ fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/policies")
 }
 
-/// One HTTP/1.1 request; returns the status and the body.
+/// The bearer tokens the test's server accepts (`STREETFLOW_SERVE_TOKENS`).
+const TOKENS: &str = "first-token,second-token";
+
+/// One HTTP/1.1 request with an accepted token; returns the status and the body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_as(addr, Some("second-token"), method, path, body)
+}
+
+/// One HTTP/1.1 request with `token` as bearer token (`None`: no Authorization header).
+fn http_as(addr: &str, token: Option<&str>, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
+    let authorization =
+        token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -129,7 +139,7 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
                 .num_days()
                 .to_string(),
         ],
-        &[("RUST_LOG", "info")],
+        &[("RUST_LOG", "info"), ("STREETFLOW_SERVE_TOKENS", TOKENS)],
     );
     let lines = server.wait_for("listening on http://", Duration::from_secs(60));
     assert!(
@@ -291,16 +301,104 @@ fn serves_decisions_evaluates_one_merchant_like_the_batch_and_answers_errors_in_
         404,
         "no_decision",
     );
+    // Merchant ids may be any script (the event contract allows it); one that looks
+    // like SQL is only an id nobody has.
+    for merchant_id in ["%E5%92%96%E5%95%A1%E9%A6%86", "x'%20OR%201=1"] {
+        assert_error(
+            http(
+                &addr,
+                "GET",
+                &format!("/v1/merchants/{operator}/{merchant_id}/decision?product={PRODUCT}"),
+                "",
+            ),
+            404,
+            "no_decision",
+        );
+    }
     assert_error(
         http(
             &addr,
             "GET",
-            &format!("/v1/merchants/{operator}/x'%20OR%201=1/decision?product={PRODUCT}"),
+            &format!("/v1/merchants/Not%20An%20Operator/{merchant}/decision?product={PRODUCT}"),
             "",
         ),
         400,
         "bad_request",
     );
+    let unicode = serde_json::json!({
+        "operator_id": operator, "merchant_id": "咖啡馆", "product": PRODUCT,
+        "as_of_date": "2026-01-01",
+    });
+    assert_error(
+        http(
+            &addr,
+            "POST",
+            "/v1/decisions:evaluate",
+            &unicode.to_string(),
+        ),
+        404,
+        "unknown_merchant",
+    );
+
+    // Limits: extreme dates, dates before the cached days, and large bodies are refused
+    // with JSON errors.
+    for (as_of_date, status, code) in [
+        ("+262142-12-31", 400, "bad_request"),
+        ("-262143-01-01", 400, "bad_request"),
+        ("2000-01-01", 422, "outside_window"),
+    ] {
+        let request = format!(
+            r#"{{"operator_id": "{operator}", "merchant_id": "{merchant}", "product": "{PRODUCT}", "as_of_date": "{as_of_date}"}}"#
+        );
+        assert_error(
+            http(&addr, "POST", "/v1/decisions:evaluate", &request),
+            status,
+            code,
+        );
+    }
+    let large = format!(r#"{{"operator_id": "{}"}}"#, "a".repeat(100_000));
+    assert_error(
+        http(&addr, "POST", "/v1/decisions:evaluate", &large),
+        413,
+        "body_too_large",
+    );
+
+    // Credentials: every /v1 route needs an accepted bearer token; health and metrics
+    // stay open.
+    let evaluate = serde_json::json!({
+        "operator_id": operator, "merchant_id": merchant, "product": PRODUCT,
+        "as_of_date": "2026-01-01",
+    })
+    .to_string();
+    for token in [None, Some("wrong-token"), Some("")] {
+        for (method, path, body) in [
+            (
+                "GET",
+                format!("/v1/merchants/{operator}/{merchant}/decision?product={PRODUCT}"),
+                "",
+            ),
+            (
+                "POST",
+                "/v1/decisions:evaluate".to_owned(),
+                evaluate.as_str(),
+            ),
+        ] {
+            assert_error(
+                http_as(&addr, token, method, &path, body),
+                401,
+                "unauthorized",
+            );
+        }
+    }
+    let (status, body) = http_as(
+        &addr,
+        Some("first-token"),
+        "POST",
+        "/v1/decisions:evaluate",
+        &evaluate,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_as(&addr, None, "GET", "/healthz", "").0, 200);
     let unknown = serde_json::json!({
         "operator_id": operator, "merchant_id": "nobody", "product": PRODUCT,
         "as_of_date": "2026-01-01",
