@@ -1,13 +1,14 @@
 #!/bin/sh
 # The scheduler of the compose stack: the batch jobs of a day, then sleep until the next.
-# Each job is idempotent, so a failed night is repaired by the next run.
+# Each job is idempotent, so a failed night is repaired by the next run. `--as-of today`
+# is the business date in the operators' calendar (the container's clock is UTC: at
+# 00:30 in Shanghai `date +%F` still says yesterday).
 set -eu
 while true; do
-  today="$(date +%F)"
   streetflow aggregate --lake /lake
-  streetflow features --lake /lake --as-of "$today" --config /etc/streetflow/pipeline.toml
-  streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/district-turnover-loan.toml
-  streetflow decide --lake /lake --as-of "$today" --policy /etc/streetflow/pipelines/policies/daily-takings-line.toml
+  streetflow features --lake /lake --as-of today --config /etc/streetflow/pipeline.toml
+  streetflow decide --lake /lake --as-of today --config /etc/streetflow/pipeline.toml --policy /etc/streetflow/pipelines/policies/district-turnover-loan.toml
+  streetflow decide --lake /lake --as-of today --config /etc/streetflow/pipeline.toml --policy /etc/streetflow/pipelines/policies/daily-takings-line.toml
   streetflow compact --lake /lake --table pos_events
   # merchant_daily keeps about one file per business date by itself: each refresh
   # rewrites the files of the days it touches.

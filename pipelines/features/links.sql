@@ -3,23 +3,30 @@
 --
 -- Input: `uniq` (uniq.sql), each event once.
 -- Output: (operator_id, event_id, voided, orphan) for
---   * every sale a void names: voided (a voided sale leaves sales and counts);
---   * every refund or void whose sale is not in `uniq`: orphan.
--- Both can name one event only when a void names a refund or another void; the flags
--- are combined so each event has one row.
+--   * every sale a matching void names: voided (a voided sale leaves sales and counts);
+--   * every refund or void that matches no sale: orphan.
+-- A refund or void matches the sale it names only if that sale is the same merchant's
+-- (one shop cannot cancel or refund another's sale), and a void only if its amount is
+-- the sale's (a void cancels a whole sale; part of one is a refund). An orphan cancels
+-- nothing; an orphan refund is still money out of its own merchant.
+-- Both flags can concern one event only when a void names a refund or another void;
+-- they are combined so each event has one row.
 WITH claims AS (
-    SELECT operator_id, event_id, kind, ref_event_id FROM uniq WHERE kind <> 'sale'
+    SELECT operator_id, event_id, merchant_id, kind, amount_fen, ref_event_id
+    FROM uniq WHERE kind <> 'sale'
 ),
 answered AS (
-    SELECT c.operator_id, c.event_id
+    SELECT c.operator_id, c.event_id, c.kind, c.ref_event_id
     FROM claims c
     JOIN uniq s ON s.operator_id = c.operator_id AND s.event_id = c.ref_event_id
     WHERE s.kind = 'sale'
+      AND s.merchant_id = c.merchant_id
+      AND (c.kind <> 'void' OR s.amount_fen = c.amount_fen)
 ),
 flags AS (
     SELECT operator_id, ref_event_id AS event_id, true AS voided, false AS orphan
-    FROM claims
-    WHERE kind = 'void' AND ref_event_id IS NOT NULL
+    FROM answered
+    WHERE kind = 'void'
     UNION ALL
     SELECT c.operator_id, c.event_id, false AS voided, true AS orphan
     FROM claims c

@@ -3,14 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use chrono::NaiveDate;
 use clap::Args;
 use streetflow_credit::{DecisionSummary, Outcome, Policy, decide};
 use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::settings::load_pipeline;
+use crate::settings::{AsOfArg, load_pipeline};
 
 /// Options of `streetflow decide`.
 #[derive(Debug, Args)]
@@ -18,9 +17,10 @@ pub(crate) struct DecideArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
-    /// Decide on the features as of this date (run `streetflow features` first).
+    /// Decide on the features as of this date (run `streetflow features` first), or
+    /// `today` / `yesterday` in the pipeline's business calendar.
     #[arg(long)]
-    as_of: NaiveDate,
+    as_of: AsOfArg,
     /// Policy file (pipelines/policies/*.toml).
     #[arg(long)]
     policy: PathBuf,
@@ -85,10 +85,11 @@ pub(crate) fn run(args: &DecideArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = load_pipeline(args.config.as_deref(), serde_json::json!({}))?;
+    let as_of = args.as_of.resolve(&config, chrono::Utc::now())?;
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let (_, summary) = runtime
-        .block_on(decide(&lake, args.as_of, &policy))
-        .with_context(|| format!("deciding {} as of {}", policy.product.id, args.as_of))?;
+        .block_on(decide(&lake, as_of, &policy))
+        .with_context(|| format!("deciding {} as of {as_of}", policy.product.id))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?);
         return Ok(());

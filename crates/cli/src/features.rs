@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use streetflow_features::{
@@ -15,7 +15,7 @@ use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::settings::{load_pipeline, silver_settings};
+use crate::settings::{AsOfArg, load_pipeline, silver_settings};
 
 /// Options of `streetflow features`.
 #[derive(Debug, Args)]
@@ -23,10 +23,11 @@ pub(crate) struct FeaturesArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
-    /// Compute features as of this business date (windows end the day before) and write
-    /// them to the lake's merchant_features table.
+    /// Compute features as of this business date (windows end the day before), or
+    /// `today` / `yesterday` in the operators' business calendar, and write them to the
+    /// lake's merchant_features table.
     #[arg(long, required_unless_present = "spine", conflicts_with = "spine")]
-    as_of: Option<NaiveDate>,
+    as_of: Option<AsOfArg>,
     /// Training spine (CSV: operator_id, merchant_id, as_of_date[, knowledge_time]):
     /// write one row per spine row, each as of its own date, to --out.
     #[arg(long, requires = "out")]
@@ -77,6 +78,7 @@ pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     let Some(date) = args.as_of else {
         anyhow::bail!("give --as-of DATE, or --spine FILE --out FILE");
     };
+    let date = date.resolve(&config, chrono::Utc::now())?;
     let as_of = AsOf {
         date,
         knowledge_time: resolve(&runtime, &lake, args.knowledge_time)?,

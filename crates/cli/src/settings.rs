@@ -9,6 +9,13 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use streetflow_core::PipelineConfig;
 use streetflow_core::config::DEFAULT_TOML;
 
+/// Opens the lake at `url` with the `[lake.storage]` options of the pipeline file (the
+/// defaults without one), for the commands that only read or maintain tables.
+pub(crate) fn open_lake(url: &str, config: Option<&Path>) -> anyhow::Result<streetflow_lake::Lake> {
+    let config = load_pipeline(config, serde_json::json!({}))?;
+    Ok(streetflow_lake::Lake::new(url, &config.lake.storage)?)
+}
+
 /// Loads and validates a pipeline. `overrides` is a JSON object with only the keys the
 /// command line set, e.g. `{"kafka": {"brokers": "…"}}`.
 pub(crate) fn load_pipeline(
@@ -90,9 +97,76 @@ pub(crate) fn silver_settings(
     })
 }
 
+/// An `--as-of` date: a date, or `today` / `yesterday` in the operators' business
+/// calendars (what a scheduled job means; a container's `date +%F` is the UTC date).
+/// `today` is the latest date whose day before every operator has closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AsOfArg {
+    /// This date.
+    Date(chrono::NaiveDate),
+    /// The business date in progress: every closed day is in the windows.
+    Today,
+    /// The day before it.
+    Yesterday,
+}
+
+impl std::str::FromStr for AsOfArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "today" => Ok(Self::Today),
+            "yesterday" => Ok(Self::Yesterday),
+            _ => text
+                .parse()
+                .map(Self::Date)
+                .map_err(|e| format!("{e}: give YYYY-MM-DD, `today` or `yesterday`")),
+        }
+    }
+}
+
+impl AsOfArg {
+    /// The date, resolving `today` / `yesterday` in `config`'s calendars at `now`.
+    pub(crate) fn resolve(
+        self,
+        config: &streetflow_core::PipelineConfig,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<chrono::NaiveDate> {
+        let today = || anyhow::Ok(config.calendars()?.business_today(now));
+        match self {
+            Self::Date(date) => Ok(date),
+            Self::Today => today(),
+            Self::Yesterday => today()?
+                .pred_opt()
+                .context("no day before the first representable date"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_of_today_is_the_business_date_of_the_pipelines_calendar() {
+        let config = load_pipeline(None, serde_json::json!({})).unwrap();
+        // 00:30 on 2026-12-02 in Shanghai (the default calendar), still 12-01 in UTC.
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T16:30:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let date = |text: &str| text.parse::<chrono::NaiveDate>().unwrap();
+        let resolve = |text: &str| {
+            text.parse::<AsOfArg>()
+                .unwrap()
+                .resolve(&config, now)
+                .unwrap()
+        };
+        assert_eq!(resolve("today"), date("2026-12-02"));
+        assert_eq!(resolve("yesterday"), date("2026-12-01"));
+        assert_eq!(resolve("2025-04-01"), date("2025-04-01"));
+        let error = "tomorrow".parse::<AsOfArg>().unwrap_err();
+        assert!(error.contains("today"), "{error}");
+    }
 
     #[test]
     fn every_pipeline_file_parses_and_validates() {

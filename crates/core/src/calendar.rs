@@ -165,6 +165,19 @@ impl OperatorCalendars {
     pub fn default_calendar(&self) -> &BusinessCalendar {
         &self.default
     }
+
+    /// The business date in progress at `now` for every operator: the latest as-of date
+    /// whose windows every operator has closed (a daily job in a UTC container must not
+    /// take the UTC date: at 00:30 in Shanghai it is still yesterday there). Where the
+    /// calendars differ (a night market whose day starts at 04:00), the earliest of their
+    /// dates: an operator already on the next day gets a complete, older as-of date,
+    /// never one whose last day is still open.
+    pub fn business_today(&self, now: DateTime<Utc>) -> NaiveDate {
+        self.by_operator
+            .values()
+            .map(|calendar| calendar.business_date(&now))
+            .fold(self.default.business_date(&now), NaiveDate::min)
+    }
 }
 
 /// Business dates and local wall times for a stream of instants that are mostly in
@@ -273,6 +286,27 @@ mod tests {
 
     fn date(text: &str) -> NaiveDate {
         NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    /// At 00:30 in Shanghai a UTC clock still says yesterday; the business date is today
+    /// there, and yesterday for an operator whose day starts at 04:00.
+    #[test]
+    fn today_is_the_operators_business_date_not_the_utc_date() {
+        let now = at("2026-12-01T16:30:00Z").with_timezone(&Utc); // 00:30 on 12-02 in Shanghai
+        assert_eq!(now.date_naive(), date("2026-12-01"));
+        let shanghai =
+            OperatorCalendars::new(BusinessCalendar::parse("Asia/Shanghai", "00:00").unwrap());
+        assert_eq!(shanghai.business_today(now), date("2026-12-02"));
+        let mut late_start = shanghai.clone();
+        late_start.insert(
+            "night-market".into(),
+            BusinessCalendar::parse("Asia/Shanghai", "04:00").unwrap(),
+        );
+        // The night market's 12-01 is still open: the date every operator has closed.
+        assert_eq!(late_start.business_today(now), date("2026-12-01"));
+        // Once its day has begun, all agree.
+        let later = at("2026-12-01T20:00:00Z").with_timezone(&Utc);
+        assert_eq!(late_start.business_today(later), date("2026-12-02"));
     }
 
     #[test]

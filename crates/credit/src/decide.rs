@@ -18,7 +18,9 @@ use streetflow_lake::arrow::array::{
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Field, Float64Type};
 use streetflow_lake::datafusion::prelude::SessionContext;
-use streetflow_lake::{Lake, OffsetWriter, PreparedQuery, RequestTables};
+use streetflow_lake::{
+    AppProgress, CommitOutcome, Lake, OffsetWriter, PreparedQuery, RequestTables,
+};
 
 use crate::error::{Error, Result};
 use crate::policy::{LIMIT_BELOW_MINIMUM, Policy, compile_base_relation};
@@ -454,7 +456,11 @@ pub async fn decide(
         return Err(Error::NoFeatures(as_of_date));
     };
     let feature_table_version = features.version().map_or(-1, |v| v as i64);
-    let ctx = lake.session().await?;
+    // The decisions record the version they read: read that one, whatever a features
+    // run commits meanwhile.
+    let ctx = lake
+        .pinned_session(MERCHANT_FEATURES.name, &features)
+        .await?;
     let decisions = evaluate(
         &ctx,
         policy,
@@ -466,15 +472,48 @@ pub async fn decide(
     }
     let rows = decision_rows(policy, as_of_date, feature_table_version, &decisions)?;
     let mut table = OffsetWriter::new(lake, &CREDIT_DECISIONS, "credit_decisions").await?;
+    // The decisions of a (date, product) record the feature version they were made on,
+    // and a run on older features never replaces those of newer ones (two runs racing,
+    // or a slow one overtaken).
+    let decided_on = format!("decided-{as_of_date}-{}", policy.product.id);
+    let stored = table.app_version(&decided_on).await?;
+    if stored.is_some_and(|newer| newer > feature_table_version) {
+        return Err(Error::NewerDecisions {
+            as_of_date,
+            product: policy.product.id.clone(),
+            stored: stored.unwrap_or_default(),
+            read: feature_table_version,
+        });
+    }
     table.write(rows).await?;
     let staged = table.stage().await?;
     let partition = HashSet::from([vec![
         as_of_date.format("%Y-%m-%d").to_string(),
         policy.product.id.clone(),
     ]]);
-    table
-        .replace_partitions(&staged, Some(&partition), &[])
-        .await?;
+    let progress = [AppProgress {
+        app_id: decided_on,
+        expected: stored,
+        version: feature_table_version,
+    }];
+    match table
+        .replace_partitions(&staged, Some(&partition), &progress)
+        .await?
+    {
+        CommitOutcome::Committed { .. } => {}
+        // Another run committed first: fine if it decided on the same features.
+        CommitOutcome::Fenced { found, .. } => {
+            table.discard();
+            if found != Some(feature_table_version) {
+                return Err(Error::NewerDecisions {
+                    as_of_date,
+                    product: policy.product.id.clone(),
+                    stored: found.unwrap_or_default(),
+                    read: feature_table_version,
+                });
+            }
+        }
+    }
     let summary = summarize(policy, as_of_date, feature_table_version, &decisions);
     Ok((decisions, summary))
 }

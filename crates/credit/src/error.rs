@@ -24,6 +24,22 @@ pub enum Error {
     /// `merchant_features` has no rows for the date.
     #[error("merchant_features has no rows as of {0}; run `streetflow features --as-of {0}` first")]
     NoFeatures(NaiveDate),
+    /// Decisions made on newer features are stored for the date and product already.
+    #[error(
+        "credit_decisions holds {product} decisions as of {as_of_date} made on merchant_features \
+         version {stored}, newer than version {read} this run read: nothing replaced (re-run \
+         to decide on the newest features)"
+    )]
+    NewerDecisions {
+        /// The as-of date.
+        as_of_date: NaiveDate,
+        /// The product.
+        product: String,
+        /// The feature version the stored decisions were made on.
+        stored: i64,
+        /// The feature version this run read.
+        read: i64,
+    },
     /// A result did not have the expected shape (a defect).
     #[error("internal error: {0}")]
     Internal(String),

@@ -6,7 +6,7 @@
 
 use chrono::{Days, Duration, Utc};
 use streetflow_core::OperatorCalendars;
-use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
+use streetflow_core::tables::{CREDIT_DECISIONS, DEAD_LETTERS, POS_EVENTS};
 use streetflow_credit::{Outcome, Policy, decide};
 use streetflow_features::{AsOf, FeatureInputs, write_features};
 use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
@@ -179,4 +179,31 @@ async fn pumping_and_declining_merchants_are_not_approved() {
         .to_string();
     assert_eq!(first, second);
     assert!(first.contains(&policy.content_hash));
+
+    // Decisions made on newer features (a run that overtook this one) are never
+    // replaced by a run on older ones: the run fails and names why.
+    let mut decisions_table = OffsetWriter::new(&lake, &CREDIT_DECISIONS, "credit_decisions")
+        .await
+        .unwrap();
+    let decided_on = format!("decided-{as_of}-{}", policy.product.id);
+    let recorded = decisions_table.app_version(&decided_on).await.unwrap();
+    assert!(recorded.is_some(), "decide records the feature version");
+    let newer = recorded.unwrap() + 5;
+    decisions_table
+        .commit_appended(
+            &Default::default(),
+            &[streetflow_lake::AppProgress {
+                app_id: decided_on,
+                expected: recorded,
+                version: newer,
+            }],
+        )
+        .await
+        .unwrap();
+    let error = decide(&lake, as_of, &policy).await.unwrap_err().to_string();
+    assert!(error.contains("newer"), "{error}");
+    let third = pretty_format_batches(&lake.query(all).await.unwrap())
+        .unwrap()
+        .to_string();
+    assert_eq!(first, third, "older decisions replaced newer ones");
 }

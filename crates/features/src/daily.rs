@@ -860,8 +860,9 @@ impl DailyBuilder {
     }
 
     /// Resolves refunds and voids against the sales they name (`links.sql`), in time: a
-    /// sale is voided from when the first void naming it is known, and a refund or void
-    /// is an orphan until the sale it names is known.
+    /// sale is voided from when the first matching void naming it is known, and a refund
+    /// or void is an orphan until the sale it names is known (for good when that sale is
+    /// another merchant's, or a void's amount differs from it).
     fn resolve_claims(&mut self) {
         for index in 0..self.events.len() as u32 {
             let claim = *self.events.get(index);
@@ -872,18 +873,22 @@ impl DailyBuilder {
             if kind == Kind::Sale {
                 continue;
             }
-            let answered_from = if claim.reference == NONE {
-                NEVER
-            } else {
+            // The named sale must be the same merchant's, and a void's amount the
+            // sale's (links.sql): otherwise the claim is an orphan for good.
+            let matches = claim.reference != NONE && {
                 let named = self.events.get(claim.reference);
-                if named.deliveries > 0 && self.kinds.meaning(named.kind) == Kind::Sale {
-                    named.known()
-                } else {
-                    NEVER
-                }
+                named.deliveries > 0
+                    && self.kinds.meaning(named.kind) == Kind::Sale
+                    && named.merchant == claim.merchant
+                    && (kind != Kind::Void || named.amount_fen == claim.amount_fen)
             };
+            if !matches {
+                self.events.get_mut(index).answered_from = NEVER;
+                continue;
+            }
+            let answered_from = self.events.get(claim.reference).known();
             self.events.get_mut(index).answered_from = answered_from;
-            if kind == Kind::Void && claim.reference != NONE {
+            if kind == Kind::Void {
                 let named = self.events.get_mut(claim.reference);
                 named.voided_from = named.voided_from.min(claim.known());
             }

@@ -362,9 +362,11 @@ fn edge_cases() -> Vec<Row> {
         claim("refund", "r1", Some("s1")),
         claim("refund", "r2", Some("missing")),
         claim("refund", "r3", None),
-        // A void on day 2 cancels a day-1 sale delivered twice; the void has no row.
+        // A void on day 2 cancels a day-1 sale delivered twice (same merchant, same
+        // amount, as the contract asks); the void has no row.
         Row {
             date: 2,
+            amount: 2_000,
             ..claim("void", "v1", Some("s2"))
         },
         // An orphan void on its own day: that day has a row.

@@ -36,6 +36,7 @@ use crate::error::{Error, Result, collect};
 use crate::gold::days;
 use crate::relations::{broadcast_small_join_sides, mem_table};
 use crate::silver::{BRONZE_APP_ID, SilverMode};
+use crate::sql;
 
 /// The Delta `txn` application id under which the history records its horizon (µs UTC).
 pub const HORIZON_APP_ID: &str = "horizon";
@@ -107,53 +108,6 @@ fn day_pairs(batches: &[RecordBatch]) -> Result<BTreeSet<(String, i32)>> {
     }
     Ok(pairs)
 }
-
-/// The days whose rows events `events` (a relation of bronze rows) change: the days of
-/// every delivery of their event ids, of the sales any delivery names, and of the
-/// refunds and voids that name them.
-fn related_days(events: &str) -> String {
-    format!(
-        "WITH changed AS ({events}),
-        ids AS (SELECT DISTINCT operator_id, event_id FROM changed),
-        refs AS (
-            SELECT DISTINCT b.operator_id, b.ref_event_id AS event_id
-            FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
-            WHERE b.ref_event_id IS NOT NULL
-        )
-        SELECT DISTINCT b.operator_id, b.business_date
-        FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
-        UNION
-        SELECT DISTINCT b.operator_id, b.business_date
-        FROM refs r JOIN pos_events b ON b.operator_id = r.operator_id AND b.event_id = r.event_id
-        UNION
-        SELECT DISTINCT b.operator_id, b.business_date
-        FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.ref_event_id = i.event_id"
-    )
-}
-
-/// The bronze rows the rows of the days in `touched` depend on: every delivery of their
-/// events, of the sales those name, and of the refunds and voids that name their events.
-const EVENTS_OF_DAYS: &str = "
-WITH base AS (
-    SELECT b.operator_id, b.event_id FROM touched t
-    JOIN pos_events b ON b.operator_id = t.operator_id AND b.business_date = t.business_date
-),
-ids AS (SELECT DISTINCT operator_id, event_id FROM base),
-named AS (
-    SELECT DISTINCT b.operator_id, b.ref_event_id AS event_id
-    FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
-    WHERE b.ref_event_id IS NOT NULL
-),
-naming AS (
-    SELECT DISTINCT b.operator_id, b.event_id
-    FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.ref_event_id = i.event_id
-),
-wanted AS (
-    SELECT operator_id, event_id FROM ids
-    UNION SELECT operator_id, event_id FROM named
-    UNION SELECT operator_id, event_id FROM naming
-)
-SELECT b.* FROM wanted w JOIN pos_events b ON b.operator_id = w.operator_id AND b.event_id = w.event_id";
 
 fn days_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
@@ -381,7 +335,7 @@ pub async fn refresh_history(
                 let mut days_found = day_pairs(
                     &collect(
                         &ctx,
-                        &related_days(&known_between),
+                        &sql::related_days(&known_between),
                         "days known events touch",
                     )
                     .await?,
@@ -443,7 +397,7 @@ pub async fn refresh_history(
             broadcast_small_join_sides(&ctx);
             let mut builder = ParallelDaily::per_core(DailyBuilder::new);
             builder
-                .push_scan(&ctx, &format!("({EVENTS_OF_DAYS})"))
+                .push_scan(&ctx, &format!("({})", sql::EVENTS_OF_DAYS))
                 .await?;
             report.versions_written +=
                 write_all(&mut history, builder.finish_history(&spec)?).await?;

@@ -292,10 +292,18 @@ impl SilverFromLoad {
         settings: &SilverSettings,
     ) -> Result<Option<SilverReport>> {
         drop(self.sender);
-        let (builder, rows) = self.task.await.map_err(|e| Error::Arrow {
-            context: "building silver from the load".to_owned(),
-            source: streetflow_lake::arrow::error::ArrowError::ComputeError(e.to_string()),
-        })??;
+        // A builder that failed costs only the shortcut: the refresh reads bronze.
+        let (builder, rows) = match self.task.await {
+            Ok(Ok(built)) => built,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "building silver beside the load failed; refreshing it from bronze");
+                return Ok(None);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the silver builder beside the load stopped; refreshing it from bronze");
+                return Ok(None);
+            }
+        };
         let Some(builder) = builder else {
             return Ok(None);
         };
@@ -326,7 +334,14 @@ impl SilverFromLoad {
             return Ok(None);
         };
         build.add(builder, settings).await?;
-        build.commit(version).await.map(Some)
+        let report = build.commit(version).await?;
+        // Another writer built silver meanwhile (a worker's refresh, `aggregate`): what
+        // it recorded need not hold this load, so the refresh brings it up to date.
+        if report.fenced || report.history.fenced {
+            tracing::info!("silver was written meanwhile; refreshing it from bronze");
+            return Ok(None);
+        }
+        Ok(Some(report))
     }
 }
 
@@ -376,7 +391,7 @@ async fn refresh_latest(lake: &Lake, mode: SilverMode) -> Result<SilverReport> {
                     .map_err(Error::query("selecting new bronze files"))?;
                 ctx.register_table("new_events", new_events)
                     .map_err(Error::query("registering new bronze files"))?;
-                collect(&ctx, sql::TOUCHED_PARTITIONS, "touched partitions").await?
+                collect(&ctx, &sql::touched_partitions(), "touched partitions").await?
             };
             Some(touched)
         }

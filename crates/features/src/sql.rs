@@ -70,32 +70,58 @@ pub const SUBSIDY_SECTORS: &str = include_str!("../../../pipelines/reference/sub
 pub const SUBSIDY_INDUSTRIES: &str =
     include_str!("../../../pipelines/reference/subsidy_industries.csv");
 
-/// Partitions whose silver rows change when the rows of `new_events` join `pos_events`.
-pub(crate) const TOUCHED_PARTITIONS: &str = "
-SELECT DISTINCT b.operator_id, b.business_date
-FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.event_id = n.event_id
-UNION
-SELECT DISTINCT b.operator_id, b.business_date
-FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.event_id = n.ref_event_id
-WHERE b.kind = 'sale'
-UNION
-SELECT DISTINCT b.operator_id, b.business_date
-FROM new_events n JOIN pos_events b ON b.operator_id = n.operator_id AND b.ref_event_id = n.event_id
-WHERE n.kind = 'sale'";
+/// The (operator, business date) pairs whose silver rows change when the rows of
+/// `new_events` join `pos_events` ([`related_days`] of them).
+pub(crate) fn touched_partitions() -> String {
+    related_days("SELECT * FROM new_events")
+}
 
-/// The bronze rows the daily rows of `touched` partitions depend on: their own rows,
-/// every delivery of their events, the sales their refunds and voids name, and the
-/// refunds and voids that name their sales.
-pub(crate) const EVENTS_FOR_TOUCHED: &str = "
+/// The bronze rows the daily rows of `touched` days depend on ([`EVENTS_OF_DAYS`]).
+pub(crate) const EVENTS_FOR_TOUCHED: &str = EVENTS_OF_DAYS;
+
+/// The days whose rows events `events` (a relation of bronze rows) change: the days of
+/// every delivery of their event ids, of the sales any delivery names, and of the
+/// refunds and voids that name them.
+pub(crate) fn related_days(events: &str) -> String {
+    format!(
+        "WITH changed AS ({events}),
+        ids AS (SELECT DISTINCT operator_id, event_id FROM changed),
+        refs AS (
+            SELECT DISTINCT b.operator_id, b.ref_event_id AS event_id
+            FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
+            WHERE b.ref_event_id IS NOT NULL
+        )
+        SELECT DISTINCT b.operator_id, b.business_date
+        FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
+        UNION
+        SELECT DISTINCT b.operator_id, b.business_date
+        FROM refs r JOIN pos_events b ON b.operator_id = r.operator_id AND b.event_id = r.event_id
+        UNION
+        SELECT DISTINCT b.operator_id, b.business_date
+        FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.ref_event_id = i.event_id"
+    )
+}
+
+/// The bronze rows the rows of the days in `touched` depend on: every delivery of their
+/// events, of the sales those name, and of the refunds and voids that name their events.
+pub(crate) const EVENTS_OF_DAYS: &str = "
 WITH base AS (
-    SELECT b.* FROM touched t
+    SELECT b.operator_id, b.event_id FROM touched t
     JOIN pos_events b ON b.operator_id = t.operator_id AND b.business_date = t.business_date
 ),
 ids AS (SELECT DISTINCT operator_id, event_id FROM base),
-refs AS (SELECT DISTINCT operator_id, ref_event_id FROM base WHERE ref_event_id IS NOT NULL),
-sale_ids AS (SELECT DISTINCT operator_id, event_id FROM base WHERE kind = 'sale')
-SELECT b.* FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
-UNION
-SELECT b.* FROM refs r JOIN pos_events b ON b.operator_id = r.operator_id AND b.event_id = r.ref_event_id
-UNION
-SELECT b.* FROM sale_ids s JOIN pos_events b ON b.operator_id = s.operator_id AND b.ref_event_id = s.event_id";
+named AS (
+    SELECT DISTINCT b.operator_id, b.ref_event_id AS event_id
+    FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.event_id = i.event_id
+    WHERE b.ref_event_id IS NOT NULL
+),
+naming AS (
+    SELECT DISTINCT b.operator_id, b.event_id
+    FROM ids i JOIN pos_events b ON b.operator_id = i.operator_id AND b.ref_event_id = i.event_id
+),
+wanted AS (
+    SELECT operator_id, event_id FROM ids
+    UNION SELECT operator_id, event_id FROM named
+    UNION SELECT operator_id, event_id FROM naming
+)
+SELECT b.* FROM wanted w JOIN pos_events b ON b.operator_id = w.operator_id AND b.event_id = w.event_id";

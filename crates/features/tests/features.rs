@@ -1200,6 +1200,92 @@ async fn a_compaction_between_refreshes_loses_no_new_row() {
     );
 }
 
+/// Defect 8 of issue 20: a compaction (or Z-order) of bronze that changes no data costs
+/// silver nothing: the next refresh reads no file, recomputes no day and writes no
+/// version (it used to treat every rewritten file as new data and recompute it all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_alone_makes_silver_recompute_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &steady()).await;
+    let mut late = sale("late", "steady", 100_000, at(day(3), 15, 0), Some("p9"));
+    late.ingested = chrono::Utc::now();
+    bronze_with(dir.path(), &[late]).await;
+    refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    let before = daily_rows(&lake).await;
+    let compacted = lake
+        .compact("pos_events", &[], None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(compacted.files_removed > 1, "{compacted:?}");
+    let report = refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    assert_eq!(report.new_bronze_files, 0, "{report:?}");
+    assert_eq!(report.days_rewritten, Some(0), "{report:?}");
+    assert_eq!(report.rows_written, 0, "{report:?}");
+    assert!(!report.history.rebuilt, "{report:?}");
+    assert_eq!(report.history.days_computed, 0, "{report:?}");
+    assert_eq!(report.history.versions_written, 0, "{report:?}");
+    assert_eq!(daily_rows(&lake).await, before);
+}
+
+/// Defect 9 of issue 20: once the Delta log retention has removed the bronze commits
+/// since silver's last refresh, the next refresh cannot diff them; it recomputes instead
+/// of failing, and the result equals a full rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_after_the_log_lost_its_commits_recomputes_and_equals_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = lake_with(dir.path(), &steady()).await;
+    for (id, fen) in [("late-1", 100_000), ("late-2", 20_000)] {
+        let mut late = sale(id, "steady", fen, at(day(3), 15, 0), Some("p9"));
+        late.ingested = chrono::Utc::now();
+        bronze_with(dir.path(), &[late]).await;
+    }
+    // A checkpoint at the newest version, then the log's older commits go, as the log
+    // retention (`delta.logRetentionDuration`) removes them.
+    let bronze = lake.open("pos_events").await.unwrap().unwrap();
+    let newest = bronze.version().unwrap();
+    streetflow_lake::deltalake::checkpoints::create_checkpoint(&bronze, None)
+        .await
+        .unwrap();
+    for version in 0..newest {
+        std::fs::remove_file(
+            dir.path()
+                .join("pos_events/_delta_log")
+                .join(format!("{version:020}.json")),
+        )
+        .unwrap();
+    }
+    let report = refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    assert_eq!(report.days_rewritten, None, "{report:?}");
+    let incremental = daily_rows(&lake).await;
+    refresh_silver(&lake, SilverMode::Full, &settings())
+        .await
+        .unwrap();
+    assert_eq!(incremental, daily_rows(&lake).await);
+    let sales: i64 = lake
+        .read_only_query(&format!(
+            "SELECT sum(sales_fen) FROM merchant_daily WHERE business_date = DATE '{}'",
+            day(3)
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap()[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<streetflow_lake::arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(sales, 100_000 + 20_000 + 8_800);
+}
+
 /// Every column of `merchant_features` is documented in a row of the table in
 /// `schemas/merchant_features.md`, and every documented column exists.
 #[test]
@@ -1289,4 +1375,273 @@ async fn a_registry_correction_recorded_after_k_changes_nothing_at_k() {
     assert!(float(&later, "steady", "rent_to_turnover_90d") > rent_ratio * 1.9);
     // Opened D − 200 (2024-09-13) after all: six whole months.
     assert_eq!(value(&later, "steady", "months_on_book"), "6");
+}
+
+/// An observed load of a few pieces (about 170,000 lines) with the given settle time:
+/// the lake, the load's outcome and the batches its sink received.
+async fn observed_load(
+    settle_ms: i64,
+    dir: &std::path::Path,
+) -> (
+    Lake,
+    streetflow_ingest::Result<streetflow_ingest::FileReport>,
+    Vec<RecordBatch>,
+) {
+    let config = GenConfig {
+        merchants: 120,
+        days: 14,
+        malformed_rate: 0.01,
+        ..GenConfig::default()
+    };
+    let mut jsonl = Vec::new();
+    generate(&config, &mut jsonl).unwrap();
+    let events = dir.join("district.jsonl");
+    std::fs::write(&events, &jsonl).unwrap();
+    let lake = Lake::new(dir.join("lake").to_str().unwrap(), &Default::default()).unwrap();
+    let mut pipeline = streetflow_core::PipelineConfig::defaults();
+    // Set directly: the pipeline file refuses less than a second, a test may go lower.
+    pipeline.knowledge.settle_ms = settle_ms;
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+    let collected = tokio::spawn(async move {
+        let mut batches = Vec::new();
+        while let Some(batch) = receiver.recv().await {
+            batches.push(batch);
+        }
+        batches
+    });
+    let options = BackfillOptions {
+        config: pipeline,
+        knowledge: KnowledgeTime::Observed,
+        commit_every_lines: 10_000_000,
+        bytes_read: None,
+        committed_rows: Some(sender),
+    };
+    let report = backfill_file(&lake, &events, &options, &InputFormat::JsonLines).await;
+    drop(options);
+    (lake, report, collected.await.unwrap())
+}
+
+/// `(source_line, knowledge_time in µs)` of each row, sorted.
+fn lines_and_stamps(batches: &[RecordBatch]) -> Vec<(i64, i64)> {
+    use streetflow_lake::arrow::array::{AsArray, Int64Array};
+    use streetflow_lake::arrow::datatypes::TimestampMicrosecondType;
+    let mut rows = Vec::new();
+    for batch in batches {
+        let lines = batch.column_by_name("source_line").unwrap();
+        let lines = lines.as_any().downcast_ref::<Int64Array>().unwrap();
+        let stamps = batch
+            .column_by_name("knowledge_time")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        for i in 0..batch.num_rows() {
+            rows.push((lines.value(i), stamps.value(i)));
+        }
+    }
+    rows.sort_unstable();
+    rows
+}
+
+/// The commit timestamps (ms) of the `pos_events` commits that added files.
+fn data_commit_times(lake_dir: &std::path::Path) -> Vec<i64> {
+    let log = lake_dir.join("lake/pos_events/_delta_log");
+    let mut versions: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
+    versions.sort();
+    let mut times = Vec::new();
+    for version in versions {
+        let text = std::fs::read_to_string(&version).unwrap();
+        let actions: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        if actions.iter().any(|a| a.get("add").is_some()) {
+            let info = actions.iter().find_map(|a| a.get("commitInfo")).unwrap();
+            times.push(info["timestamp"].as_i64().unwrap());
+        }
+    }
+    times
+}
+
+/// An observed load stamps each commit's rows once, before that commit and after the
+/// one before (so a reader settled at any instant sees whole commits), commits early
+/// when its stamp ages, and hands a caller exactly the rows it committed, stamps and
+/// all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observed_load_commits_rows_stamped_between_its_commits_and_hands_them_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // A deadline of 2 s: a debug build decodes the file in several times half of that.
+    let (lake, report, received) = observed_load(4_000, dir.path()).await;
+    let report = report.unwrap();
+    assert!(
+        report.accepted > 100_000 && report.dead_lettered > 0,
+        "{report:?}"
+    );
+    assert_eq!(report.accepted + report.dead_lettered, report.lines);
+
+    let stored = lake
+        .read_only_query("SELECT source_line, knowledge_time, knowledge_source FROM pos_events")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let stored_rows = lines_and_stamps(&stored);
+    assert_eq!(stored_rows.len() as u64, report.accepted);
+    assert_eq!(
+        lines_and_stamps(&received),
+        stored_rows,
+        "the sink got other rows"
+    );
+    for batch in &stored {
+        for i in 0..batch.num_rows() {
+            assert_eq!(
+                array_value_to_string(batch.column(2), i).unwrap(),
+                "observed"
+            );
+        }
+    }
+
+    let mut stamps: Vec<i64> = stored_rows.iter().map(|&(_, stamp)| stamp).collect();
+    stamps.sort_unstable();
+    stamps.dedup();
+    let commits = data_commit_times(dir.path());
+    assert_eq!(
+        stamps.len(),
+        commits.len(),
+        "one stamp per commit: {stamps:?} {commits:?}"
+    );
+    // (The end-of-file record may come in a commit of its own, without files.)
+    assert!(report.commits >= commits.len() as u64, "{report:?}");
+    for (i, (&stamp, &commit)) in stamps.iter().zip(&commits).enumerate() {
+        assert!(
+            stamp / 1000 <= commit,
+            "commit {i} stamped after it was made"
+        );
+        if let Some(&next) = stamps.get(i + 1) {
+            assert!(
+                commit <= next / 1000 + 1,
+                "commit {i} stamped before the one before"
+            );
+        }
+    }
+}
+
+/// A lake too slow for its knowledge deadline stops the load with an error that names
+/// the setting, after a few attempts, instead of stamping and writing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_that_cannot_meet_its_knowledge_deadline_stops_and_names_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    // A deadline of one millisecond: no piece of 65,536 rows is written that fast.
+    let (lake, report, received) = observed_load(2, dir.path()).await;
+    let error = report.unwrap_err().to_string();
+    assert!(error.contains("knowledge.settle_ms"), "{error}");
+    assert!(
+        received.is_empty(),
+        "rows handed on that were never committed"
+    );
+    let stored = lake.open(POS_EVENTS.name).await.unwrap();
+    if let Some(table) = stored {
+        let files = table.snapshot().unwrap().log_data().num_files();
+        assert_eq!(files, 0, "rows committed past their deadline");
+    }
+}
+
+/// Two runs for one as-of date at once (two schedulers, a retry over a slow one) leave
+/// one vector per merchant: each replaces the date's rows on the snapshot it listed, and
+/// the one that loses the race lists again and replaces the winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_feature_runs_of_one_date_at_once_store_one_vector_per_merchant() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = steady();
+    events.extend(irregular());
+    let lake = lake_with(dir.path(), &events).await;
+    let as_of = AsOf {
+        date: d(),
+        knowledge_time: None,
+    };
+    let inputs = inputs();
+    for round in 0..3 {
+        let (first, second) = tokio::join!(
+            streetflow_features::write_features(&lake, &as_of, &inputs),
+            streetflow_features::write_features(&lake, &as_of, &inputs)
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(first.rows, second.rows);
+        let stored = lake
+            .read_only_query(&format!(
+                "SELECT count(*) AS n, count(DISTINCT operator_id || '/' || merchant_id) AS merchants \
+                 FROM merchant_features WHERE as_of_date = DATE '{}'",
+                d()
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let n = array_value_to_string(stored[0].column(0), 0).unwrap();
+        let merchants = array_value_to_string(stored[0].column(1), 0).unwrap();
+        assert_eq!(n, first.rows.to_string(), "round {round}");
+        assert_eq!(n, merchants, "round {round}: a merchant stored twice");
+    }
+}
+
+/// `merchant_daily` as text rows, in key order.
+async fn daily_rows(lake: &Lake) -> Vec<String> {
+    let batches = lake
+        .read_only_query(
+            "SELECT * FROM merchant_daily ORDER BY operator_id, business_date, merchant_id",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in &batches {
+        for i in 0..batch.num_rows() {
+            let cells: Vec<String> = (0..batch.num_columns())
+                .map(|c| array_value_to_string(batch.column(c), i).unwrap())
+                .collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows
+}
+
+/// An incremental refresh touches every day a new delivery changes: here a first
+/// delivery of event x, known before the void that used its id, makes x a sale, so the
+/// sale the void cancelled (on another day) counts again; and a bronze row delivered
+/// twice byte for byte counts as a duplicate. The incremental rows equal a rebuild's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_refresh_equals_a_rebuild_when_a_delivery_replaces_a_void() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = || sale("t", "m", 300, at(day(5), 11, 0), None);
+    let s = sale("s", "m", 5_000, at(day(3), 15, 0), None);
+    let x = claim("x", "void", 5_000, "s", at(day(2), 10, 0));
+    let lake = lake_with(dir.path(), &[t(), s, x]).await;
+    let before = daily_rows(&lake).await;
+    assert!(
+        before.iter().any(|r| r.contains("|m|0|0|0|0|1|")),
+        "s voided at first: {before:?}"
+    );
+    // t's bronze row again, byte for byte (same line of the same file, same knowledge),
+    // and x as the POS first sent it: a sale on an earlier day, known before the void.
+    let first_x = sale("x", "m", 700, at(day(4), 9, 0), None);
+    bronze_with(dir.path(), &[t(), first_x]).await;
+    refresh_silver(&lake, SilverMode::Incremental, &settings())
+        .await
+        .unwrap();
+    let incremental = daily_rows(&lake).await;
+    refresh_silver(&lake, SilverMode::Full, &settings())
+        .await
+        .unwrap();
+    let rebuilt = daily_rows(&lake).await;
+    assert_eq!(incremental, rebuilt);
+    assert!(
+        rebuilt.iter().any(|r| r.contains("|m|1|5000|0|0|0|5000|")),
+        "s counts again: {rebuilt:?}"
+    );
 }
