@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::calendar::{BusinessCalendar, OperatorCalendars};
@@ -149,6 +149,8 @@ pub struct DecodeSection {
     pub max_message_bytes: usize,
     /// Allowed lead of `occurred_at` over the receiving worker's clock.
     pub max_future_skew_ms: i64,
+    /// The earliest `occurred_at` accepted (RFC 3339); earlier ones are `bad_timestamp`.
+    pub earliest_occurred_at: String,
 }
 
 /// `[calendar]`: the default business calendar and per-operator exceptions.
@@ -247,6 +249,12 @@ impl PipelineConfig {
         if self.decode.max_future_skew_ms < 0 {
             problems.push("decode.max_future_skew_ms must not be negative".to_owned());
         }
+        if DateTime::parse_from_rfc3339(&self.decode.earliest_occurred_at).is_err() {
+            problems.push(format!(
+                "decode.earliest_occurred_at {:?} is not an RFC 3339 time, e.g. 2000-01-01T00:00:00Z",
+                self.decode.earliest_occurred_at
+            ));
+        }
         if let Err(e) = BusinessCalendar::parse(&self.calendar.time_zone, &self.calendar.day_cutoff)
         {
             problems.push(format!("calendar: {e}"));
@@ -286,6 +294,11 @@ impl PipelineConfig {
         DecodeOptions {
             max_message_bytes: self.decode.max_message_bytes,
             max_future_skew: Duration::milliseconds(self.decode.max_future_skew_ms),
+            // Checked by `validate`; an unchecked config falls back to the contract's.
+            earliest_occurred_at: DateTime::parse_from_rfc3339(&self.decode.earliest_occurred_at)
+                .map_or(DecodeOptions::default().earliest_occurred_at, |t| {
+                    t.with_timezone(&Utc)
+                }),
         }
     }
 }

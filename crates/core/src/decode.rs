@@ -8,7 +8,8 @@
 //!    (`invalid_json`), shape (`not_an_object`), repeated keys (`duplicate_field:*`);
 //! 2. `raw_card_number` in any string field, before anything else is judged, because
 //!    such a message must be quarantined whatever else is wrong with it;
-//! 3. each field in contract order (`missing_field:*`, `bad_*`, `unsupported_currency`,
+//! 3. each field in contract order (`missing_field:*`, `bad_*` (an `occurred_at` before
+//!    the earliest accepted is `bad_timestamp`), `unsupported_currency`,
 //!    `future_timestamp`);
 //! 4. the `ref_event_id` rules that depend on `kind`.
 
@@ -31,6 +32,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// (POS clocks drift; ten minutes is generous).
 pub const MAX_FUTURE_SKEW: Duration = Duration::minutes(10);
 
+/// The earliest `occurred_at` accepted by default, 2000-01-01T00:00:00Z: every business
+/// month is a lake partition, so a timestamp of year 1 would open thousands of them.
+pub const EARLIEST_OCCURRED_AT_SECONDS: i64 = 946_684_800;
+
 /// Limits the decoder applies. The defaults are the contract's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeOptions {
@@ -38,6 +43,8 @@ pub struct DecodeOptions {
     pub max_message_bytes: usize,
     /// Allowed lead of `occurred_at` over the receiving worker's clock.
     pub max_future_skew: Duration,
+    /// Earlier `occurred_at` values are `bad_timestamp`.
+    pub earliest_occurred_at: DateTime<Utc>,
 }
 
 impl Default for DecodeOptions {
@@ -45,6 +52,8 @@ impl Default for DecodeOptions {
         Self {
             max_message_bytes: MAX_MESSAGE_BYTES,
             max_future_skew: MAX_FUTURE_SKEW,
+            earliest_occurred_at: DateTime::from_timestamp(EARLIEST_OCCURRED_AT_SECONDS, 0)
+                .unwrap_or_default(),
         }
     }
 }
@@ -502,6 +511,17 @@ fn validate<'a>(
             ));
         }
     };
+    if occurred_at < options.earliest_occurred_at {
+        return Err(Rejection::new(
+            ReasonCode::Invalid(Field::OccurredAt),
+            format!(
+                "occurred_at {} is before {}, the earliest the pipeline accepts \
+                 (decode.earliest_occurred_at)",
+                occurred_at.to_rfc3339(),
+                options.earliest_occurred_at.to_rfc3339(),
+            ),
+        ));
+    }
     if occurred_at.timestamp_millis() > (received_at + options.max_future_skew).timestamp_millis() {
         return Err(Rejection::new(
             ReasonCode::FutureTimestamp,
