@@ -7,10 +7,10 @@ use streetflow_core::tables::{
     CREDIT_DECISIONS, DEAD_LETTERS, MERCHANT_DAILY, MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES,
     POS_EVENTS,
 };
-use streetflow_lake::Lake;
 
 use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::settings::open_lake;
 
 fn all_tables() -> Vec<String> {
     [
@@ -46,6 +46,10 @@ pub(crate) struct CompactArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
+    /// Pipeline file whose `[lake.storage]` options (endpoint, region, …) open an
+    /// object-store lake.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Tables to compact (repeatable; default: all of them).
     #[arg(long = "table")]
     tables: Vec<String>,
@@ -60,7 +64,7 @@ pub(crate) struct CompactArgs {
 pub(crate) fn run_compact(args: &CompactArgs) -> anyhow::Result<()> {
     let tables = check_tables(&args.tables)?;
     let runtime = runtime()?;
-    let lake = Lake::new(&args.lake, &Default::default())?;
+    let lake = open_lake(&args.lake, args.config.as_deref())?;
     let target = args
         .target_size_mb
         .and_then(|mb| NonZeroU64::new(mb.get().saturating_mul(1 << 20)));
@@ -106,6 +110,10 @@ pub(crate) struct VacuumArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
+    /// Pipeline file whose `[lake.storage]` options (endpoint, region, …) open an
+    /// object-store lake.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Tables to vacuum (repeatable; default: all of them).
     #[arg(long = "table")]
     tables: Vec<String>,
@@ -121,7 +129,7 @@ pub(crate) struct VacuumArgs {
 pub(crate) fn run_vacuum(args: &VacuumArgs) -> anyhow::Result<()> {
     let tables = check_tables(&args.tables)?;
     let runtime = runtime()?;
-    let lake = Lake::new(&args.lake, &Default::default())?;
+    let lake = open_lake(&args.lake, args.config.as_deref())?;
     let deleted_header = if args.dry_run {
         "files to delete"
     } else {

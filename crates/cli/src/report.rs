@@ -26,6 +26,10 @@ pub(crate) struct ReportArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
+    /// Pipeline file whose `[lake.storage]` options (endpoint, region, …) open an
+    /// object-store lake.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Date of the decisions to explain (they must exist: run `streetflow decide` first).
     #[arg(long)]
     as_of: NaiveDate,
@@ -685,7 +689,7 @@ pub(crate) async fn write_report(
 
 pub(crate) fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
-    let lake = Lake::new(&args.lake, &Default::default())?;
+    let lake = crate::settings::open_lake(&args.lake, args.config.as_deref())?;
     let policies = match &args.policies {
         Some(dir) => runtime.block_on(load_policies(dir))?,
         None => runtime

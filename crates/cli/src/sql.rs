@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use streetflow_lake::Lake;
 use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::arrow::util::pretty::pretty_format_batches;
 use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
@@ -14,6 +13,7 @@ use streetflow_lake::deltalake::parquet::file::properties::WriterProperties;
 
 use crate::ingest::runtime;
 use crate::output;
+use crate::settings::open_lake;
 
 /// Options of `streetflow sql`.
 #[derive(Debug, Args)]
@@ -24,6 +24,10 @@ pub(crate) struct SqlArgs {
     /// Lake root.
     #[arg(long, default_value = "./lake")]
     lake: String,
+    /// Pipeline file whose `[lake.storage]` options (endpoint, region, …) open an
+    /// object-store lake.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -47,7 +51,7 @@ pub(crate) enum Format {
 
 pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
-    let lake = Lake::new(&args.lake, &Default::default())?;
+    let lake = open_lake(&args.lake, args.config.as_deref())?;
     let (schema, batches) = runtime.block_on(async {
         let frame = lake.read_only_query(&args.query).await?;
         let schema = frame.schema().as_arrow().clone();

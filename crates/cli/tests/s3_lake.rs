@@ -181,3 +181,86 @@ fn two_workers_write_one_s3_lake_exactly_once_and_the_batch_jobs_read_it() {
     // Nothing was written to the local disk instead.
     assert!(!dir.join("s3:").exists());
 }
+
+/// Defect 9 of issue 20: `sql`, `compact`, `vacuum` and `report` open an object-store
+/// lake with the pipeline file's `[lake.storage]` options, as the writers do (they used
+/// to ignore them and could only use the AWS environment).
+#[test]
+fn queries_and_maintenance_use_the_storage_options_of_the_pipeline_file() {
+    let (_guard, dir) = workdir();
+    generate(&dir, &["--merchants", "3", "--days", "6", "--seed", "52"]);
+    let bucket = unique("cfg").replace('_', "-");
+    create_bucket(&bucket);
+    let lake = format!("s3://{bucket}/district");
+    let config = dir.join("s3-pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[lake.storage]\naws_endpoint_url = \"{}\"\naws_access_key_id = \"streetflow-test\"\n\
+             aws_secret_access_key = \"streetflow-test\"\naws_region = \"us-east-1\"\nallow_http = \"true\"\n",
+            s3_endpoint()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    // No AWS_* variables anywhere below: only the pipeline file says where the lake is.
+    let run_plain = |args: &[&str]| -> String {
+        let mut command = streetflow();
+        command.args(args).current_dir(&dir);
+        for (key, _) in s3_env() {
+            command.env_remove(key);
+        }
+        let output = finish(&mut command);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // Several commits, so the compaction has files to merge.
+    run_plain(&[
+        "backfill",
+        "--config",
+        &config,
+        "--lake",
+        &lake,
+        "--input",
+        "events.jsonl",
+        "--knowledge-time",
+        "2026-11-01T00:00:00Z",
+        "--commit-every",
+        "100",
+        "--no-silver",
+        "--json",
+    ]);
+    let count = |out: &str| -> i64 { out.lines().nth(1).unwrap().trim().parse().unwrap() };
+    let query = "SELECT count(*) FROM pos_events";
+    let before = count(&run_plain(&[
+        "sql", "--config", &config, "--lake", &lake, "--format", "csv", query,
+    ]));
+    assert!(before > 0);
+    run_plain(&[
+        "compact",
+        "--config",
+        &config,
+        "--lake",
+        &lake,
+        "--table",
+        "pos_events",
+    ]);
+    run_plain(&[
+        "vacuum",
+        "--config",
+        &config,
+        "--lake",
+        &lake,
+        "--table",
+        "pos_events",
+        "--dry-run",
+    ]);
+    let after = count(&run_plain(&[
+        "sql", "--config", &config, "--lake", &lake, "--format", "csv", query,
+    ]));
+    assert_eq!(after, before);
+}

@@ -41,6 +41,24 @@ pub enum Error {
         /// Offset the commit proposed.
         proposed: i64,
     },
+    /// The table's offsets under this prefix were recorded from another source (topic):
+    /// they say nothing about this one, so nothing is committed.
+    #[error(
+        "table {table}: the offsets of {app_prefix} belong to another source (identity \
+         {recorded}, this one is {identity}): a renamed, recreated or failed-over topic \
+         starts at offsets of its own; give it a pipeline name of its own ([pipeline] name) \
+         or read the topic those offsets belong to"
+    )]
+    SourceChanged {
+        /// Table name.
+        table: &'static str,
+        /// The writer's application-id prefix (the pipeline name).
+        app_prefix: String,
+        /// The identity the table records.
+        recorded: i64,
+        /// The identity of the source this writer reads.
+        identity: i64,
+    },
     /// `streetflow sql` and other read-only paths accept queries only.
     #[error("read-only: {0}")]
     NotAQuery(String),
@@ -76,7 +94,8 @@ impl Error {
             | Error::NotAQuery(_)
             | Error::Query(_)
             | Error::SchemaMismatch { .. }
-            | Error::OffsetWouldMoveBack { .. } => false,
+            | Error::OffsetWouldMoveBack { .. }
+            | Error::SourceChanged { .. } => false,
         }
     }
 

@@ -21,7 +21,7 @@ mod writer;
 pub use changes::{DataChanges, data_changes};
 pub use error::{Error, Result};
 pub use lake::{Lake, TableState};
-pub use maintenance::{CompactReport, VacuumReport};
+pub use maintenance::{CompactReport, ORPHAN_MAX_RETAIN_HOURS, ORPHAN_MIN_HOURS, VacuumReport};
 pub use migrate::Rewritten;
 pub use prepared::{PreparedQuery, RequestTables};
 pub use query::memory_limit;

@@ -11,9 +11,18 @@ use std::num::NonZeroU64;
 
 use deltalake::DeltaTable;
 use deltalake::operations::optimize::OptimizeType;
+use deltalake::operations::vacuum::VacuumMode;
 
 use crate::error::{Error, Result};
 use crate::lake::Lake;
+
+/// The age at which vacuum deletes a file no commit added: far beyond any writer's time
+/// between writing its files and committing them.
+pub const ORPHAN_MIN_HOURS: u64 = 24;
+
+/// The longest retention with which vacuum also collects files no commit added: Delta's
+/// default deleted-file retention, 7 days (see [`Lake::vacuum`]).
+pub const ORPHAN_MAX_RETAIN_HOURS: u64 = 168;
 
 /// What compacting one table did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,29 +101,62 @@ impl Lake {
 
     /// Deletes the files of table `name` that no version of the last `retain_hours`
     /// references (or lists them, with `dry_run`). Readers of versions older than that
-    /// may fail afterwards; the newest version is untouched. `None` when the table does
-    /// not exist.
+    /// may fail afterwards; the newest version is untouched. Files no commit ever added
+    /// (written by a writer that was fenced or crashed before its commit) go too, once
+    /// they are [`ORPHAN_MIN_HOURS`] old: younger ones may be a running writer's files
+    /// that its next commit adds (only with retentions up to [`ORPHAN_MAX_RETAIN_HOURS`]).
+    /// `None` when the table does not exist.
     pub async fn vacuum(
         &self,
         name: &str,
         retain_hours: u64,
         dry_run: bool,
     ) -> Result<Option<VacuumReport>> {
-        let Some(table) = self.open(name).await? else {
+        let Some(mut table) = self.open(name).await? else {
             return Ok(None);
         };
-        let hours = i64::try_from(retain_hours).unwrap_or(i64::MAX / 3_600_000);
-        let (table, metrics) = table
-            .vacuum()
-            .with_retention_period(chrono::Duration::hours(hours))
-            // The caller chose the retention; Delta would refuse less than its 7 days.
-            .with_enforce_retention_duration(false)
-            .with_dry_run(dry_run)
-            .await
-            .map_err(Error::delta(name, "vacuum"))?;
+        let hours =
+            |h: u64| chrono::Duration::hours(i64::try_from(h).unwrap_or(i64::MAX / 3_600_000));
+        // Removed files past the retention, by the log (Delta's "lite" vacuum), then files
+        // the log does not know that are old enough to be nobody's (its "full" vacuum,
+        // which judges both kinds by one age).
+        // The full vacuum protects a removed file only while its removal is in the log's
+        // state, which keeps removals for the tables' deleted-file retention (Delta's
+        // default of 7 days); past that it would judge a file by its age alone and could
+        // delete one a version inside a longer retention still reads. So orphans are
+        // collected only with retentions up to 7 days.
+        let mut passes = Vec::new();
+        if !(ORPHAN_MIN_HOURS..=ORPHAN_MAX_RETAIN_HOURS).contains(&retain_hours) {
+            passes.push((VacuumMode::Lite, retain_hours));
+        }
+        if retain_hours <= ORPHAN_MAX_RETAIN_HOURS {
+            passes.push((VacuumMode::Full, retain_hours.max(ORPHAN_MIN_HOURS)));
+        } else {
+            tracing::info!(
+                table = name,
+                retain_hours,
+                "files no commit added are collected only with --retain-hours of at most 168"
+            );
+        }
+        // A dry run lists a file in both passes; it counts once.
+        let mut files_deleted = std::collections::HashSet::new();
+        for (mode, retain) in passes {
+            let (vacuumed, metrics) = table
+                .vacuum()
+                .with_mode(mode)
+                .with_retention_period(hours(retain))
+                // The caller chose the retention; Delta would refuse less than its 7 days.
+                .with_enforce_retention_duration(false)
+                .with_dry_run(dry_run)
+                .await
+                .map_err(Error::delta(name, "vacuum"))?;
+            files_deleted.extend(metrics.files_deleted);
+            table = vacuumed;
+        }
+        let table = table;
         Ok(Some(VacuumReport {
             table: name.to_owned(),
-            files_deleted: metrics.files_deleted.len(),
+            files_deleted: files_deleted.len(),
             dry_run,
             live_files: live_files(&table, name)?,
         }))

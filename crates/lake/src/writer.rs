@@ -154,6 +154,8 @@ pub struct OffsetWriter {
     table: DeltaTable,
     writer: RecordBatchWriter,
     partition_columns: Vec<String>,
+    /// The identity of the source the offsets belong to ([`OffsetWriter::set_source`]).
+    source: Option<i64>,
 }
 
 impl std::fmt::Debug for OffsetWriter {
@@ -181,12 +183,33 @@ impl OffsetWriter {
                 .iter()
                 .map(|c| (*c).to_owned())
                 .collect(),
+            source: None,
         })
     }
 
     /// The Delta `txn` application id of a partition.
     pub fn app_id(&self, partition: i32) -> String {
         format!("{}-{partition}", self.app_prefix)
+    }
+
+    /// The Delta `txn` application id that records which source (topic) the partition
+    /// offsets of this prefix belong to.
+    pub fn source_app_id(&self) -> String {
+        format!("{}-source", self.app_prefix)
+    }
+
+    /// The source identity the table records for this prefix, from the newest version.
+    pub async fn recorded_source(&mut self) -> Result<Option<i64>> {
+        self.refresh().await?;
+        self.stored_app_version(&self.source_app_id()).await
+    }
+
+    /// Ties every later offset commit to `identity` (a number standing for the topic):
+    /// the first commit records it, and every commit is refused with
+    /// [`Error::SourceChanged`] when the table holds another, so offsets of one topic never decide what is skipped in
+    /// another (a renamed, recreated or failed-over topic starts at offsets of its own).
+    pub fn set_source(&mut self, identity: i64) {
+        self.source = Some(identity);
     }
 
     /// The table as last loaded.
@@ -631,6 +654,29 @@ impl OffsetWriter {
     ) -> Result<CommitOutcome> {
         self.refuse_moving_back(progress)?;
         self.refresh().await?;
+        let mut progress = progress.to_vec();
+        if let Some(identity) = self.source.filter(|_| !progress.is_empty()) {
+            let recorded = self.stored_app_version(&self.source_app_id()).await?;
+            match recorded {
+                Some(recorded) if recorded != identity => {
+                    return Err(Error::SourceChanged {
+                        table: self.name,
+                        app_prefix: self.app_prefix.clone(),
+                        recorded,
+                        identity,
+                    });
+                }
+                Some(_) => {}
+                // Recorded once, by the first commit: a txn id every commit set would make
+                // the workers of one group conflict with each other on every overlap.
+                None => progress.push(AppProgress {
+                    app_id: self.source_app_id(),
+                    expected: None,
+                    version: identity,
+                }),
+            }
+        }
+        let progress = progress.as_slice();
         if let Some(fenced) = self.check_expected(progress).await? {
             return Ok(fenced);
         }
@@ -816,6 +862,78 @@ mod tests {
         }
         rows.sort();
         rows
+    }
+
+    /// Defect 9 of issue 20: files of a writer fenced or killed before its commit are in
+    /// no version; vacuum deletes them once they are a day old (it used to keep them
+    /// forever), and never a younger one, which may be a running writer's next commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vacuum_deletes_day_old_files_no_commit_added_and_spares_younger_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let mut writer = OffsetWriter::new(&lake, &TABLE, "w").await.unwrap();
+        writer.write(batch(&[1, 2, 3])).await.unwrap();
+        let staged = writer.stage().await.unwrap();
+        writer.commit_appended(&staged, &[]).await.unwrap();
+        let partition = dir.path().join("numbers").join("shard=x");
+        let committed = std::fs::read_dir(&partition)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .unwrap();
+        // Two files no commit added, as a fenced or crashed writer leaves them.
+        let stale = partition.join("part-00000-stale-orphan.c000.zstd.parquet");
+        let fresh = partition.join("part-00000-fresh-orphan.c000.zstd.parquet");
+        std::fs::copy(&committed, &stale).unwrap();
+        std::fs::copy(&committed, &fresh).unwrap();
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+
+        let dry = lake.vacuum("numbers", 0, true).await.unwrap().unwrap();
+        assert_eq!(dry.files_deleted, 1, "{dry:?}");
+        assert!(stale.exists(), "a dry run deletes nothing");
+        let report = lake.vacuum("numbers", 0, false).await.unwrap().unwrap();
+        assert_eq!(report.files_deleted, 1, "{report:?}");
+        assert!(!stale.exists(), "the day-old orphan is gone");
+        assert!(
+            fresh.exists(),
+            "an hour-old file may be a running writer's: kept"
+        );
+        assert!(committed.exists());
+        assert_eq!(rows(&lake).await, 3);
+        let report = lake.vacuum("numbers", 168, false).await.unwrap().unwrap();
+        assert_eq!(report.files_deleted, 0, "{report:?}");
+        assert!(fresh.exists());
+
+        // Files a compaction just replaced are judged by their removal, not their age:
+        // old files removed a moment ago stay for the week's retention.
+        writer.write(batch(&[4])).await.unwrap();
+        let staged = writer.stage().await.unwrap();
+        writer.commit_appended(&staged, &[]).await.unwrap();
+        let before: Vec<_> = std::fs::read_dir(&partition)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet") && *p != fresh)
+            .collect();
+        lake.compact("numbers", &[], None).await.unwrap();
+        for file in &before {
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_modified(two_days_ago)
+                .unwrap();
+        }
+        let report = lake.vacuum("numbers", 168, false).await.unwrap().unwrap();
+        assert_eq!(report.files_deleted, 0, "{report:?}");
+        assert!(before.iter().all(|f| f.exists()));
+        assert_eq!(rows(&lake).await, 4);
     }
 
     /// Days 20000..20002 are in one month (2024-10-04..06); day 20030 in the next.
