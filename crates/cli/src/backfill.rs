@@ -56,6 +56,8 @@ pub(crate) struct BackfillArgs {
     #[arg(long)]
     revise_settled_knowledge: bool,
     /// Commit after this many lines; an interrupted load resumes from the last commit.
+    /// An observed load (no asserted knowledge) also commits sooner when the stamp of a
+    /// commit's first rows has used half its knowledge deadline (`knowledge.settle_ms`).
     #[arg(long, default_value_t = 2_000_000)]
     commit_every: u64,
     /// Leave merchant_daily alone (run `streetflow aggregate` later).

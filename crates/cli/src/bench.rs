@@ -359,7 +359,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                 IngestOptions {
                     config: pipeline,
                     exit_at_end: true,
-                    assignment_timeout: Duration::from_secs(60),
+                    stall_timeout: Duration::from_secs(180),
                     after_commit: None,
                     committed: None,
                     partition_watermarks: None,
@@ -401,7 +401,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
                         let options = IngestOptions {
                             config: pipeline.clone(),
                             exit_at_end: true,
-                            assignment_timeout: Duration::from_secs(60),
+                            stall_timeout: Duration::from_secs(180),
                             after_commit: None,
                             committed: None,
                             partition_watermarks: None,

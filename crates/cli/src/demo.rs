@@ -209,7 +209,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 let options = IngestOptions {
                     config: pipeline.clone(),
                     exit_at_end: false,
-                    assignment_timeout: Duration::from_secs(60),
+                    stall_timeout: Duration::from_secs(180),
                     after_commit: None,
                     committed: Some(committed.clone()),
                     partition_watermarks: Some(watermarks.clone()),
@@ -441,7 +441,7 @@ fn print_next_steps(out: &Path, lake: &Path, today: NaiveDate) {
         "  streetflow sql --lake {lake} \"SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC\""
     );
     println!(
-        "  streetflow serve --lake {lake} --registry {}/merchants.csv   # then GET /v1/merchants/{{operator}}/{{merchant}}/decision?product=district-turnover-loan",
+        "  streetflow serve --lake {lake} --registry {}/merchants.csv --no-auth   # then GET /v1/merchants/{{operator}}/{{merchant}}/decision?product=district-turnover-loan",
         out.display()
     );
     println!(

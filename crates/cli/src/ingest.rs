@@ -50,9 +50,16 @@ pub(crate) struct IngestArgs {
     /// Prometheus endpoint, e.g. 127.0.0.1:9464.
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// Stop once every assigned partition is caught up.
+    /// Stop once the lake holds every partition of the topic up to its end.
     #[arg(long)]
     exit_at_end: bool,
+    /// With --exit-at-end: fail when records wait in the topic this long with nothing
+    /// storing them, or the broker does not answer this long. (Any worker says what it
+    /// sees after 20 s, and rejoins its group after twice the flush age and 30 s.)
+    /// Longer than the group's session timeout (45 s by default), so a worker restarted
+    /// after a crash outlasts its dead predecessor's partitions.
+    #[arg(long, default_value_t = 180, value_name = "SECONDS")]
+    stall_timeout_secs: u64,
     /// Do not refresh merchant_daily after each flush (run `streetflow aggregate` instead).
     #[arg(long)]
     no_silver: bool,
@@ -188,9 +195,7 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
         after_commit,
         committed: None,
         partition_watermarks: None,
-        // Longer than librdkafka's default session timeout (45 s), so a worker restarted
-        // after a crash waits for the group to drop its dead predecessor.
-        assignment_timeout: Duration::from_secs(60),
+        stall_timeout: Duration::from_secs(args.stall_timeout_secs),
     };
     let report = run_worker(options, runtime.handle().clone(), stop)?;
     let seconds = started.elapsed().as_secs_f64();

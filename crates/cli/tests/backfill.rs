@@ -358,3 +358,218 @@ fn a_first_load_builds_the_silver_a_rebuild_from_bronze_builds() {
     assert_eq!(daily, rebuilt_daily);
     assert_eq!(history, rebuilt_history);
 }
+
+/// `--knowledge-from-occurred` gives each line the arrival time a stream would have
+/// given, from the file's lines alone: an old first line and forty days without data
+/// never pin the clock (no row known before it happened), a late line arrives at the
+/// clock, and a load killed after its first commit resumes to the same rows.
+#[test]
+fn the_clock_from_occurred_survives_an_old_line_a_gap_and_a_resume() {
+    let (_guard, dir) = workdir();
+    let base = chrono::DateTime::parse_from_rfc3339("2025-03-01T08:00:00+08:00").unwrap();
+    let line = |n: usize, occurred: chrono::DateTime<chrono::FixedOffset>| {
+        serde_json::json!({
+            "event_id": format!("e{n}"), "operator_id": "lane", "merchant_id": "cafe",
+            "kind": "sale", "amount_fen": 1000 + n as i64, "currency": "CNY",
+            "occurred_at": occurred.to_rfc3339(), "channel": "cash",
+        })
+        .to_string()
+    };
+    let mut lines = vec![line(1, base - chrono::Duration::days(5 * 365))];
+    for n in 2..=8000 {
+        let mut occurred = base + chrono::Duration::minutes(n as i64);
+        if n > 4000 {
+            occurred += chrono::Duration::days(40);
+        }
+        if n == 7001 {
+            // Three hours late: its arrival is the clock, line 7000's time.
+            occurred -= chrono::Duration::hours(3);
+        }
+        lines.push(line(n, occurred));
+    }
+    std::fs::write(dir.join("events.jsonl"), lines.join("\n") + "\n").unwrap();
+    let args = [
+        "--knowledge-from-occurred",
+        "--commit-every",
+        "7000",
+        "--no-silver",
+    ];
+
+    let reference = dir.join("reference-lake");
+    let report = run_json(
+        &dir,
+        &backfill_args(&reference, "events.jsonl", &args)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(report["accepted"], 8000);
+    assert_eq!(
+        sql_i64(
+            &reference,
+            "SELECT count(*) FROM pos_events WHERE knowledge_time < occurred_at"
+        ),
+        0,
+        "rows known before they happened"
+    );
+    assert_eq!(
+        sql_i64(
+            &reference,
+            "SELECT CAST(to_unixtime(knowledge_time) AS BIGINT) - CAST(to_unixtime(occurred_at) AS BIGINT) \
+             FROM pos_events WHERE event_id = 'e7001'"
+        ),
+        3 * 3600 - 60,
+        "a late line arrives at the clock"
+    );
+
+    let crashed = dir.join("crashed-lake");
+    let mut worker = Worker::start(
+        &dir,
+        &backfill_args(&crashed, "events.jsonl", &args),
+        &[("STREETFLOW_FREEZE_AT", "events_committed:1")],
+    );
+    worker.wait_for("FROZEN AT", Duration::from_secs(120));
+    worker.kill();
+    let resumed = run_json(
+        &dir,
+        &backfill_args(&crashed, "events.jsonl", &args)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(resumed["files"][0]["resumed_after_line"], 7000);
+    assert_eq!(bronze_rows(&crashed), bronze_rows(&reference));
+}
+
+/// Defect 9 of issue 20: a correction of the same length in the middle of a large export
+/// (one amount changed) is a new file, not "already loaded" (the identity used to hash
+/// only the size and the first and last MiB).
+#[test]
+fn a_same_length_correction_in_the_middle_of_a_large_export_is_loaded() {
+    let (_guard, dir) = workdir();
+    generate(&dir, &["--merchants", "8", "--days", "30", "--seed", "53"]);
+    let original = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    assert!(original.len() > 3 << 20, "the export must exceed 3 MiB");
+    let lake = dir.join("lake");
+    let first = run_json(
+        &dir,
+        &backfill_args(&lake, "events.jsonl", &["--no-silver"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let accepted = first["accepted"].as_i64().unwrap();
+    assert!(accepted > 0);
+
+    // One digit of one amount in the middle of the file, bytes before and after equal.
+    let middle = original.len() / 2;
+    let key = "\"amount_fen\":";
+    let at = original[middle..]
+        .match_indices(key)
+        .map(|(i, _)| middle + i + key.len())
+        .find(|&i| original.as_bytes()[i].is_ascii_digit())
+        .unwrap();
+    let mut corrected = original.clone().into_bytes();
+    corrected[at] = if corrected[at] == b'9' {
+        b'1'
+    } else {
+        corrected[at] + 1
+    };
+    assert_eq!(corrected.len(), original.len());
+    std::fs::write(dir.join("corrected.jsonl"), &corrected).unwrap();
+
+    let second = run_json(
+        &dir,
+        &backfill_args(&lake, "corrected.jsonl", &["--no-silver"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(second["files"][0]["already_loaded"], false, "{second}");
+    assert_eq!(second["accepted"].as_i64().unwrap(), accepted, "{second}");
+    assert_ne!(
+        first["files"][0]["identity"],
+        second["files"][0]["identity"]
+    );
+    // And the corrected file again: now it is recognised.
+    let third = run_json(
+        &dir,
+        &backfill_args(&lake, "corrected.jsonl", &["--no-silver"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(third["files"][0]["already_loaded"], true, "{third}");
+}
+
+/// Loads an earlier streetflow recorded under the legacy identity (size and first and
+/// last MiB): a small file that identity hashed whole is recognised as loaded; a large
+/// one, which could be a same-length correction, stops the load and says why.
+#[test]
+fn loads_recorded_under_the_legacy_identity_are_recognised_or_refused() {
+    let (_guard, dir) = workdir();
+    generate(&dir, &["--merchants", "1", "--days", "3", "--seed", "54"]);
+    run_json(
+        &dir,
+        &[
+            "gen",
+            "--out",
+            "large.jsonl",
+            "--json",
+            "--merchants",
+            "8",
+            "--days",
+            "30",
+            "--seed",
+            "55",
+        ],
+    );
+    let small = dir.join("events.jsonl");
+    let large = dir.join("large.jsonl");
+    assert!(std::fs::metadata(&small).unwrap().len() <= 2 << 20);
+    assert!(std::fs::metadata(&large).unwrap().len() > 2 << 20);
+    let lake = dir.join("lake");
+    let runtime = runtime();
+    runtime.block_on(async {
+        let lake = streetflow_lake::Lake::new(lake.to_str().unwrap(), &Default::default()).unwrap();
+        let mut table = streetflow_lake::OffsetWriter::new(
+            &lake,
+            &streetflow_core::tables::POS_EVENTS,
+            "legacy",
+        )
+        .await
+        .unwrap();
+        let progress: Vec<streetflow_lake::AppProgress> = [&small, &large]
+            .iter()
+            .map(|file| streetflow_lake::AppProgress {
+                app_id: format!(
+                    "backfill-{}-eof",
+                    streetflow_ingest::legacy_file_identity(file).unwrap()
+                ),
+                expected: None,
+                version: 1,
+            })
+            .collect();
+        table
+            .commit_appended(&Default::default(), &progress)
+            .await
+            .unwrap();
+    });
+    let loaded = run_json(
+        &dir,
+        &backfill_args(&lake, "events.jsonl", &["--no-silver"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(loaded["files"][0]["already_loaded"], true, "{loaded}");
+    let mut command = streetflow();
+    command
+        .args(backfill_args(&lake, "large.jsonl", &["--no-silver"]))
+        .current_dir(&dir);
+    let refused = finish(&mut command);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("same length"), "{stderr}");
+    assert_eq!(row_count(&lake, "pos_events"), 0);
+}

@@ -210,3 +210,107 @@ fn a_group_of_three_loses_a_worker_and_nothing_is_lost_or_doubled() {
         summary["malformed"].as_i64().unwrap()
     );
 }
+
+/// Defect 0 of issue 20: a worker SIGKILLed a few times while it joins its group, then
+/// started once more, must store the whole topic (it used to log `partitions=[]` and
+/// wait forever in a group that no longer counted it).
+#[test]
+fn a_worker_killed_while_joining_and_started_again_stores_the_topic() {
+    let (_guard, dir) = workdir();
+    let summary = generate(&dir, &["--merchants", "8", "--days", "10", "--seed", "47"]);
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("rejoin");
+    produce(&dir, &topic, 4);
+    let config = fast_group_config(&dir);
+    let lake = dir.join("lake");
+    let group = unique("rejoin");
+    let args = worker_args(&topic, &group, &lake, &config, &["--exit-at-end", "--json"]);
+    for delay_ms in [1_500, 600, 2_500, 900] {
+        let worker = Worker::start(&dir, &args, &[]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        worker.kill();
+    }
+    let mut last = Worker::start(&dir, &args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(status) = last.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted worker still runs after 150 s with {} of {lines} records stored:\n{}",
+            row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
+            last.log_digest(30)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(status.success(), "{}", last.log_digest(30));
+    assert_eq!(
+        row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
+        lines
+    );
+}
+
+/// A batch worker that reads none of the waiting records (another member holds the only
+/// partition and, frozen at `freeze_at`, stores nothing more) must not end as if the
+/// topic were stored: it says what it sees, rejoins, and after its stall timeout fails
+/// with an error naming the group, instead of waiting silently.
+fn a_batch_run_beside_a_frozen_member_fails_and_says_why(freeze_at: &str) {
+    let (_guard, dir) = workdir();
+    generate(
+        &dir,
+        &[
+            "--merchants",
+            "4",
+            "--days",
+            "5",
+            "--seed",
+            "48",
+            "--malformed-rate",
+            "0.05",
+        ],
+    );
+    let topic = unique("stall");
+    produce(&dir, &topic, 1);
+    let lake = dir.join("lake");
+    let group = unique("stall");
+    let mut holder_args = ingest_args(&topic, &group, &lake);
+    holder_args.push("--exit-at-end".into());
+    // The holder takes the partition and stops moving: its session stays alive
+    // (librdkafka heartbeats from its own thread), so it keeps the partition.
+    let mut holder = Worker::start(&dir, &holder_args, &[("STREETFLOW_FREEZE_AT", freeze_at)]);
+    holder.wait_for("FROZEN AT", Duration::from_secs(60));
+
+    let mut waiting_args = holder_args.clone();
+    waiting_args.extend(["--stall-timeout-secs".into(), "30".into()]);
+    let mut command = streetflow();
+    command.args(&waiting_args).current_dir(&dir);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a batch run whose records are not stored must fail:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("records wait in the topic and nothing stores them"),
+        "the worker says what it sees before it gives up:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("stalled:") && stderr.contains(&group) && stderr.contains("waited"),
+        "the error names the stall and the group:\n{stderr}"
+    );
+    assert_eq!(row_count(&lake, "pos_events"), 0);
+    holder.kill();
+}
+
+#[test]
+fn a_batch_worker_whose_records_nobody_stores_fails_and_says_why() {
+    a_batch_run_beside_a_frozen_member_fails_and_says_why("message_buffered");
+}
+
+/// Defect 9 of issue 20: between a flush's dead-letter commit and its events commit the
+/// dead-letter offsets run ahead; a batch run must not take them for a stored topic.
+#[test]
+fn a_flush_between_its_dead_letter_and_event_commits_is_not_a_stored_topic() {
+    a_batch_run_beside_a_frozen_member_fails_and_says_why("dead_letters_committed");
+}

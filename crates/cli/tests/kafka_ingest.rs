@@ -340,6 +340,95 @@ fn tombstones_and_empty_messages_are_dead_letters_and_reach_the_dlq_topic() {
     );
 }
 
+/// Defect 9 of issue 20: the DLQ topic gets every dead letter the lake holds. A flush
+/// publishes its dead letters and waits for the brokers' acknowledgement before it
+/// commits; a DLQ the worker cannot write fails the run with nothing committed (it used
+/// to log the error and commit, so the topic silently missed them).
+#[test]
+fn a_dlq_topic_that_refuses_dead_letters_fails_the_flush_and_a_rerun_delivers_them() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let (_guard, dir) = workdir();
+    let topic = unique("dlqfail");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    streetflow_ingest::create_topic(broker(), &topic, 1, runtime.handle()).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            BaseRecord::<str, str>::to(&topic)
+                .key("m1")
+                .payload("not json"),
+        )
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let config = dir.join("fast-dlq.toml");
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"message.timeout.ms\" = \"5000\"\n",
+    )
+    .unwrap();
+    let lake = dir.join("lake");
+    let group = unique("g");
+    let worker = |dlq: &str| {
+        let mut args = ingest_args(&topic, &group, &lake);
+        args.extend(
+            [
+                "--exit-at-end",
+                "--config",
+                config.to_str().unwrap(),
+                "--dlq-topic",
+                dlq,
+            ]
+            .map(str::to_owned),
+        );
+        let mut command = streetflow();
+        command.args(&args).current_dir(&dir);
+        output_within(&mut command, Duration::from_secs(180))
+    };
+    // A name no broker accepts: every delivery fails.
+    let refused = worker("no such topic!");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("DLQ topic"), "{stderr}");
+    assert!(
+        !lake.join("dead_letters").join("_delta_log").exists()
+            || row_count(&lake, "dead_letters") == 0,
+        "a dead letter the DLQ topic lacks was committed"
+    );
+
+    let dlq = format!("{topic}.dlq");
+    streetflow_ingest::create_topic(broker(), &dlq, 1, runtime.handle()).unwrap();
+    let delivered = worker(&dlq);
+    assert!(
+        delivered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&delivered.stderr)
+    );
+    assert_eq!(row_count(&lake, "dead_letters"), 1);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut received = 0;
+    let mut deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(500)) {
+            received += 1;
+            // A few seconds more, to see a second copy if one was published.
+            deadline = deadline.min(std::time::Instant::now() + Duration::from_secs(5));
+        }
+    }
+    assert_eq!(received, 1, "the dead letter reached the DLQ topic once");
+}
+
 #[test]
 fn batch_workers_without_partitions_end_when_the_topic_is_in_the_lake() {
     let (_guard, dir) = workdir();
@@ -364,4 +453,51 @@ fn batch_workers_without_partitions_end_when_the_topic_is_in_the_lake() {
         ),
         lines
     );
+}
+
+/// The lake records which topic its offsets belong to: a worker pointed at another
+/// topic (a rename with `--topic`, a mirror) on the same pipeline stops with an error
+/// that says what to do, instead of skipping every record at or below the stored
+/// offsets as "replayed".
+#[test]
+fn offsets_of_one_topic_never_skip_the_records_of_another() {
+    let (_guard, dir) = workdir();
+    let summary = generate(&dir, &["--merchants", "4", "--days", "10", "--seed", "5"]);
+    let lines = summary["lines"].as_i64().unwrap();
+    let lake = dir.join("lake");
+    let first = unique("first");
+    produce(&dir, &first, 2);
+    let mut args = ingest_args(&first, &unique("g"), &lake);
+    args.extend(["--exit-at-end".into(), "--json".into()]);
+    let report = run_json(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(report["accepted"].as_i64().unwrap(), lines);
+
+    // The same records under another topic name: every offset is at or below what the
+    // lake holds for the first topic.
+    let renamed = unique("renamed");
+    produce(&dir, &renamed, 2);
+    let mut args = ingest_args(&renamed, &unique("g"), &lake);
+    args.extend(["--exit-at-end".into(), "--json".into()]);
+    let output = finish(streetflow().args(&args).current_dir(&dir));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the worker went on: {stderr}");
+    assert!(
+        stderr.contains("another topic") && stderr.contains("pipeline name"),
+        "{stderr}"
+    );
+    assert_eq!(row_count(&lake, "pos_events"), lines);
+
+    // With a pipeline name of its own, the renamed topic is read from its start.
+    let own = dir.join("own.toml");
+    std::fs::write(&own, "[pipeline]\nname = \"renamed\"\n").unwrap();
+    let mut args = ingest_args(&renamed, &unique("g"), &lake);
+    args.extend([
+        "--config".into(),
+        own.display().to_string(),
+        "--exit-at-end".into(),
+        "--json".into(),
+    ]);
+    let report = run_json(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(report["accepted"].as_i64().unwrap(), lines);
+    assert_eq!(row_count(&lake, "pos_events"), 2 * lines);
 }

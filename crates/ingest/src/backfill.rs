@@ -1,8 +1,8 @@
 //! Batch loads of operator exports into bronze: the streaming path's decoder and row
 //! builders, with a file's identity and line numbers in place of Kafka offsets.
 //!
-//! A file is known by a hash of its size and its first and last MiB, so a renamed or
-//! copied export is recognised and a changed one is not. Its progress lives in the same
+//! A file is known by a hash of its whole content, so a renamed or copied export is
+//! recognised and a changed one, by however little, is not. Its progress lives in the same
 //! Delta `txn` actions as a Kafka partition's: application id `backfill-<identity>-0`,
 //! version = the last line committed, in `dead_letters` and `pos_events`, committed in
 //! that order (as the workers do). A load that stops anywhere resumes after the last
@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -40,9 +41,12 @@ pub enum KnowledgeTime {
     /// (recorded as `knowledge_source = 'asserted'`).
     At(DateTime<Utc>),
     /// Asserted: the arrival time a stream would have given, the latest `occurred_at`
-    /// seen so far in the file (never moving back, ignoring jumps of more than 30 days),
-    /// as `streetflow produce` stamps Kafka records. For history the bank really held at
-    /// the time, e.g. a re-load of what was streamed.
+    /// seen so far in the file (never moving back, never before the line's own
+    /// `occurred_at`; the first time and a jump of more than 30 days count once two more
+    /// lines near them confirm them), as `streetflow produce` stamps Kafka records. It
+    /// depends only on the file's lines, so a resumed load stamps what an uninterrupted
+    /// one would. For history the bank really held at the time, e.g. a re-load of what
+    /// was streamed.
     FromOccurred,
 }
 
@@ -96,8 +100,29 @@ pub struct FileReport {
 /// Rows to write between commits.
 const ROWS_PER_PIECE: usize = 65_536;
 
-/// Hashes a file's size and first and last MiB.
+/// Hashes a file's whole content: any changed byte, even in a correction of the same
+/// length in the middle of a large export, makes a new identity.
 pub fn file_identity(path: &Path) -> Result<String> {
+    let io = io_error(path);
+    let mut file = File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(io_error(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(short_hex(&hasher.finalize()))
+}
+
+/// Files up to this size were hashed whole by the legacy identity too.
+const LEGACY_WHOLE_FILE_BYTES: u64 = 2 << 20;
+
+/// The identity streetflow gave files before it hashed them whole: size and first and
+/// last MiB. Kept only to recognise loads recorded under it.
+pub fn legacy_file_identity(path: &Path) -> Result<String> {
     const MIB: u64 = 1 << 20;
     let io = io_error(path);
     let mut file = File::open(path).map_err(io)?;
@@ -117,12 +142,12 @@ pub fn file_identity(path: &Path) -> Result<String> {
         file.read_to_end(&mut buffer).map_err(io_error(path))?;
         hasher.update(&buffer);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .take(10)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(short_hex(&hasher.finalize()))
+}
+
+/// The first 10 bytes of a digest in hex (80 bits: no two exports of a lake collide).
+fn short_hex(digest: &[u8]) -> String {
+    digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -227,10 +252,12 @@ fn open_input(path: &Path, counter: Option<Arc<AtomicU64>>) -> Result<Box<dyn Re
 
 /// What the reader thread hands the writer.
 enum Piece {
-    /// Rows to write.
+    /// Rows to write; every line up to and including `last_line` has been sent, so the
+    /// writer may commit here (it does when observed rows near their deadline).
     Rows {
         events: RecordBatch,
         dead_letters: RecordBatch,
+        last_line: i64,
     },
     /// Everything up to and including `last_line` has been sent: commit it.
     Checkpoint { last_line: i64, end_of_file: bool },
@@ -258,6 +285,8 @@ struct Reader {
     since_checkpoint: u64,
     /// Lines read in this run (skipped ones included).
     lines: u64,
+    /// The number of the last line read.
+    last_line: i64,
     /// The loader's clock, as last read.
     received_at: Option<DateTime<Utc>>,
     sender: mpsc::Sender<Piece>,
@@ -270,11 +299,15 @@ impl Reader {
             KnowledgeTime::Observed => Knowledge::Observed,
             KnowledgeTime::At(at) => Knowledge::Asserted(at),
             KnowledgeTime::FromOccurred => {
-                if let Some(at) = occurred_at.and_then(streetflow_core::time::parse_rfc3339) {
-                    self.clock.observe(at.timestamp_millis());
+                let occurred = occurred_at
+                    .and_then(streetflow_core::time::parse_rfc3339)
+                    .map(|at| at.timestamp_millis());
+                if let Some(at) = occurred {
+                    self.clock.observe(at);
                 }
                 Knowledge::Asserted(
-                    DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_else(Utc::now),
+                    DateTime::from_timestamp_millis(self.clock.arrival_ms(occurred))
+                        .unwrap_or_else(Utc::now),
                 )
             }
         }
@@ -298,10 +331,13 @@ impl Reader {
         occurred_at: Option<&str>,
     ) -> Result<()> {
         self.lines += 1;
+        self.last_line = line;
+        // The clock runs over lines a previous run committed too, so a resumed load
+        // stamps the rest as an uninterrupted one would.
+        let knowledge = self.knowledge(occurred_at);
         if line <= self.events_done {
             return Ok(());
         }
-        let knowledge = self.knowledge(occurred_at);
         let received_at = self.received_at();
         let origin = Origin::File {
             path: &self.path_text,
@@ -344,6 +380,7 @@ impl Reader {
         self.send(Piece::Rows {
             events,
             dead_letters,
+            last_line: self.last_line,
         })
     }
 
@@ -380,14 +417,13 @@ impl Reader {
             let mut message = buffer.as_slice();
             message = message.strip_suffix(b"\n").unwrap_or(message);
             message = message.strip_suffix(b"\r").unwrap_or(message);
-            // The clock needs the line's occurred_at before decoding (the decoder checks
-            // it against the arrival time); parsing it twice only costs in this mode.
-            let probe: Option<OccurredProbe<'_>> =
-                if from_occurred && line_number > self.events_done {
-                    serde_json::from_slice(message).ok()
-                } else {
-                    None
-                };
+            // The clock needs the line's occurred_at before decoding, also on lines a
+            // resumed load skips; parsing it twice only costs in this mode.
+            let probe: Option<OccurredProbe<'_>> = if from_occurred {
+                serde_json::from_slice(message).ok()
+            } else {
+                None
+            };
             let occurred = probe.as_ref().and_then(|p| p.occurred_at.as_deref());
             self.line(line_number, message, message, occurred)?;
         }
@@ -450,11 +486,14 @@ pub async fn backfill_file(
     options: &BackfillOptions,
     format: &InputFormat,
 ) -> Result<FileReport> {
-    let identity = {
+    let (identity, (legacy, size)) = {
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || file_identity(&path))
-            .await
-            .map_err(|e| Error::Backfill(format!("hashing the file: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            let size = std::fs::metadata(&path).map_err(io_error(&path))?.len();
+            Ok::<_, Error>((file_identity(&path)?, (legacy_file_identity(&path)?, size)))
+        })
+        .await
+        .map_err(|e| Error::Backfill(format!("hashing the file: {e}")))??
     };
     let app_prefix = format!("backfill-{identity}");
     let mut events = OffsetWriter::new(lake, &POS_EVENTS, app_prefix.clone()).await?;
@@ -470,8 +509,29 @@ pub async fn backfill_file(
         report.already_loaded = true;
         return Ok(report);
     }
-    let mut events_done = events.app_version(&app_id).await?;
-    let mut dead_done = dead_letters.app_version(&app_id).await?;
+    // A load recorded under the old identity: of a file of at most 2 MiB that identity
+    // hashed all of it, so this is the same file; of a larger one it may be this file or
+    // a same-length correction, which cannot be told, and guessing either way loses or
+    // doubles rows.
+    let legacy_prefix = format!("backfill-{legacy}");
+    let legacy_eof = format!("{legacy_prefix}-eof");
+    if size <= LEGACY_WHOLE_FILE_BYTES && events.app_version(&legacy_eof).await?.is_some() {
+        report.already_loaded = true;
+        return Ok(report);
+    }
+    for legacy_id in [legacy_eof, format!("{legacy_prefix}-0")] {
+        if let Some(line) = events.app_version(&legacy_id).await? {
+            return Err(Error::Backfill(format!(
+                "{} matches a load an earlier streetflow recorded by the file's size and first \
+                 and last MiB only ({legacy_id}, line {line}); it cannot tell whether this is the \
+                 same file or a correction of the same length. Compare the file with the one \
+                 loaded then: if it is the same, nothing needs loading",
+                report.path
+            )));
+        }
+    }
+    let events_done = events.app_version(&app_id).await?;
+    let dead_done = dead_letters.app_version(&app_id).await?;
     report.resumed_after = events_done.unwrap_or(0).max(0) as u64;
     if report.resumed_after > 0 {
         tracing::info!(path = %report.path, after_line = report.resumed_after, "resuming an interrupted load");
@@ -495,6 +555,7 @@ pub async fn backfill_file(
         commit_every: options.commit_every_lines.max(1),
         since_checkpoint: 0,
         lines: 0,
+        last_line: 0,
         received_at: None,
         sender,
     };
@@ -509,113 +570,78 @@ pub async fn backfill_file(
         result.map(|()| reader.lines)
     });
 
-    let mut staged_rows = (0_u64, 0_u64);
-    // Observed knowledge: each piece is stamped when it is written (so Parquet encoding
-    // runs while the reader decodes the next lines) and the commit must follow the
-    // first stamp within the deadline. The pieces stay in memory until the commit, so a
-    // commit that misses it can stamp and write them again.
-    let observed = options.knowledge == KnowledgeTime::Observed;
-    let deadline = options.config.knowledge_rules().commit_deadline();
-    // The rows written since the last commit, as written: observed ones always (to
-    // stamp again), asserted ones when a caller wants the committed rows.
-    let mut waiting: Vec<RecordBatch> = Vec::new();
-    let mut first_stamp: Option<DateTime<Utc>> = None;
-    let mut sink = options.committed_rows.clone();
-    while let Some(piece) = receiver.recv().await {
-        match piece {
-            Piece::Rows {
-                events: event_rows,
-                dead_letters: dead_rows,
-            } => {
-                staged_rows.0 += event_rows.num_rows() as u64;
-                staged_rows.1 += dead_rows.num_rows() as u64;
-                if event_rows.num_rows() > 0 {
-                    let written = if observed {
-                        let at = Utc::now();
-                        first_stamp.get_or_insert(at);
-                        restamp_observed(&event_rows, at).map_err(|source| Error::Arrow {
-                            table: POS_EVENTS.name,
-                            source,
-                        })?
-                    } else {
-                        event_rows
-                    };
-                    events.write(written.clone()).await?;
-                    if observed || sink.is_some() {
-                        waiting.push(written);
+    let mut writer = LoadWriter {
+        observed: options.knowledge == KnowledgeTime::Observed,
+        deadline: options
+            .config
+            .knowledge_rules()
+            .commit_deadline()
+            .to_std()
+            .unwrap_or_default(),
+        events,
+        dead_letters,
+        app_id,
+        eof_id,
+        events_done,
+        dead_done,
+        staged_rows: (0, 0),
+        waiting: Vec::new(),
+        first_stamp: None,
+        sink: options.committed_rows.clone(),
+        report,
+    };
+    let written = async {
+        // The last line of the last piece written: a commit may end there.
+        let mut written_through = writer.events_done.unwrap_or(0);
+        loop {
+            // Observed rows must be visible within the deadline of their first stamp:
+            // commit what is written once half of it has gone, when the next piece comes
+            // or, with a slow reader, when the time comes, rather than stamp and write
+            // the whole interval again at the checkpoint.
+            let due = writer
+                .first_stamp
+                .map(|(_, at)| tokio::time::Instant::from_std(at + writer.deadline / 2));
+            let piece = match due {
+                Some(due) => tokio::select! {
+                    piece = receiver.recv() => piece,
+                    () = tokio::time::sleep_until(due) => {
+                        writer.checkpoint(written_through, false).await?;
+                        continue;
                     }
-                }
-                if dead_rows.num_rows() > 0 {
-                    dead_letters.write(dead_rows).await?;
-                }
-            }
-            Piece::Checkpoint {
-                last_line,
-                end_of_file,
-            } => {
-                // Dead letters first: a crash before the events commit replays the lines,
-                // and the dead letters already stored are recognised by line number.
-                let staged = dead_letters.stage().await?;
-                if last_line > dead_done.unwrap_or(0) || dead_done.is_none() {
-                    let progress = [AppProgress {
-                        app_id: app_id.clone(),
-                        expected: dead_done,
-                        version: last_line,
-                    }];
-                    committed(
-                        dead_letters.commit_appended(&staged, &progress).await?,
-                        &report.path,
-                    )?;
-                    dead_done = Some(last_line);
-                    freeze::point(points::DEAD_LETTER_COMMIT);
-                }
-                let mut staged = events.stage().await?;
-                let mut stamp = first_stamp.take();
-                let mut progress = Vec::new();
-                if last_line > events_done.unwrap_or(0) || events_done.is_none() {
-                    progress.push(AppProgress {
-                        app_id: app_id.clone(),
-                        expected: events_done,
-                        version: last_line,
-                    });
-                }
-                if end_of_file {
-                    progress.push(AppProgress {
-                        app_id: eof_id.clone(),
-                        expected: None,
-                        version: last_line.max(events_done.unwrap_or(0)),
-                    });
-                }
-                if !progress.is_empty() {
-                    // Stamped too long ago (slow storage): stamp again, write again (the
-                    // files of the first stamp are never committed).
-                    while stamp.is_some_and(|at| Utc::now() - at > deadline) {
-                        tracing::warn!(path = %report.path, "a commit missed the knowledge deadline of its stamp; stamping again");
-                        (staged, stamp) = stage_events(&mut events, &mut waiting).await?;
+                },
+                None => receiver.recv().await,
+            };
+            let Some(piece) = piece else { break };
+            match piece {
+                Piece::Rows {
+                    events,
+                    dead_letters,
+                    last_line,
+                } => {
+                    if writer
+                        .first_stamp
+                        .is_some_and(|at| age(at) > writer.deadline / 2)
+                    {
+                        writer.checkpoint(written_through, false).await?;
                     }
-                    committed(
-                        events.commit_appended(&staged, &progress).await?,
-                        &report.path,
-                    )?;
-                    if let Some(receiver) = &sink {
-                        for batch in waiting.drain(..) {
-                            if receiver.send(batch).await.is_err() {
-                                sink = None;
-                                break;
-                            }
-                        }
-                    }
-                    events_done = Some(last_line.max(events_done.unwrap_or(0)));
-                    report.commits += 1;
-                    freeze::point(points::EVENT_COMMIT);
-                    report.accepted += staged_rows.0;
-                    report.dead_lettered += staged_rows.1;
+                    writer.rows(events, dead_letters).await?;
+                    written_through = last_line;
                 }
-                staged_rows = (0, 0);
-                waiting.clear();
-                tracing::debug!(path = %report.path, last_line, "backfill committed");
+                Piece::Checkpoint {
+                    last_line,
+                    end_of_file,
+                } => writer.checkpoint(last_line, end_of_file).await?,
             }
         }
+        Ok::<(), Error>(())
+    };
+    let written = written.await;
+    // The reader stops at its next send once the receiver is gone.
+    drop(receiver);
+    let mut report = writer.report;
+    if let Err(error) = written {
+        let _ = read.await;
+        return Err(error);
     }
     let lines = read
         .await
@@ -624,23 +650,185 @@ pub async fn backfill_file(
     Ok(report)
 }
 
-/// Stamps `waiting` (observed rows) again, now, writes it and stages everything written
-/// since the last stage; the stamp, when there were observed rows.
-async fn stage_events(
-    events: &mut OffsetWriter,
-    waiting: &mut [RecordBatch],
-) -> Result<(streetflow_lake::StagedFiles, Option<DateTime<Utc>>)> {
-    let stamp = (!waiting.is_empty()).then(Utc::now);
-    if let Some(at) = stamp {
-        for batch in waiting.iter_mut() {
-            *batch = restamp_observed(batch, at).map_err(|source| Error::Arrow {
-                table: POS_EVENTS.name,
-                source,
-            })?;
-            events.write(batch.clone()).await?;
+/// How long ago a stamp was taken, by the wall clock and the monotonic one: a wall-clock
+/// step back cannot hide a slow commit.
+fn age(stamped: (DateTime<Utc>, Instant)) -> std::time::Duration {
+    let wall = (Utc::now() - stamped.0).to_std().unwrap_or_default();
+    wall.max(stamped.1.elapsed())
+}
+
+/// Times observed rows may be stamped and written again before a load gives up.
+const RESTAMP_ATTEMPTS: u32 = 3;
+
+/// The writer half of a load: writes pieces as they come, commits at checkpoints.
+struct LoadWriter {
+    observed: bool,
+    /// `knowledge.settle_ms / 2`: from stamp to visible commit.
+    deadline: std::time::Duration,
+    events: OffsetWriter,
+    dead_letters: OffsetWriter,
+    app_id: String,
+    eof_id: String,
+    events_done: Option<i64>,
+    dead_done: Option<i64>,
+    /// Events and dead letters written since the last commit.
+    staged_rows: (u64, u64),
+    /// The `pos_events` batches written since the last commit, as written: observed
+    /// ones always (to stamp again), asserted ones when a caller wants them.
+    waiting: Vec<RecordBatch>,
+    /// When the first observed rows since the last commit were stamped.
+    first_stamp: Option<(DateTime<Utc>, Instant)>,
+    sink: Option<mpsc::Sender<RecordBatch>>,
+    report: FileReport,
+}
+
+impl LoadWriter {
+    /// Writes one piece: observed rows are stamped now, so Parquet encoding runs while
+    /// the reader decodes the next lines.
+    async fn rows(&mut self, event_rows: RecordBatch, dead_rows: RecordBatch) -> Result<()> {
+        self.staged_rows.0 += event_rows.num_rows() as u64;
+        self.staged_rows.1 += dead_rows.num_rows() as u64;
+        if event_rows.num_rows() > 0 {
+            let written = if self.observed {
+                let stamp = *self.first_stamp.get_or_insert((Utc::now(), Instant::now()));
+                // Every piece of one commit carries the commit's first stamp: the rows
+                // of one commit share one knowledge time, as a worker's do (a later
+                // piece's lines were read at most half the deadline after it).
+                restamp_observed(&event_rows, stamp.0).map_err(|source| Error::Arrow {
+                    table: POS_EVENTS.name,
+                    source,
+                })?
+            } else {
+                event_rows
+            };
+            self.events.write(written.clone()).await?;
+            if self.observed || self.sink.is_some() {
+                self.waiting.push(written);
+            }
         }
+        if dead_rows.num_rows() > 0 {
+            self.dead_letters.write(dead_rows).await?;
+        }
+        Ok(())
     }
-    Ok((events.stage().await?, stamp))
+
+    /// Commits everything written, as lines up to `last_line`.
+    async fn checkpoint(&mut self, last_line: i64, end_of_file: bool) -> Result<()> {
+        // Dead letters first: a crash before the events commit replays the lines, and
+        // the dead letters already stored are recognised by line number.
+        let staged = self.dead_letters.stage().await?;
+        if last_line > self.dead_done.unwrap_or(0) || self.dead_done.is_none() {
+            let progress = [AppProgress {
+                app_id: self.app_id.clone(),
+                expected: self.dead_done,
+                version: last_line,
+            }];
+            committed(
+                self.dead_letters
+                    .commit_appended(&staged, &progress)
+                    .await?,
+                &self.report.path,
+            )?;
+            self.dead_done = Some(last_line);
+            freeze::point(points::DEAD_LETTER_COMMIT);
+        }
+        let mut staged = self.events.stage().await?;
+        let mut stamp = self.first_stamp.take();
+        let mut progress = Vec::new();
+        if last_line > self.events_done.unwrap_or(0) || self.events_done.is_none() {
+            progress.push(AppProgress {
+                app_id: self.app_id.clone(),
+                expected: self.events_done,
+                version: last_line,
+            });
+        }
+        if end_of_file {
+            progress.push(AppProgress {
+                app_id: self.eof_id.clone(),
+                expected: None,
+                version: last_line.max(self.events_done.unwrap_or(0)),
+            });
+        }
+        if !progress.is_empty() {
+            // Stamped too long ago (slow storage): stamp again, write again (the files
+            // of the first stamp are never committed).
+            let mut attempts = 0;
+            while let Some(at) = stamp.filter(|&at| age(at) > self.deadline) {
+                attempts += 1;
+                if attempts > RESTAMP_ATTEMPTS {
+                    return Err(Error::Backfill(format!(
+                        "{}: writing and committing the rows of one commit took longer than \
+                         the knowledge deadline ({} ms, half of knowledge.settle_ms) \
+                         {RESTAMP_ATTEMPTS} times over: the lake's storage is too slow for \
+                         that setting; raise knowledge.settle_ms",
+                        self.report.path,
+                        self.deadline.as_millis()
+                    )));
+                }
+                tracing::warn!(
+                    path = %self.report.path,
+                    age_ms = age(at).as_millis() as u64,
+                    "a commit missed the knowledge deadline of its stamp; stamping again"
+                );
+                metrics::counter!(crate::metrics::KNOWLEDGE_RESTAMPS).increment(1);
+                (staged, stamp) = self.stage_again().await?;
+            }
+            committed(
+                self.events.commit_appended(&staged, &progress).await?,
+                &self.report.path,
+            )?;
+            if let Some(at) = stamp.filter(|&at| age(at) > self.deadline) {
+                // Visible too late: silver reports it when it finds the rows behind its
+                // horizon, and rebuilds.
+                tracing::error!(
+                    path = %self.report.path,
+                    stamped = %at.0,
+                    age_ms = age(at).as_millis() as u64,
+                    "a commit became visible after the knowledge deadline of its stamp; \
+                     readers that settled that instant may have missed it (raise knowledge.settle_ms)"
+                );
+                metrics::counter!(crate::metrics::KNOWLEDGE_LATE_COMMITS).increment(1);
+            }
+            if let Some(receiver) = &self.sink {
+                for batch in self.waiting.drain(..) {
+                    if receiver.send(batch).await.is_err() {
+                        self.sink = None;
+                        break;
+                    }
+                }
+            }
+            self.events_done = Some(last_line.max(self.events_done.unwrap_or(0)));
+            self.report.commits += 1;
+            freeze::point(points::EVENT_COMMIT);
+            self.report.accepted += self.staged_rows.0;
+            self.report.dead_lettered += self.staged_rows.1;
+        }
+        self.staged_rows = (0, 0);
+        self.waiting.clear();
+        tracing::debug!(path = %self.report.path, last_line, "backfill committed");
+        Ok(())
+    }
+
+    /// Stamps the waiting observed rows again, now, writes them and stages everything
+    /// written since the last stage; the stamp, when there were observed rows.
+    async fn stage_again(
+        &mut self,
+    ) -> Result<(
+        streetflow_lake::StagedFiles,
+        Option<(DateTime<Utc>, Instant)>,
+    )> {
+        let stamp = (!self.waiting.is_empty()).then(|| (Utc::now(), Instant::now()));
+        if let Some(at) = stamp {
+            for batch in self.waiting.iter_mut() {
+                *batch = restamp_observed(batch, at.0).map_err(|source| Error::Arrow {
+                    table: POS_EVENTS.name,
+                    source,
+                })?;
+                self.events.write(batch.clone()).await?;
+            }
+        }
+        Ok((self.events.stage().await?, stamp))
+    }
 }
 
 fn committed(outcome: CommitOutcome, path: &str) -> Result<()> {

@@ -36,6 +36,10 @@ pub enum Error {
     /// export).
     #[error("backfill: {0}")]
     Backfill(String),
+    /// A batch run saw records waiting in the topic and nothing storing them for its
+    /// whole stall timeout, rejoins included.
+    #[error("stalled: {0}")]
+    Stalled(String),
     /// Reading an input file failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -57,7 +61,7 @@ impl Error {
     /// outages); configuration and schema problems need a fix first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Kafka { .. } | Error::Io { .. } => true,
+            Error::Kafka { .. } | Error::Io { .. } | Error::Stalled(_) => true,
             Error::Lake(e) => e.is_retryable(),
             Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) => false,
         }

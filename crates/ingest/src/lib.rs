@@ -18,7 +18,7 @@ mod worker;
 
 pub use backfill::{
     BackfillOptions, FileReport, InputFormat, KnowledgeTime, backfill_file, expand_inputs,
-    file_identity, is_csv_file,
+    file_identity, is_csv_file, legacy_file_identity,
 };
 pub use batch::{
     Appended, DeadLetter, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin,

@@ -30,6 +30,9 @@ pub const AFTER_COMMIT_SECONDS: &str = "streetflow_ingest_after_commit_seconds";
 /// Commits whose rows were stamped again because the first stamp's knowledge deadline
 /// passed before the commit.
 pub const KNOWLEDGE_RESTAMPS: &str = "streetflow_ingest_knowledge_restamps_total";
+/// Commits that became visible after the knowledge deadline of their stamp (silver
+/// finds such rows behind its horizon and rebuilds).
+pub const KNOWLEDGE_LATE_COMMITS: &str = "streetflow_ingest_knowledge_late_commits_total";
 /// Consumer lag per partition, from librdkafka statistics (label: `partition`).
 pub const CONSUMER_LAG: &str = "streetflow_ingest_consumer_lag_records";
 
@@ -75,5 +78,9 @@ pub fn describe() {
     metrics::describe_counter!(
         KNOWLEDGE_RESTAMPS,
         "flushes stamped again because their commit missed the knowledge deadline"
+    );
+    metrics::describe_counter!(
+        KNOWLEDGE_LATE_COMMITS,
+        "commits visible only after the knowledge deadline of their stamp"
     );
 }

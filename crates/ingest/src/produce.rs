@@ -193,29 +193,72 @@ struct Probe<'a> {
     occurred_at: Option<Cow<'a, str>>,
 }
 
-/// The stream clock: never goes back, ignores timestamps absurdly far ahead (a broken
-/// POS clock must not drag every later record into the future).
-#[derive(Debug, Default)]
+/// The stream clock: the latest `occurred_at` seen so far, as the arrival time a stream
+/// would have given. It never goes back and ignores times in the future of the
+/// machine's clock (a POS clock that is years fast). A time more than 30 days from the
+/// clock (and the very first time) counts only once two more lines near it confirm it:
+/// a line or two with a broken clock move nothing, while an old first line or a month
+/// without data never pins the clock (which would make later lines known before they
+/// happened).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct StreamClock {
     now_ms: Option<i64>,
+    /// A far time seen, waiting for confirmation: the latest such time, and how many
+    /// lines near it have been seen.
+    jump: Option<(i64, u32)>,
 }
 
 impl StreamClock {
     const MAX_JUMP_MS: i64 = 30 * 86_400_000;
+    /// Lines near a far time (the first included) that make the clock follow it.
+    const CONFIRMATIONS: u32 = 3;
 
     pub(crate) fn observe(&mut self, occurred_ms: i64) {
-        let wall = Utc::now().timestamp_millis();
-        self.now_ms = match self.now_ms {
-            None if occurred_ms <= wall + 86_400_000 => Some(occurred_ms),
-            Some(now) if occurred_ms > now && occurred_ms - now <= Self::MAX_JUMP_MS => {
-                Some(occurred_ms)
+        if occurred_ms > Utc::now().timestamp_millis() + 86_400_000 {
+            return;
+        }
+        match self.now_ms {
+            Some(now) if occurred_ms <= now => {}
+            Some(now) if occurred_ms - now <= Self::MAX_JUMP_MS => {
+                self.now_ms = Some(occurred_ms);
+                self.jump = None;
             }
-            other => other,
-        };
+            // The first time, or one far from the clock.
+            _ => {
+                let jump = match self.jump {
+                    Some((at, seen)) if (occurred_ms - at).abs() <= Self::MAX_JUMP_MS => {
+                        (at.max(occurred_ms), seen + 1)
+                    }
+                    _ => (occurred_ms, 1),
+                };
+                if jump.1 >= Self::CONFIRMATIONS {
+                    self.now_ms = Some(jump.0);
+                    self.jump = None;
+                } else {
+                    self.jump = Some(jump);
+                }
+            }
+        }
     }
 
+    /// The clock (the wall clock until a line set it).
+    #[cfg(test)]
     pub(crate) fn now_ms(&self) -> i64 {
         self.now_ms.unwrap_or_else(|| Utc::now().timestamp_millis())
+    }
+
+    /// When a stream would have delivered a line that occurred at `occurred_ms` (after
+    /// [`StreamClock::observe`]): the clock, but never before the line itself happened
+    /// (before the clock is confirmed, the line's own time).
+    pub(crate) fn arrival_ms(&self, occurred_ms: Option<i64>) -> i64 {
+        let occurred =
+            occurred_ms.filter(|&occurred| occurred <= Utc::now().timestamp_millis() + 86_400_000);
+        match (self.now_ms, occurred) {
+            (Some(now), Some(occurred)) => now.max(occurred),
+            (Some(now), None) => now,
+            (None, Some(occurred)) => occurred,
+            (None, None) => Utc::now().timestamp_millis(),
+        }
     }
 }
 
@@ -257,19 +300,20 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
         payload = payload.strip_suffix(b"\r").unwrap_or(payload);
         let probe: Option<Probe<'_>> = serde_json::from_slice(payload).ok();
         let key = probe.as_ref().and_then(|p| p.merchant_id.as_deref());
-        if let Some(occurred) = probe
+        let occurred = probe
             .as_ref()
             .and_then(|p| p.occurred_at.as_deref())
             .and_then(streetflow_core::time::parse_rfc3339)
-        {
-            clock.observe(occurred.timestamp_millis());
+            .map(|at| at.timestamp_millis());
+        if let Some(occurred) = occurred {
+            clock.observe(occurred);
         }
         if key.is_none() {
             report.unkeyed += 1;
         }
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&options.topic)
             .payload(payload)
-            .timestamp(clock.now_ms());
+            .timestamp(clock.arrival_ms(occurred));
         let mut chosen_partition = None;
         if let Some(key) = key {
             record = record.key(key);
@@ -338,12 +382,65 @@ mod tests {
     #[test]
     fn the_clock_only_moves_forward_and_ignores_broken_clocks() {
         let mut clock = StreamClock::default();
-        clock.observe(1_000_000);
+        for _ in 0..3 {
+            clock.observe(1_000_000);
+        }
         clock.observe(999_000); // a late event: the clock stays
         assert_eq!(clock.now_ms(), 1_000_000);
         clock.observe(1_000_000 + 2 * 86_400_000); // after a two-day outage
         assert_eq!(clock.now_ms(), 1_000_000 + 2 * 86_400_000);
         clock.observe(1_000_000 + 100 * 365 * 86_400_000); // a POS clock a century fast
         assert_eq!(clock.now_ms(), 1_000_000 + 2 * 86_400_000);
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn an_old_first_line_or_a_month_without_data_never_pins_the_clock() {
+        let base = 1_740_000_000_000; // 2025-02-19
+        // An old first line: the next lines, a second apart, confirm the later time.
+        let mut clock = StreamClock::default();
+        clock.observe(base - 5 * 365 * DAY);
+        assert_eq!(
+            clock.arrival_ms(Some(base - 5 * 365 * DAY)),
+            base - 5 * 365 * DAY
+        );
+        for i in 0..3 {
+            clock.observe(base + i * 1_000);
+            assert_eq!(clock.arrival_ms(Some(base + i * 1_000)), base + i * 1_000);
+        }
+        assert_eq!(clock.now_ms(), base + 2_000);
+        // Forty days without data, then the feed again.
+        for i in 0..3 {
+            clock.observe(base + 40 * DAY + i * 60_000);
+        }
+        assert_eq!(clock.now_ms(), base + 40 * DAY + 120_000);
+        // A late line arrives at the clock.
+        clock.observe(base + 39 * DAY);
+        assert_eq!(
+            clock.arrival_ms(Some(base + 39 * DAY)),
+            base + 40 * DAY + 120_000
+        );
+    }
+
+    #[test]
+    fn a_line_or_two_with_a_broken_clock_move_nothing_even_first() {
+        let base = 1_740_000_000_000;
+        // First in the file, a year fast (still in the past): the lines after it set the
+        // clock.
+        let mut clock = StreamClock::default();
+        clock.observe(base + 365 * DAY);
+        for i in 0..3 {
+            clock.observe(base + i * 60_000);
+        }
+        assert_eq!(clock.now_ms(), base + 120_000);
+        // Two adjacent lines 200 days ahead: the clock stays.
+        clock.observe(base + 200 * DAY);
+        clock.observe(base + 200 * DAY + 1_000);
+        clock.observe(base + 180_000);
+        assert_eq!(clock.now_ms(), base + 180_000);
+        assert_eq!(clock.arrival_ms(Some(base + 30_000)), base + 180_000);
+        // Their own arrival is never before they happened.
+        assert_eq!(clock.arrival_ms(Some(base + 200 * DAY)), base + 200 * DAY);
     }
 }

@@ -26,8 +26,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, Timestamp};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -59,8 +60,9 @@ pub struct IngestOptions {
     pub config: PipelineConfig,
     /// Stop once every assigned partition is caught up (batch runs, tests).
     pub exit_at_end: bool,
-    /// With `exit_at_end`: give up waiting for an assignment after this long.
-    pub assignment_timeout: Duration,
+    /// With `exit_at_end`: how long records may wait in the topic with nothing storing
+    /// them (this worker reading none of them, rejoins included) before the run fails.
+    pub stall_timeout: Duration,
     /// Runs after each bronze commit (see [`AfterCommit`]).
     pub after_commit: Option<AfterCommit>,
     /// Records committed to `pos_events` or `dead_letters` so far, added to at each
@@ -72,12 +74,20 @@ pub struct IngestOptions {
     pub partition_watermarks: Option<Arc<PartitionWatermarks>>,
 }
 
+impl IngestOptions {
+    /// How long a batch run waits on what does not move (a stall, a broker that does not
+    /// answer); `None` for a streaming worker, which waits and keeps saying so.
+    fn give_up_after(&self) -> Option<Duration> {
+        self.exit_at_end.then_some(self.stall_timeout)
+    }
+}
+
 impl std::fmt::Debug for IngestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IngestOptions")
             .field("config", &self.config)
             .field("exit_at_end", &self.exit_at_end)
-            .field("assignment_timeout", &self.assignment_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("after_commit", &self.after_commit.is_some())
             .field("committed", &self.committed.is_some())
             .field("partition_watermarks", &self.partition_watermarks.is_some())
@@ -150,6 +160,47 @@ enum RebalanceEvent {
     Failed(String),
 }
 
+/// The number a topic's offsets are recorded under in the lake: a 63-bit digest of its
+/// name (the Kafka protocol's topic ids are not exposed by the client library).
+pub(crate) fn topic_identity(topic: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("kafka-topic:{topic}").as_bytes());
+    let mut bytes = [0_u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(bytes) >> 1) as i64
+}
+
+/// How far the broker's high watermark may lag the stored offsets before a partition
+/// counts as recreated: Tansu 0.6 reports the last record batch's base offset + 1 as the
+/// high watermark, so a lake that stored the whole of that batch is up to one batch
+/// ahead of it (librdkafka's producer batches hold at most `batch.num.messages`, 10,000).
+const HIGH_WATERMARK_SLACK: i64 = 10_000;
+
+/// Refuses to start partition `partition` after offset `stored` when the broker's log
+/// ends at `high` (the next offset it would write) well before it (more than
+/// [`HIGH_WATERMARK_SLACK`]); a smaller shortfall is only logged.
+fn check_offsets_continue(topic: &str, partition: i32, stored: i64, high: i64) -> Result<()> {
+    if high > stored {
+        return Ok(());
+    }
+    if stored - high < HIGH_WATERMARK_SLACK {
+        tracing::debug!(
+            partition,
+            stored,
+            high,
+            "the high watermark is at or before the stored offsets (within one record batch)"
+        );
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "partition {partition} of topic {topic:?} ends at offset {high}, but the lake already \
+         holds its offsets up to {stored}: the topic was recreated or failed over to a cluster \
+         with other offsets, and reading it after offset {stored} would skip its records. Give \
+         it a pipeline name of its own ([pipeline] name in the pipeline file) to read it from \
+         its start"
+    )))
+}
+
 /// librdkafka callbacks: assignments start where the lake says, and lag is exported.
 struct IngestContext {
     handle: Handle,
@@ -185,6 +236,21 @@ impl IngestContext {
             self.handle.block_on(sink.bases(&partitions))?
         };
         for (&p, base) in partitions.iter().zip(&bases) {
+            // A partition that ends before the offsets the lake holds is not the one they
+            // were read from (a topic recreated under the same name, a failover to a
+            // cluster with lower offsets): starting there would skip all of it.
+            // (A broker that does not answer now is no evidence: the gap checks after
+            // positioning still see where the partition's records start.)
+            if let Some(stored) = base.events.max(base.dead_letters) {
+                match consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(3)) {
+                    Ok((_, high)) => check_offsets_continue(&self.topic, p, stored, high)?,
+                    Err(error) => tracing::warn!(
+                        partition = p,
+                        %error,
+                        "no watermarks to check the stored offsets against"
+                    ),
+                }
+            }
             let start = base
                 .events
                 .map_or(Offset::Beginning, |last| Offset::Offset(last + 1));
@@ -378,6 +444,10 @@ struct Worker {
     member_baseline: Option<BTreeSet<String>>,
     /// `State::assignments` when the baseline was taken.
     assignments_seen: u64,
+    /// Whether the lake advances on the records this worker reads none of.
+    stall: crate::group::StallWatch,
+    /// Whether the broker answers the worker's queries.
+    broker: BrokerWatch,
     /// When the worker last forced a rejoin.
     last_rejoin: Option<Instant>,
     state: State,
@@ -389,7 +459,7 @@ struct State {
     topic: String,
     appender: RowAppender,
     lake: Lake,
-    dlq: Option<(BaseProducer, String)>,
+    dlq: Option<(BaseProducer<DlqContext>, String)>,
     handle: Handle,
     sink: Arc<Mutex<Sink>>,
     partitions: BTreeMap<i32, PartitionState>,
@@ -464,11 +534,29 @@ pub fn run_worker(
         .calendars()
         .map_err(|e| Error::Config(e.to_string()))?;
     let lake = Lake::new(&config.lake.url, &config.lake.storage)?;
+    let identity = topic_identity(&config.kafka.topic);
     let sink = handle.block_on(async {
-        Ok::<_, Error>(Sink {
+        let mut sink = Sink {
             events: OffsetWriter::new(&lake, &POS_EVENTS, &config.pipeline.name).await?,
             dead_letters: OffsetWriter::new(&lake, &DEAD_LETTERS, &config.pipeline.name).await?,
-        })
+        };
+        // Offsets of another topic would skip this one's records as "replayed".
+        for writer in [&mut sink.events, &mut sink.dead_letters] {
+            if let Some(recorded) = writer.recorded_source().await?
+                && recorded != identity
+            {
+                return Err(Error::Config(format!(
+                    "the lake's offsets of pipeline {:?} were recorded from another topic than \
+                     {:?} (see pos_events.kafka_topic): a renamed, recreated or failed-over \
+                     topic starts at offsets of its own, and reading it on those offsets would \
+                     skip its records. Give it a pipeline name of its own ([pipeline] name in \
+                     the pipeline file), or read the topic those offsets belong to",
+                    config.pipeline.name, config.kafka.topic
+                )));
+            }
+            writer.set_source(identity);
+        }
+        Ok::<_, Error>(sink)
     })?;
     let sink = Arc::new(Mutex::new(sink));
     let context = IngestContext {
@@ -493,11 +581,19 @@ pub fn run_worker(
         Some(topic) => {
             let mut producer_config = ClientConfig::new();
             producer_config.set("bootstrap.servers", &config.kafka.brokers);
+            // Acknowledged by every in-sync replica and never duplicated by a retry: a
+            // flush commits its dead letters only after the DLQ topic has them.
+            // (Unless the pipeline chose its own acknowledgements.)
+            let properties = &config.kafka.properties;
+            if !properties.contains_key("acks") && !properties.contains_key("enable.idempotence") {
+                producer_config.set("enable.idempotence", "true");
+            }
+            producer_config.set("message.timeout.ms", "30000");
             for (key, value) in &config.kafka.properties {
                 producer_config.set(key, value);
             }
-            let producer: BaseProducer = producer_config
-                .create()
+            let producer: BaseProducer<DlqContext> = producer_config
+                .create_with_context(DlqContext::default())
                 .map_err(Error::kafka("create DLQ producer"))?;
             Some((producer, topic.clone()))
         }
@@ -516,6 +612,8 @@ pub fn run_worker(
         group_suspicions: 0,
         member_baseline: None,
         assignments_seen: 0,
+        stall: crate::group::StallWatch::default(),
+        broker: BrokerWatch::default(),
         last_rejoin: None,
         state: State {
             topic: config.kafka.topic.clone(),
@@ -608,31 +706,29 @@ impl Worker {
                 last_group_check = Instant::now();
                 self.check_group()?;
             }
-            if self.state.options.exit_at_end
-                && idle
-                && last_end_check.elapsed() > Duration::from_millis(500)
-            {
+            let exit_at_end = self.state.options.exit_at_end;
+            if exit_at_end && idle && last_end_check.elapsed() > Duration::from_millis(500) {
                 last_end_check = Instant::now();
                 if self.state.partitions.is_empty() {
                     // A member left without partitions (revoked and never given new
                     // ones, or more members than partitions) must still end once the
-                    // others have stored the whole topic, or a batch run never ends.
+                    // others have stored the whole topic, or a batch run never ends;
+                    // and if nobody stores it, it must say so and rejoin, then fail.
                     if (self.state.ever_assigned || started.elapsed() >= EMPTY_MEMBER_GRACE)
                         && last_lake_check.elapsed() >= EMPTY_MEMBER_GRACE
                     {
                         last_lake_check = Instant::now();
-                        if self.topic_in_lake()? {
+                        let answer = self.topic_lag();
+                        let Some(lag) = self.broker_may_be_away(answer)? else {
+                            continue;
+                        };
+                        if lag.waiting() == 0 {
                             tracing::info!(
                                 "no partitions assigned and every partition of the topic is in the lake"
                             );
                             break;
                         }
-                    }
-                    if !self.state.ever_assigned
-                        && started.elapsed() > self.state.options.assignment_timeout
-                    {
-                        tracing::info!("no partitions assigned; nothing to do");
-                        break;
+                        self.watch_stall(&lag)?;
                     }
                 } else if self.caught_up()? {
                     self.flush()?;
@@ -640,17 +736,39 @@ impl Worker {
                         // Other members (or a crashed one whose session has not expired
                         // yet) may still hold partitions: a batch run ends when the whole
                         // topic is in the lake, not just this worker's share.
-                        if self.topic_in_lake()? {
+                        let answer = self.topic_lag();
+                        let Some(lag) = self.broker_may_be_away(answer)? else {
+                            continue;
+                        };
+                        if lag.waiting() == 0 {
                             tracing::info!("every partition of the topic is in the lake");
                             break;
                         }
                         if !waiting_for_others {
                             tracing::info!(
+                                waiting = lag.waiting(),
                                 "assigned partitions caught up; waiting for the rest of the topic"
                             );
                             waiting_for_others = true;
                         }
+                        self.watch_stall(&lag)?;
+                    } else {
+                        self.stall.reset();
                     }
+                } else {
+                    self.stall.reset();
+                }
+            } else if !exit_at_end
+                && idle
+                && self.state.partitions.is_empty()
+                && last_lake_check.elapsed() >= GROUP_CHECK_INTERVAL
+            {
+                // A streaming worker without partitions watches the same way (it never
+                // gives up: it rejoins and keeps saying what it sees).
+                last_lake_check = Instant::now();
+                let answer = self.topic_lag();
+                if let Some(lag) = self.broker_may_be_away(answer)? {
+                    self.watch_stall(&lag)?;
                 }
             }
         }
@@ -884,11 +1002,17 @@ impl Worker {
             })
             .collect();
         for (partition, expected) in silent {
-            let (_, high) = self
+            let answer = self
                 .consumer
                 .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {partition}")))?;
+                .map_err(Error::kafka(format!("watermarks of partition {partition}")));
+            let high = self.broker_may_be_away(answer)?;
             let Some(state) = self.state.partitions.get_mut(&partition) else {
+                continue;
+            };
+            let Some((_, high)) = high else {
+                // The broker does not answer (restarting?): look again later.
+                state.expect_first = Some((expected, Instant::now()));
                 continue;
             };
             if high > expected {
@@ -913,16 +1037,23 @@ impl Worker {
     /// partition from its start once; the lake offsets make the re-read write nothing
     /// twice. If the records are gone (retention), say so loudly and go on after them.
     fn handle_gaps(&mut self) -> Result<()> {
-        for gap in std::mem::take(&mut self.state.gaps) {
+        let mut gaps = std::mem::take(&mut self.state.gaps).into_iter();
+        while let Some(gap) = gaps.next() {
             let Gap {
                 partition,
                 expected,
                 found,
             } = gap;
-            let (low, _) = self
+            let answer = self
                 .consumer
                 .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {partition}")))?;
+                .map_err(Error::kafka(format!("watermarks of partition {partition}")));
+            let Some((low, _)) = self.broker_may_be_away(answer)? else {
+                // The broker does not answer (restarting?): the gaps wait for it.
+                self.state.gaps.push(gap);
+                self.state.gaps.extend(gaps);
+                return Ok(());
+            };
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
             };
@@ -973,35 +1104,48 @@ impl Worker {
         Ok(())
     }
 
-    /// Whether the lake holds every partition of the topic up to its high watermark
-    /// (in `pos_events` or `dead_letters`, whichever came last).
-    fn topic_in_lake(&self) -> Result<bool> {
+    /// The lake's stored offsets on every partition of the topic against the broker's
+    /// ends.
+    fn topic_lag(&self) -> Result<TopicLag> {
         let topic = &self.state.topic;
         let metadata = self
             .consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(Error::kafka("topic metadata"))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        let (events, dead_letters) = {
+        let described = metadata.topics().iter().find(|t| t.name() == topic);
+        let partitions: Vec<i32> = described
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        // A topic without partitions, or with an error, is a broker not ready (just
+        // restarted, a leader moving), never a topic the lake holds all of.
+        if partitions.is_empty() {
+            return Err(Error::Kafka {
+                context: format!("partitions of topic {topic}"),
+                source: KafkaError::MetadataFetch(
+                    described
+                        .and_then(|t| t.error())
+                        .map_or(RDKafkaErrorCode::UnknownTopicOrPartition, Into::into),
+                ),
+            });
+        }
+        // The events table's offsets alone: every flush commits its dead letters first,
+        // then its events with the same progress, so a dead-letter offset past the events
+        // offset is a flush caught between its two commits, not stored data.
+        let events = {
             let mut sink = self
                 .state
                 .sink
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let sink = &mut *sink;
-            self.state.handle.block_on(async {
-                let events = sink.events.committed_offsets(&partitions).await?;
-                let dead_letters = sink.dead_letters.committed_offsets(&partitions).await?;
-                Ok::<_, streetflow_lake::Error>((events, dead_letters))
-            })?
+            self.state
+                .handle
+                .block_on(sink.events.committed_offsets(&partitions))?
         };
+        let mut lag = TopicLag::default();
         for (i, &p) in partitions.iter().enumerate() {
-            let stored = events[i].max(dead_letters[i]);
+            let stored = events[i];
             // A partition of this worker's that it read to its end and flushed: the end
             // is where it stopped reading, no broker query needed.
             let read_to = self
@@ -1010,21 +1154,113 @@ impl Worker {
                 .get(&p)
                 .filter(|s| s.known_at_end() && s.last_buffered.is_none())
                 .and_then(|s| s.next);
-            if let Some(end) = read_to {
-                if stored.is_none_or(|last| last + 1 < end) {
-                    return Ok(false);
-                }
-                continue;
-            }
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {p}")))?;
-            if high > low && stored.is_none_or(|last| last + 1 < high) {
-                return Ok(false);
-            }
+            let (low, end) = match read_to {
+                // Read to its end here: the lake must hold everything before it.
+                Some(end) => (0, end),
+                None => self
+                    .consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map_err(Error::kafka(format!("watermarks of partition {p}")))?,
+            };
+            lag.partitions.push(PartitionLag {
+                partition: p,
+                stored,
+                low,
+                end,
+            });
         }
-        Ok(true)
+        Ok(lag)
+    }
+
+    /// Acts on a look at the topic while this worker reads none of its waiting records:
+    /// after [`crate::group::STALL_REPORT_AFTER`] without progress it says what it sees,
+    /// after longer than healthy members take between commits it also rejoins, and a
+    /// batch run fails after its stall timeout.
+    fn watch_stall(&mut self, lag: &TopicLag) -> Result<()> {
+        use crate::group::StallAction;
+        let now = Instant::now();
+        let give_up = self.state.options.give_up_after();
+        // Twice the flush age and half a minute for the commit and silver's refresh: a
+        // member that flushes on time has moved the lake by then.
+        let flush_age = Duration::from_millis(self.state.options.config.flush.max_age_ms);
+        let rejoin_after =
+            (2 * flush_age + Duration::from_secs(30)).max(crate::group::STALL_REPORT_AFTER);
+        let action = self
+            .stall
+            .observe(now, lag.waiting(), lag.stored(), rejoin_after, give_up);
+        if action == StallAction::Wait {
+            return Ok(());
+        }
+        let group = self.describe_group();
+        let own: Vec<i32> = self.state.partitions.keys().copied().collect();
+        let stalled_for = self.stall.stalled_for(now);
+        if action == StallAction::GiveUp {
+            return Err(Error::Stalled(format!(
+                "{} records of topic {} have waited {} s with nothing storing them \
+                 (this worker's partitions: {own:?}; group {}: {group}; lake vs broker: {lag}); \
+                 check the group's members (a crashed worker holds its partitions until its \
+                 session expires) and the broker, then run again",
+                lag.waiting(),
+                self.state.topic,
+                stalled_for.as_secs(),
+                self.state.options.config.kafka.group,
+            )));
+        }
+        let rejoin = action == StallAction::Rejoin;
+        tracing::warn!(
+            waiting = lag.waiting(),
+            stalled_s = stalled_for.as_secs(),
+            own_partitions = ?own,
+            group = %group,
+            lake_vs_broker = %lag,
+            rejoin,
+            "records wait in the topic and nothing stores them{}",
+            if rejoin { "; rejoining the group" } else { "" }
+        );
+        if !rejoin {
+            return Ok(());
+        }
+        metrics::counter!(names::GROUP_REJOINS).increment(1);
+        self.last_rejoin = Some(now);
+        self.flush()?;
+        let topic = self.state.topic.clone();
+        self.consumer.unsubscribe();
+        self.consumer
+            .subscribe(&[&topic])
+            .map_err(Error::kafka(format!("resubscribe to {topic}")))?;
+        Ok(())
+    }
+
+    /// See [`BrokerWatch::answer`].
+    fn broker_may_be_away<T>(&mut self, answer: Result<T>) -> Result<Option<T>> {
+        let give_up = self.state.options.give_up_after();
+        self.broker.answer(answer, give_up)
+    }
+
+    /// The coordinator's view of the group, for a report.
+    fn describe_group(&self) -> String {
+        let group_id = &self.state.options.config.kafka.group;
+        match self
+            .consumer
+            .fetch_group_list(Some(group_id), Duration::from_secs(5))
+        {
+            Err(error) => format!("not described ({error})"),
+            Ok(groups) => match groups.groups().iter().find(|g| g.name() == group_id) {
+                None => "not listed by the coordinator".to_owned(),
+                Some(info) => {
+                    let members: Vec<&str> = info.members().iter().map(|m| m.id()).collect();
+                    let own = members
+                        .iter()
+                        .any(|m| crate::group::is_own_member(m, &self.client_id));
+                    format!(
+                        "state {}, {} members {members:?}, this worker {}",
+                        info.state(),
+                        members.len(),
+                        if own { "among them" } else { "not among them" }
+                    )
+                }
+            },
+        }
     }
 
     /// Whether every assigned partition has been read to its end (buffered records
@@ -1038,16 +1274,20 @@ impl Worker {
         {
             return Ok(false);
         }
+        let give_up = self.state.options.give_up_after();
         let mut suspicious = Vec::new();
         let mut done = true;
         for (&p, state) in &self.state.partitions {
             if state.known_at_end() {
                 continue;
             }
-            let (low, high) = self
+            let answer = self
                 .consumer
                 .fetch_watermarks(&self.state.topic, p, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {p}")))?;
+                .map_err(Error::kafka(format!("watermarks of partition {p}")));
+            let Some((low, high)) = self.broker.answer(answer, give_up)? else {
+                return Ok(false);
+            };
             let next = state.next.unwrap_or(low);
             // The position is past the broker's high watermark: impossible on a correct
             // broker. Tansu 0.6 reports the last record batch's base offset + 1 and
@@ -1126,6 +1366,9 @@ impl Worker {
                 source,
             })?;
 
+        // The DLQ topic first: a crash or a fence after this publishes them again from
+        // the replay (at least once); a dead letter the lake holds is always on the topic.
+        self.publish_dead_letters()?;
         let sink = self.state.sink.clone();
         let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(batch) = dead_batch {
@@ -1187,7 +1430,6 @@ impl Worker {
             tracing::warn!(%error, "committing group offsets failed");
         }
         freeze::point(points::OFFSETS_COMMIT);
-        self.publish_dead_letters();
         freeze::point(points::AFTER_COMMIT_PENDING);
         self.after_commit();
 
@@ -1312,6 +1554,7 @@ impl Worker {
                             "a commit became visible after the knowledge deadline of its stamp; \
                              readers that settled that instant may have missed it (raise knowledge.settle_ms)"
                         );
+                        metrics::counter!(names::KNOWLEDGE_LATE_COMMITS).increment(1);
                     }
                     return Ok(self.outcome(POS_EVENTS.name, &staged, outcome));
                 }
@@ -1409,11 +1652,19 @@ impl Worker {
         Ok(())
     }
 
-    fn publish_dead_letters(&mut self) {
+    /// Publishes the buffered dead letters to the DLQ topic and waits until the brokers
+    /// acknowledged every one; any failure fails the flush (nothing is committed, and the
+    /// restarted worker reads and publishes them again).
+    fn publish_dead_letters(&mut self) -> Result<()> {
         let Some((producer, topic)) = &self.state.dlq else {
-            return;
+            return Ok(());
         };
-        for letter in self.state.buffer.dlq.drain(..) {
+        let letters = self.state.buffer.dlq.len() as u64;
+        if letters == 0 {
+            return Ok(());
+        }
+        let delivered_before = producer.context().delivered.load(Ordering::Relaxed);
+        for letter in &self.state.buffer.dlq {
             let partition = letter.partition.to_string();
             let offset = letter.offset.to_string();
             let headers = OwnedHeaders::new()
@@ -1443,12 +1694,246 @@ impl Worker {
             if let Some(key) = &letter.key {
                 record = record.key(key);
             }
-            if let Err((error, _)) = producer.send(record) {
-                tracing::warn!(%error, "publishing a dead letter to the DLQ topic failed; it is in the dead_letters table");
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    // The local queue is full: let deliveries drain it, then again.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        producer.poll(Duration::from_millis(100));
+                        record = back;
+                    }
+                    Err((error, _)) => {
+                        return Err(Error::Kafka {
+                            context: format!("publishing a dead letter to the DLQ topic {topic}"),
+                            source: error,
+                        });
+                    }
+                }
             }
         }
-        if let Err(error) = producer.flush(Duration::from_secs(10)) {
-            tracing::warn!(%error, "flushing the DLQ producer failed");
+        producer
+            .flush(Duration::from_secs(60))
+            .map_err(Error::kafka(format!(
+                "waiting for the DLQ topic {topic} to acknowledge {letters} dead letters"
+            )))?;
+        if let Some(error) = producer.context().take_failure() {
+            return Err(Error::Kafka {
+                context: format!("delivering dead letters to the DLQ topic {topic}"),
+                source: error,
+            });
         }
+        let delivered = producer.context().delivered.load(Ordering::Relaxed) - delivered_before;
+        if delivered < letters {
+            return Err(Error::Config(format!(
+                "the DLQ topic {topic} acknowledged {delivered} of {letters} dead letters"
+            )));
+        }
+        self.state.buffer.dlq.clear();
+        Ok(())
+    }
+}
+
+/// Counts the DLQ producer's acknowledged deliveries and keeps its first failure.
+#[derive(Default)]
+struct DlqContext {
+    delivered: AtomicU64,
+    failure: Mutex<Option<KafkaError>>,
+}
+
+impl DlqContext {
+    fn take_failure(&self) -> Option<KafkaError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl ClientContext for DlqContext {}
+
+impl ProducerContext for DlqContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((error, _)) => {
+                let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+                failure.get_or_insert_with(|| error.clone());
+            }
+        }
+    }
+}
+
+/// Whether the broker answers. A broker query that failed is no reason to stop a
+/// worker: a broker restarts, a leader moves, and librdkafka reconnects by itself. The
+/// failure is logged (at most every ten seconds) and the caller asks again later; a
+/// batch run fails once the broker has not answered for its stall timeout. Any other
+/// error stands.
+#[derive(Debug, Default)]
+struct BrokerWatch {
+    last_warning: Option<Instant>,
+    away_since: Option<Instant>,
+}
+
+impl BrokerWatch {
+    fn answer<T>(&mut self, answer: Result<T>, give_up: Option<Duration>) -> Result<Option<T>> {
+        match answer {
+            Ok(value) => {
+                self.away_since = None;
+                Ok(Some(value))
+            }
+            Err(error @ Error::Kafka { .. }) => {
+                let since = *self.away_since.get_or_insert_with(Instant::now);
+                if let Some(limit) = give_up
+                    && since.elapsed() >= limit
+                {
+                    return Err(Error::Stalled(format!(
+                        "the broker has not answered for {} s: {error}",
+                        since.elapsed().as_secs()
+                    )));
+                }
+                if self
+                    .last_warning
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    self.last_warning = Some(Instant::now());
+                    tracing::warn!(%error, "the broker does not answer; trying again");
+                }
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// Where the lake stands on one partition of the topic.
+#[derive(Debug, Clone, Copy)]
+struct PartitionLag {
+    partition: i32,
+    /// Last offset in the lake.
+    stored: Option<i64>,
+    /// The broker's low watermark (0 for a partition read to its end here).
+    low: i64,
+    /// The broker's high watermark.
+    end: i64,
+}
+
+impl PartitionLag {
+    /// Records the broker holds that the lake does not.
+    fn waiting(&self) -> u64 {
+        let next = self
+            .stored
+            .map_or(self.low, |last| (last + 1).max(self.low));
+        u64::try_from(self.end - next).unwrap_or(0)
+    }
+}
+
+/// Where the lake stands on the whole topic.
+#[derive(Debug, Clone, Default)]
+struct TopicLag {
+    partitions: Vec<PartitionLag>,
+}
+
+impl TopicLag {
+    /// Records the broker holds that the lake does not.
+    fn waiting(&self) -> u64 {
+        self.partitions.iter().map(PartitionLag::waiting).sum()
+    }
+
+    /// The sum of the stored offsets: it grows whenever any worker commits.
+    fn stored(&self) -> i64 {
+        self.partitions
+            .iter()
+            .map(|p| p.stored.map_or(0, |last| last.saturating_add(1)))
+            .fold(0, i64::saturating_add)
+    }
+}
+
+impl std::fmt::Display for TopicLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for p in &self.partitions {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            match p.stored {
+                Some(last) => write!(f, "p{} {}/{}", p.partition, last + 1, p.end)?,
+                None => write!(f, "p{} none/{}", p.partition, p.end)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_that_ends_before_the_stored_offsets_is_refused() {
+        assert!(check_offsets_continue("t", 0, 99, 100).is_ok()); // caught up
+        assert!(check_offsets_continue("t", 0, 99, 5_000).is_ok());
+        let error = check_offsets_continue("t", 3, 20_099, 40)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("partition 3") && error.contains("pipeline name"),
+            "{error}"
+        );
+        // Within one record batch of the stored offsets: Tansu's high watermark.
+        assert!(check_offsets_continue("t", 0, 99, 99).is_ok());
+        assert!(check_offsets_continue("t", 0, 12_000, 2_500).is_ok());
+        assert!(check_offsets_continue("t", 0, 12_500, 2_500).is_err());
+    }
+
+    #[test]
+    fn the_lag_counts_what_the_broker_holds_past_the_lake() {
+        let lag = TopicLag {
+            partitions: vec![
+                // Stored through 9 of 0..20.
+                PartitionLag {
+                    partition: 0,
+                    stored: Some(9),
+                    low: 0,
+                    end: 20,
+                },
+                // Nothing stored; retention removed 0..5.
+                PartitionLag {
+                    partition: 1,
+                    stored: None,
+                    low: 5,
+                    end: 8,
+                },
+                // Stored past what retention kept, and at the end: nothing waits.
+                PartitionLag {
+                    partition: 2,
+                    stored: Some(30),
+                    low: 10,
+                    end: 31,
+                },
+                // The lake holds what retention removed since.
+                PartitionLag {
+                    partition: 3,
+                    stored: Some(3),
+                    low: 12,
+                    end: 15,
+                },
+            ],
+        };
+        assert_eq!(lag.waiting(), 10 + 3 + 3);
+        assert_eq!(lag.stored(), 10 + 31 + 4);
+        assert_eq!(lag.to_string(), "p0 10/20, p1 none/8, p2 31/31, p3 4/15");
+    }
+
+    #[test]
+    fn topics_have_distinct_positive_identities() {
+        let a = topic_identity("pos.transactions.v1");
+        assert_eq!(a, topic_identity("pos.transactions.v1"));
+        assert_ne!(a, topic_identity("pos.transactions.v2"));
+        assert!(a >= 0 && topic_identity("") >= 0);
     }
 }
