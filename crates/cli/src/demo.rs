@@ -41,7 +41,7 @@ pub(crate) struct DemoArgs {
     /// Merchants of the generated district.
     #[arg(long, default_value_t = 120)]
     merchants: u32,
-    /// Days of turnover, ending yesterday.
+    /// Days of turnover, ending yesterday (the day before in the first 12 hours of a day).
     #[arg(long, default_value_t = 400)]
     days: u32,
     /// Streaming workers sharing the topic (one consumer group).
@@ -101,10 +101,13 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
 
-    // 1. A district whose last day is yesterday in the operators' zone.
+    // 1. A district whose last day is over: yesterday in the operators' zone, or the day
+    // before while yesterday's late-night trade (up to a day cutoff, at most 12 hours into
+    // today) still lies ahead. An event after the workers' clock would be a dead letter
+    // (`future_timestamp`) that the generator's truth counts as a sale.
     let today = OperatorCalendars::default()
         .for_operator("")
-        .business_date(&Utc::now());
+        .business_date(&(Utc::now() - chrono::Duration::hours(12)));
     let start = today - Days::new(u64::from(args.days));
     let started = Instant::now();
     let config = GenConfig {
