@@ -976,16 +976,21 @@ impl Worker {
                 "the group changed without a rebalance reaching this worker; rejoining"
             );
             self.group_suspicions = 0;
-            self.last_rejoin = Some(Instant::now());
-            metrics::counter!(names::GROUP_REJOINS).increment(1);
-            self.flush()?;
-            let topic = self.state.topic.clone();
-            self.consumer.unsubscribe();
-            self.consumer
-                .subscribe(&[&topic])
-                .map_err(Error::kafka(format!("resubscribe to {topic}")))?;
+            self.rejoin()?;
         }
         Ok(())
+    }
+
+    /// Commits what is buffered and joins the group again.
+    fn rejoin(&mut self) -> Result<()> {
+        self.last_rejoin = Some(Instant::now());
+        metrics::counter!(names::GROUP_REJOINS).increment(1);
+        self.flush()?;
+        let topic = self.state.topic.clone();
+        self.consumer.unsubscribe();
+        self.consumer
+            .subscribe(&[&topic])
+            .map_err(Error::kafka(format!("resubscribe to {topic}")))
     }
 
     /// Partitions positioned a while ago that delivered nothing although the broker
@@ -1217,18 +1222,7 @@ impl Worker {
             "records wait in the topic and nothing stores them{}",
             if rejoin { "; rejoining the group" } else { "" }
         );
-        if !rejoin {
-            return Ok(());
-        }
-        metrics::counter!(names::GROUP_REJOINS).increment(1);
-        self.last_rejoin = Some(now);
-        self.flush()?;
-        let topic = self.state.topic.clone();
-        self.consumer.unsubscribe();
-        self.consumer
-            .subscribe(&[&topic])
-            .map_err(Error::kafka(format!("resubscribe to {topic}")))?;
-        Ok(())
+        if rejoin { self.rejoin() } else { Ok(()) }
     }
 
     /// See [`BrokerWatch::answer`].
