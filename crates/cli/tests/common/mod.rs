@@ -521,3 +521,29 @@ pub fn doctor_checks(
         .collect();
     (output.status.success(), checks)
 }
+
+/// The lake holds every record of a generated district exactly once: each valid event
+/// (duplicates included, they are separate records) once in `pos_events` at its own
+/// offset, each malformed one in `dead_letters`.
+pub fn assert_each_record_stored_once(lake: &Path, summary: &Value) {
+    let valid =
+        summary["unique_events"].as_i64().unwrap() + summary["duplicates"].as_i64().unwrap();
+    assert_eq!(
+        row_count(lake, "pos_events"),
+        valid,
+        "lost or doubled events"
+    );
+    assert_eq!(
+        sql_i64(
+            lake,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM pos_events)"
+        ),
+        valid,
+        "two rows at one offset"
+    );
+    assert_eq!(
+        row_count(lake, "dead_letters"),
+        summary["malformed"].as_i64().unwrap(),
+        "lost or doubled dead letters"
+    );
+}
