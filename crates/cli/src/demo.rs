@@ -202,6 +202,8 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                         done: committed.clone(),
                         max_ahead: MAX_AHEAD,
                         per_partition: Some((watermarks.clone(), MAX_AHEAD_PER_PARTITION)),
+                        // Set when the workers stop: a producer waiting on them ends too.
+                        stop: Some(stop.clone()),
                     }),
                     key_partitions: Some(key_partitions.clone()),
                 },
@@ -222,6 +224,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             })
             .collect();
         let mut last_change = (0, Instant::now());
+        let mut stalled;
         let mut produced = None;
         let mut producer = Some(producer);
         loop {
@@ -244,7 +247,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             let caught_up = produced
                 .as_ref()
                 .is_some_and(|p: &streetflow_ingest::ProduceReport| done >= p.delivered);
-            let stalled = last_change.1.elapsed() > Duration::from_secs(120);
+            stalled = last_change.1.elapsed() > Duration::from_secs(120);
             let worker_ended = workers.iter().any(|w| w.is_finished());
             if caught_up || stalled || worker_ended {
                 break;
@@ -264,7 +267,14 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             (Some(report), _) => report,
             (None, Some(p)) => p
                 .join()
-                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??,
+                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
+                .with_context(|| {
+                    if stalled {
+                        "the workers committed nothing for 120 s"
+                    } else {
+                        "the workers stopped before the producer finished"
+                    }
+                })?,
             (None, None) => anyhow::bail!("the producer ended without a report"),
         };
         Ok((produced, reports))

@@ -40,6 +40,9 @@ pub enum Error {
     /// whole stall timeout, rejoins included.
     #[error("stalled: {0}")]
     Stalled(String),
+    /// A producer gave up because the consumers it paces itself by stopped.
+    #[error("stopped: {0}")]
+    Stopped(String),
     /// Reading an input file failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -63,7 +66,9 @@ impl Error {
         match self {
             Error::Kafka { .. } | Error::Io { .. } | Error::Stalled(_) => true,
             Error::Lake(e) => e.is_retryable(),
-            Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) => false,
+            Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) | Error::Stopped(_) => {
+                false
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -60,6 +60,27 @@ pub struct Throttle {
     /// how many records one partition may hold beyond it (a partition nobody consumes
     /// yet, e.g. during a rebalance, would otherwise fill while the others drain).
     pub per_partition: Option<(Arc<PartitionWatermarks>, i64)>,
+    /// Set when the consumers stopped (ended, failed or stalled): a producer waiting on
+    /// them would wait forever, so it stops with [`Error::Stopped`] instead.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Throttle {
+    /// Sleeps a moment while the producer is too far ahead; an error once the consumers
+    /// it waits for have stopped.
+    fn pause(&self, waiting_for: &str) -> Result<()> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            return Err(Error::Stopped(format!(
+                "the producer waited for {waiting_for} and the consumers stopped"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(())
+    }
 }
 
 /// The next offset not yet committed to the lake, per partition of a topic: advanced by
@@ -322,20 +343,15 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
                 chosen_partition = Some(*partition);
             }
         }
-        if let (
-            Some(partition),
-            Some(Throttle {
-                per_partition: Some((marks, max_ahead)),
-                ..
-            }),
-        ) = (chosen_partition, &options.throttle)
+        if let (Some(partition), Some(throttle)) = (chosen_partition, &options.throttle)
+            && let Some((marks, max_ahead)) = &throttle.per_partition
         {
             let index = usize::try_from(partition).unwrap_or_default();
             if sent_to.len() <= index {
                 sent_to.resize(index + 1, 0);
             }
             while sent_to[index] - marks.get(partition) >= *max_ahead {
-                std::thread::sleep(Duration::from_millis(2));
+                throttle.pause(&format!("partition {partition} to be committed"))?;
             }
             sent_to[index] += 1;
         }
@@ -360,7 +376,7 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
         }
         if let Some(throttle) = &options.throttle {
             while sent.saturating_sub(throttle.done.load(Ordering::Relaxed)) > throttle.max_ahead {
-                std::thread::sleep(Duration::from_millis(2));
+                throttle.pause("its records to be committed")?;
             }
         }
     }
@@ -442,5 +458,45 @@ mod tests {
         assert_eq!(clock.arrival_ms(Some(base + 30_000)), base + 180_000);
         // Their own arrival is never before they happened.
         assert_eq!(clock.arrival_ms(Some(base + 200 * DAY)), base + 200 * DAY);
+    }
+
+    #[test]
+    fn a_producer_waiting_on_consumers_that_stopped_ends_and_says_why() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("embedded broker");
+        let path = std::env::temp_dir().join(format!(
+            "streetflow-throttle-{}-{}.jsonl",
+            std::process::id(),
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        std::fs::write(&path, "{\"merchant_id\":\"m1\"}\n".repeat(3)).expect("input");
+        let stop = Arc::new(AtomicBool::new(false));
+        let options = ProduceOptions {
+            brokers: cluster.bootstrap_servers(),
+            topic: "throttled".to_owned(),
+            properties: Vec::new(),
+            progress: None,
+            // Nothing is ever committed: the producer waits after its first record.
+            throttle: Some(Throttle {
+                done: Arc::new(AtomicU64::new(0)),
+                max_ahead: 0,
+                per_partition: None,
+                stop: Some(stop.clone()),
+            }),
+            key_partitions: None,
+        };
+        let stopper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                stop.store(true, Ordering::Relaxed);
+            })
+        };
+        let outcome = produce_file(&path, &options);
+        stopper.join().expect("stopper");
+        let _ = std::fs::remove_file(&path);
+        match outcome {
+            Err(Error::Stopped(why)) => assert!(why.contains("consumers stopped"), "{why}"),
+            other => panic!("expected the producer to stop, got {other:?}"),
+        }
     }
 }
