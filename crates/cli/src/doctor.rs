@@ -318,6 +318,32 @@ async fn check_lake(
             }
             Err(error) => checks.add(name, Status::Fail, format!("cannot be read: {error}")),
         }
+        // Damage at rest (a truncated file, a torn commit) named file by file.
+        let files = format!("files of {}", def.name);
+        match lake.find_damage(def.name).await {
+            Ok(damage) if damage.is_empty() => {}
+            Ok(damage) => {
+                const SHOWN: usize = 5;
+                let mut detail = damage
+                    .iter()
+                    .take(SHOWN)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if damage.len() > SHOWN {
+                    detail.push_str(&format!("; and {} more", damage.len() - SHOWN));
+                }
+                checks.add(
+                    files,
+                    Status::Fail,
+                    format!(
+                        "{} damaged: {detail} (restore them from a backup, or remove them from the table with a Delta tool, then rebuild what reads them)",
+                        damage.len()
+                    ),
+                );
+            }
+            Err(error) => checks.add(files, Status::Fail, format!("cannot be checked: {error}")),
+        }
     }
 
     if let (Some(ends), Some(_)) = (ends, bronze_version) {

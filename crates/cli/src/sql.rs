@@ -55,12 +55,35 @@ pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
     let (schema, batches) = runtime.block_on(async {
         let frame = lake.read_only_query(&args.query).await?;
         let schema = frame.schema().as_arrow().clone();
-        anyhow::Ok((schema, frame.collect().await?))
+        match frame.collect().await {
+            Ok(batches) => anyhow::Ok((schema, batches)),
+            Err(error) => Err(name_damaged_files(&lake, error.into()).await),
+        }
     })?;
     match args.format {
         Format::Parquet => write_parquet(args.out.as_deref(), schema, &batches),
         text => write_text(text, args.out.as_deref(), &batches),
     }
+}
+
+/// A failed read with the lake's damaged files named, if it has any (DataFusion's own
+/// error says what broke, not in which file).
+pub(crate) async fn name_damaged_files(
+    lake: &streetflow_lake::Lake,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let damaged = lake.damaged_tables().await;
+    if damaged.is_empty() {
+        return error;
+    }
+    let named: Vec<String> = damaged
+        .iter()
+        .flat_map(|(table, damage)| damage.iter().map(move |d| format!("{table}/{d}")))
+        .collect();
+    error.context(format!(
+        "the lake has damaged files ({}); `streetflow doctor` lists them",
+        named.join("; ")
+    ))
 }
 
 /// Writes the result as one zstd Parquet file at `out`.

@@ -65,6 +65,14 @@ pub enum Error {
     /// A query failed to plan or run.
     #[error("query: {0}")]
     Query(String),
+    /// Files of the table are damaged at rest (see [`crate::Lake::find_damage`]).
+    #[error("table {table} is damaged: {}", damage.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Damaged {
+        /// Table name.
+        table: String,
+        /// The damaged files, relative to the table.
+        damage: Vec<crate::Damage>,
+    },
     /// A Delta operation failed.
     #[error("Delta table {table} ({operation}): {source}")]
     Delta {
@@ -95,7 +103,8 @@ impl Error {
             | Error::Query(_)
             | Error::SchemaMismatch { .. }
             | Error::OffsetWouldMoveBack { .. }
-            | Error::SourceChanged { .. } => false,
+            | Error::SourceChanged { .. }
+            | Error::Damaged { .. } => false,
         }
     }
 

@@ -126,7 +126,15 @@ impl Lake {
             {
                 Ok(None)
             }
-            Err(other) => Err(other),
+            // A log that does not load may be damaged: name the file, not only the
+            // kernel's complaint.
+            Err(other) => match self.find_log_damage(name).await {
+                Ok(damage) if !damage.is_empty() => Err(Error::Damaged {
+                    table: name.to_owned(),
+                    damage,
+                }),
+                _ => Err(other),
+            },
         }
     }
 

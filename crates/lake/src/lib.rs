@@ -11,6 +11,7 @@
 mod changes;
 mod error;
 pub mod freeze;
+mod integrity;
 mod lake;
 mod maintenance;
 mod migrate;
@@ -20,6 +21,7 @@ mod writer;
 
 pub use changes::{DataChanges, data_changes};
 pub use error::{Error, Result};
+pub use integrity::Damage;
 pub use lake::{Lake, TableState};
 pub use maintenance::{CompactReport, ORPHAN_MAX_RETAIN_HOURS, ORPHAN_MIN_HOURS, VacuumReport};
 pub use migrate::Rewritten;

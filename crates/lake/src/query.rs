@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::lake::Lake;
 
 /// Tables a session registers, when they exist.
-fn table_names() -> [&'static str; 6] {
+pub(crate) fn table_names() -> [&'static str; 6] {
     [
         POS_EVENTS.name,
         DEAD_LETTERS.name,

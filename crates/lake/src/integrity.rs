@@ -1,0 +1,292 @@
+//! Damage at rest: Delta log entries that do not parse, and data files that are missing,
+//! not the size their log entry records, or without a readable Parquet footer. Readers
+//! meet such damage as an error deep in a query; this names the file.
+
+use deltalake::DeltaTableBuilder;
+use deltalake::logstore::object_store::path::Path;
+use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt};
+use deltalake::parquet::file::metadata::ParquetMetaDataReader;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::{Error, Result};
+use crate::lake::Lake;
+
+/// One damaged file of a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The file, relative to the table's root (`_delta_log/…json`, `date=…/part-….parquet`).
+    pub file: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.problem)
+    }
+}
+
+/// Data files checked at once (each check is two small reads).
+const CONCURRENT_FILE_CHECKS: usize = 16;
+
+/// The Parquet trailer: a 4-byte little-endian footer length, then `PAR1`.
+const PARQUET_TRAILER: u64 = 8;
+
+impl Lake {
+    /// Every damaged file of table `name`: first the log a reader replays (the newest
+    /// checkpoint and the JSON commits after it), then, if the log is whole, each data
+    /// file of the newest version (present, the size the log records, a Parquet footer
+    /// that decodes). Empty when nothing is damaged or the table does not exist. Reads
+    /// footers only: damage inside a column chunk is found by reading the rows.
+    pub async fn find_damage(&self, name: &str) -> Result<Vec<Damage>> {
+        let log_damage = self.find_log_damage(name).await?;
+        if !log_damage.is_empty() {
+            return Ok(log_damage);
+        }
+        let Some(table) = self.open(name).await? else {
+            return Ok(Vec::new());
+        };
+        let store = table.object_store();
+        let snapshot = table.snapshot().map_err(Error::delta(name, "list files"))?;
+        let files: Vec<(String, u64)> = snapshot
+            .log_data()
+            .iter()
+            .map(|file| {
+                (
+                    file.path().to_string(),
+                    u64::try_from(file.size()).unwrap_or(0),
+                )
+            })
+            .collect();
+        let store = &store;
+        let found: Vec<Option<Damage>> = futures::stream::iter(files)
+            .map(|(file, size)| async move { data_file_damage(store.as_ref(), file, size).await })
+            .buffer_unordered(CONCURRENT_FILE_CHECKS)
+            .try_collect()
+            .await
+            .map_err(|e| Error::delta(name, "check data files")(e.into()))?;
+        let mut damage: Vec<Damage> = found.into_iter().flatten().collect();
+        damage.sort_by(|a, b| a.file.cmp(&b.file));
+        Ok(damage)
+    }
+}
+
+impl Lake {
+    /// The table's own object store (paths relative to the table), without loading it.
+    fn table_store(&self, name: &str) -> Result<deltalake::logstore::ObjectStoreRef> {
+        let url = self.table_url(name)?;
+        Ok(DeltaTableBuilder::from_url(url)
+            .map(|b| b.with_storage_options(self.storage_options().clone()))
+            .and_then(|b| b.build())
+            .map_err(Error::delta(name, "open for a damage check"))?
+            .object_store())
+    }
+
+    /// [`Lake::find_damage`] over every table a query session registers: the damaged
+    /// ones, for an error that must say which file a failed read tripped on. Tables that
+    /// cannot be checked are left out (the caller reports its own error anyway).
+    pub async fn damaged_tables(&self) -> Vec<(&'static str, Vec<Damage>)> {
+        let mut damaged = Vec::new();
+        for name in crate::query::table_names() {
+            if let Ok(damage) = self.find_damage(name).await
+                && !damage.is_empty()
+            {
+                damaged.push((name, damage));
+            }
+        }
+        damaged
+    }
+
+    /// The log part of [`Lake::find_damage`] (it never loads the table).
+    pub(crate) async fn find_log_damage(&self, name: &str) -> Result<Vec<Damage>> {
+        if let Ok(path) = self.table_url(name)?.to_file_path()
+            && !path.join("_delta_log").is_dir()
+        {
+            return Ok(Vec::new());
+        }
+        let store = self.table_store(name)?;
+        log_damage(store.as_ref(), name).await
+    }
+}
+
+/// The newest checkpoint's files and every JSON commit after it.
+async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>> {
+    let listed: Vec<String> = match store
+        .list(Some(&Path::from("_delta_log")))
+        .map_ok(|meta| meta.location.to_string())
+        .try_collect()
+        .await
+    {
+        Ok(listed) => listed,
+        // No log at all: no table, nothing damaged.
+        Err(deltalake::ObjectStoreError::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::delta(table, "list the log")(e.into())),
+    };
+    let version_of = |file: &str| -> Option<u64> {
+        let name = file.rsplit('/').next()?;
+        name.get(..20)?.parse().ok()
+    };
+    let newest_checkpoint = listed
+        .iter()
+        .filter(|f| f.contains(".checkpoint.") && f.ends_with(".parquet"))
+        .filter_map(|f| version_of(f))
+        .max();
+    let mut damage = Vec::new();
+    for file in &listed {
+        let Some(version) = version_of(file) else {
+            continue;
+        };
+        let is_commit = file.ends_with(".json") && !file.contains(".checkpoint.");
+        let is_newest_checkpoint = Some(version) == newest_checkpoint
+            && file.contains(".checkpoint.")
+            && file.ends_with(".parquet");
+        let problem = if is_commit && newest_checkpoint.is_none_or(|c| version > c) {
+            let bytes = store
+                .get(&Path::from(file.as_str()))
+                .await
+                .map_err(|e| Error::delta(table, "read the log")(e.into()))?
+                .bytes()
+                .await
+                .map_err(|e| Error::delta(table, "read the log")(e.into()))?;
+            commit_problem(&bytes)
+        } else if is_newest_checkpoint {
+            let size = store
+                .head(&Path::from(file.as_str()))
+                .await
+                .map_err(|e| Error::delta(table, "read the log")(e.into()))?
+                .size;
+            parquet_footer_problem(store, file, size)
+                .await
+                .map_err(|e| Error::delta(table, "read the log")(e.into()))?
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            damage.push(Damage {
+                file: relative(file),
+                problem,
+            });
+        }
+    }
+    if listed
+        .iter()
+        .any(|f| f.ends_with("_delta_log/_last_checkpoint"))
+    {
+        let bytes = store
+            .get(&Path::from("_delta_log/_last_checkpoint"))
+            .await
+            .map_err(|e| Error::delta(table, "read the log")(e.into()))?
+            .bytes()
+            .await
+            .map_err(|e| Error::delta(table, "read the log")(e.into()))?;
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            damage.push(Damage {
+                file: "_delta_log/_last_checkpoint".to_owned(),
+                problem: format!("not JSON ({e})"),
+            });
+        }
+    }
+    Ok(damage)
+}
+
+/// A Delta commit is newline-delimited JSON actions, each an object.
+fn commit_problem(bytes: &[u8]) -> Option<String> {
+    if bytes.is_empty() {
+        return Some("empty commit (a torn write?)".to_owned());
+    }
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(_)) => {}
+            Ok(_) => return Some(format!("line {} is JSON but not an action", i + 1)),
+            Err(e) => return Some(format!("line {} is not JSON ({e})", i + 1)),
+        }
+    }
+    None
+}
+
+async fn data_file_damage(
+    store: &dyn ObjectStore,
+    file: String,
+    recorded_size: u64,
+) -> std::result::Result<Option<Damage>, deltalake::ObjectStoreError> {
+    let path = Path::from(file.as_str());
+    let actual = match store.head(&path).await {
+        Ok(meta) => meta.size,
+        Err(deltalake::ObjectStoreError::NotFound { .. }) => {
+            return Ok(Some(Damage {
+                file,
+                problem: "missing (the log lists it; deleted by hand or by another tool?)"
+                    .to_owned(),
+            }));
+        }
+        Err(e) => return Err(e),
+    };
+    if actual != recorded_size {
+        return Ok(Some(Damage {
+            file,
+            problem: format!(
+                "{actual} bytes, the log records {recorded_size} (truncated or overwritten)"
+            ),
+        }));
+    }
+    Ok(parquet_footer_problem(store, &file, actual)
+        .await?
+        .map(|problem| Damage { file, problem }))
+}
+
+/// Why the file's Parquet footer cannot be read, if it cannot.
+async fn parquet_footer_problem(
+    store: &dyn ObjectStore,
+    file: &str,
+    size: u64,
+) -> std::result::Result<Option<String>, deltalake::ObjectStoreError> {
+    if size < PARQUET_TRAILER + 4 {
+        return Ok(Some(format!("{size} bytes: too short for a Parquet file")));
+    }
+    let path = Path::from(file);
+    let trailer = store.get_range(&path, size - PARQUET_TRAILER..size).await?;
+    if trailer.get(4..) != Some(b"PAR1".as_slice()) {
+        return Ok(Some("no Parquet footer at its end (truncated?)".to_owned()));
+    }
+    let mut length = [0_u8; 4];
+    length.copy_from_slice(&trailer[..4]);
+    let footer_length = u64::from(u32::from_le_bytes(length));
+    if footer_length + PARQUET_TRAILER + 4 > size {
+        return Ok(Some(format!(
+            "its footer claims {footer_length} bytes of a {size}-byte file"
+        )));
+    }
+    let footer_start = size - PARQUET_TRAILER - footer_length;
+    let footer = store
+        .get_range(&path, footer_start..size - PARQUET_TRAILER)
+        .await?;
+    Ok(ParquetMetaDataReader::decode_metadata(&footer)
+        .err()
+        .map(|e| format!("its Parquet footer does not decode ({e})")))
+}
+
+/// `_delta_log/…` from a store path that may carry the table's prefix.
+fn relative(file: &str) -> String {
+    file.find("_delta_log/")
+        .map_or(file, |at| &file[at..])
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::commit_problem;
+
+    #[test]
+    fn a_commit_must_be_lines_of_json_objects() {
+        assert_eq!(commit_problem(b"{\"add\":{}}\n{\"txn\":{}}\n"), None);
+        assert!(commit_problem(b"").is_some());
+        assert!(
+            commit_problem(b"{\"add\":{}}\n{\"txn\":{\"ap")
+                .is_some_and(|p| p.starts_with("line 2 is not JSON"))
+        );
+        assert!(commit_problem(b"[1]\n").is_some_and(|p| p.contains("not an action")));
+    }
+}
