@@ -190,6 +190,9 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let producing = bars.add(bar(summary.lines, "produced"));
     let ingesting = bars.add(bar(summary.lines, "committed"));
     let (produced, reports) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        // However the scope ends (a producer error returns early), the workers stop:
+        // the scope waits for them, and they stop only on the flag.
+        let _stop_on_exit = StopOnExit(&stop);
         let producer = scope.spawn(|| {
             produce_file(
                 &events_path,
@@ -467,4 +470,13 @@ fn print_next_steps(out: &Path, lake: &Path, today: NaiveDate) {
 
 fn create(path: &Path) -> anyhow::Result<File> {
     File::create(path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// Sets its flag when dropped.
+struct StopOnExit<'a>(&'a AtomicBool);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -312,6 +312,16 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
     // Records handed to each explicitly chosen partition (for the per-partition throttle).
     let mut sent_to: Vec<i64> = Vec::new();
     loop {
+        if let Some(throttle) = &options.throttle
+            && throttle
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            return Err(Error::Stopped(
+                "the consumers stopped before the input was published".to_owned(),
+            ));
+        }
         line.clear();
         if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
             break;

@@ -16,7 +16,7 @@
 //! A crash at any step therefore replays from the last `pos_events` commit and the
 //! skips make the replay write nothing twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, Timestamp};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
@@ -207,6 +207,11 @@ struct IngestContext {
     topic: String,
     sink: Arc<Mutex<Sink>>,
     events: Mutex<Vec<RebalanceEvent>>,
+    /// Per partition, the highest end (last stable offset) this worker's fetch responses
+    /// carried (librdkafka's statistics, every `statistics.interval.ms`): see
+    /// [`watermarks`]. A topic recreated under a running worker makes these too high: its
+    /// end check then waits, says so and (in a batch run) fails, never skips.
+    fetched_high: Mutex<HashMap<i32, i64>>,
 }
 
 impl IngestContext {
@@ -215,6 +220,14 @@ impl IngestContext {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(event);
+    }
+
+    fn fetched_high(&self, partition: i32) -> Option<i64> {
+        self.fetched_high
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&partition)
+            .copied()
     }
 
     fn take_events(&self) -> Vec<RebalanceEvent> {
@@ -242,7 +255,12 @@ impl IngestContext {
             // (A broker that does not answer now is no evidence: the gap checks after
             // positioning still see where the partition's records start.)
             if let Some(stored) = base.events.max(base.dead_letters) {
-                match consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(3)) {
+                // Raised to the end this worker's own fetches saw: a broker whose
+                // ListOffsets answers too low (Tansu on S3) must not look recreated.
+                let answer = consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(3))
+                    .map(|(low, high)| (low, high.max(self.fetched_high(p).unwrap_or(-1))));
+                match answer {
                     Ok((_, high)) => check_offsets_continue(&self.topic, p, stored, high)?,
                     Err(error) => tracing::warn!(
                         partition = p,
@@ -280,7 +298,19 @@ impl ClientContext for IngestContext {
 
     fn stats(&self, statistics: Statistics) {
         if let Some(topic) = statistics.topics.get(&self.topic) {
+            let mut fetched_high = self
+                .fetched_high
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for (partition, stats) in &topic.partitions {
+                // The last stable offset: the end under read_committed (librdkafka's
+                // default), as ListOffsets and end-of-partition judge it.
+                // Kept across rebalances: a member left without partitions after a
+                // broker restart still knows how far the ones it read go.
+                if *partition >= 0 && stats.ls_offset >= 0 {
+                    let end = fetched_high.entry(*partition).or_insert(stats.ls_offset);
+                    *end = (*end).max(stats.ls_offset);
+                }
                 // librdkafka's own consumer_lag counts from the committed group offset,
                 // which this worker commits only after the lake; lag from the position
                 // the application has read is what an operator watches.
@@ -346,6 +376,9 @@ struct PartitionState {
     expect_first: Option<(i64, Instant)>,
     /// A gap in this partition was already repaired once (never loop on it).
     repaired: bool,
+    /// Re-positioned one record before a gap (`expected`, `found`) to learn whether the
+    /// broker serves exact offsets: it then does, and the gap holds no records.
+    probing: Option<(i64, i64)>,
     /// When the partition was positioned or last delivered a record or its end.
     heard_at: Option<Instant>,
 }
@@ -387,6 +420,23 @@ struct Gap {
     partition: i32,
     expected: i64,
     found: Option<i64>,
+}
+
+/// A partition's low and high watermarks: the broker's answer to a query (ListOffsets),
+/// its high raised to the one librdkafka's statistics last reported from this
+/// consumer's fetch responses. Both are lower bounds of the partition's end; the query
+/// alone is not always right: Tansu 0.6 on S3 answers "latest" with the batch its store
+/// stamped last (one-second timestamps), far below the end when many batches share that
+/// second, and a worker trusting it took unread partitions for read to their end.
+fn watermarks(
+    consumer: &BaseConsumer<IngestContext>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> KafkaResult<(i64, i64)> {
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    let fetched = consumer.context().fetched_high(partition).unwrap_or(-1);
+    Ok((low, high.max(fetched)))
 }
 
 /// How long a positioned partition may stay silent while holding records.
@@ -564,6 +614,7 @@ pub fn run_worker(
         topic: config.kafka.topic.clone(),
         sink: sink.clone(),
         events: Mutex::new(Vec::new()),
+        fetched_high: Mutex::new(HashMap::new()),
     };
     // Unique per worker: the group check finds this worker's member by it.
     let client_id = format!(
@@ -841,16 +892,29 @@ impl State {
         };
         state.at_end = false;
         state.heard_at = Some(Instant::now());
-        if let Some((expected, _)) = state.expect_first.take()
-            && offset > expected
-        {
-            // Not processed: the worker re-positions the partition and reads it again.
-            gaps.push(Gap {
-                partition,
-                expected,
-                found: Some(offset),
-            });
-            return;
+        if let Some((expected, _)) = state.expect_first.take() {
+            if offset > expected {
+                // Not processed: the worker re-positions the partition and reads it again.
+                gaps.push(Gap {
+                    partition,
+                    expected,
+                    found: Some(offset),
+                });
+                return;
+            }
+            if let Some((gap_start, gap_end)) = state.probing.take() {
+                // The record before the gap came where asked: the broker serves exact
+                // offsets from there, so reading on from it skips nothing (the gap was
+                // offsets without records, such as transaction markers or compaction,
+                // or a fetch that started inside a record batch).
+                tracing::info!(
+                    partition,
+                    gap_start,
+                    gap_end,
+                    "the record before a gap came where asked; reading on from it"
+                );
+                metrics::counter!(names::OFFSET_GAPS, "outcome" => "probed").increment(1);
+            }
         }
         state.next = Some(offset + 1);
         if state.bases.events.is_some_and(|stored| offset <= stored) {
@@ -1007,10 +1071,13 @@ impl Worker {
             })
             .collect();
         for (partition, expected) in silent {
-            let answer = self
-                .consumer
-                .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {partition}")));
+            let answer = watermarks(
+                &self.consumer,
+                &self.state.topic,
+                partition,
+                Duration::from_secs(10),
+            )
+            .map_err(Error::kafka(format!("watermarks of partition {partition}")));
             let high = self.broker_may_be_away(answer)?;
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
@@ -1062,11 +1129,40 @@ impl Worker {
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
             };
+            // A first record later than asked: offsets without records (a transactional
+            // producer's markers) look the same as records a broker skipped. Ask for the
+            // record before, which the lake holds: a broker that serves it serves exact
+            // offsets, and nothing needs re-reading (costs one record, not the partition).
+            let before = expected - 1;
+            if let Some(found) = found
+                && state.probing.is_none()
+                && !state.repaired
+                && before >= low
+            {
+                state.probing = Some((expected, found));
+                state.expect_first = Some((before, Instant::now()));
+                state.at_end = false;
+                state.next = Some(before);
+                self.consumer
+                    .seek(
+                        &self.state.topic,
+                        partition,
+                        Offset::Offset(before),
+                        Duration::from_secs(10),
+                    )
+                    .map_err(Error::kafka(format!(
+                        "seek partition {partition} to {before}"
+                    )))?;
+                continue;
+            }
+            // The probe's record did not come either: the broker skips records.
+            let probed = state.probing.take();
             let restart = if low <= expected && !state.repaired {
                 tracing::warn!(
                     partition,
                     expected,
                     ?found,
+                    ?probed,
                     low,
                     "the broker skipped records it holds; re-reading the partition from its start"
                 );
@@ -1162,9 +1258,7 @@ impl Worker {
             let (low, end) = match read_to {
                 // Read to its end here: the lake must hold everything before it.
                 Some(end) => (0, end),
-                None => self
-                    .consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                None => watermarks(&self.consumer, topic, p, Duration::from_secs(10))
                     .map_err(Error::kafka(format!("watermarks of partition {p}")))?,
             };
             lag.partitions.push(PartitionLag {
@@ -1275,10 +1369,13 @@ impl Worker {
             if state.known_at_end() {
                 continue;
             }
-            let answer = self
-                .consumer
-                .fetch_watermarks(&self.state.topic, p, Duration::from_secs(10))
-                .map_err(Error::kafka(format!("watermarks of partition {p}")));
+            let answer = watermarks(
+                &self.consumer,
+                &self.state.topic,
+                p,
+                Duration::from_secs(10),
+            )
+            .map_err(Error::kafka(format!("watermarks of partition {p}")));
             let Some((low, high)) = self.broker.answer(answer, give_up)? else {
                 return Ok(false);
             };
@@ -1305,7 +1402,9 @@ impl Worker {
                 done = false;
                 continue;
             }
-            if next < high {
+            // A partition whose first record after positioning has not come is done
+            // only once its end-of-partition came too (a queried end can be too low).
+            if next < high || (state.expect_first.is_some() && !state.at_end) {
                 done = false;
             }
         }

@@ -128,12 +128,25 @@ impl Lake {
             }
             // A log that does not load may be damaged: name the file, not only the
             // kernel's complaint.
+            // (Not for errors worth retrying, such as a store that does not answer, and
+            // not for a bad `_last_checkpoint`: readers only warn about that hint.)
+            Err(other) if other.is_retryable() => Err(other),
             Err(other) => match self.find_log_damage(name).await {
-                Ok(damage) if !damage.is_empty() => Err(Error::Damaged {
-                    table: name.to_owned(),
-                    damage,
-                }),
-                _ => Err(other),
+                Ok(damage) => {
+                    let damage: Vec<_> = damage
+                        .into_iter()
+                        .filter(|d| !d.file.ends_with("_last_checkpoint"))
+                        .collect();
+                    if damage.is_empty() {
+                        Err(other)
+                    } else {
+                        Err(Error::Damaged {
+                            table: name.to_owned(),
+                            damage,
+                        })
+                    }
+                }
+                Err(_) => Err(other),
             },
         }
     }

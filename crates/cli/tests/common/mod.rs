@@ -345,6 +345,36 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Waits for the worker to exit; its status, its report (stdout) and the warnings
+    /// and last lines of its log, for a test that must explain a wrong outcome.
+    pub fn wait_with_output(
+        mut self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker still running after {timeout:?}:\n{}",
+                self.log_digest(40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut report = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut report);
+        }
+        // The stderr reader thread ends with the process; give it a moment to drain.
+        std::thread::sleep(Duration::from_millis(200));
+        let log = self.log_digest(40);
+        (status, report, log)
+    }
+}
+
 /// A test that fails must not leave its workers running (they would hold the broker's
 /// partitions and the machine's cores for the tests after it).
 impl Drop for Worker {
