@@ -301,3 +301,141 @@ fn a_batch_worker_whose_records_nobody_stores_fails_and_says_why() {
 fn a_flush_between_its_dead_letter_and_event_commits_is_not_a_stored_topic() {
     a_batch_run_beside_a_frozen_member_fails_and_says_why("dead_letters_committed");
 }
+
+/// splitmix64: the soak's kill schedule, reproducible from its seed.
+struct KillSchedule(u64);
+
+impl KillSchedule {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
+/// Issue 20, kill soak: three streaming workers (silver kept fresh after each flush) are
+/// SIGKILLed at random moments, one at a time, at least 20 times, each restarted at
+/// once, so the group rebalances over and over; then three batch workers finish the
+/// topic. Bronze, dead letters and silver equal those of one uninterrupted worker.
+/// `STREETFLOW_SOAK_SEED` and `STREETFLOW_SOAK_KILLS` rerun a schedule or lengthen it.
+#[test]
+#[ignore = "new on 2026-12-02, its first run not yet finished (several minutes on 2 cores); run with --ignored (issue 20)"]
+fn workers_killed_at_random_twenty_times_leave_the_tables_of_an_uninterrupted_run() {
+    let env_number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seed = env_number("STREETFLOW_SOAK_SEED", 20_261_202);
+    let kills = env_number("STREETFLOW_SOAK_KILLS", 20);
+    eprintln!("kill soak: seed {seed}, {kills} kills (STREETFLOW_SOAK_SEED reruns it)");
+    let (_guard, dir) = workdir();
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "24",
+            "--days",
+            "40",
+            "--seed",
+            "71",
+            "--duplicate-rate",
+            "0.01",
+            "--late-rate",
+            "0.01",
+            "--malformed-rate",
+            "0.005",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("soak");
+    produce(&dir, &topic, 6);
+    let config = fast_group_config(&dir);
+    let with_silver = |lake: &Path, group: &str, extra: &[&str]| {
+        let mut args = ingest_args_with_silver(&topic, group, lake);
+        args.extend(
+            ["--config", &config, "--max-records", "400"]
+                .iter()
+                .chain(extra)
+                .map(|s| (*s).to_owned()),
+        );
+        args
+    };
+
+    let reference = dir.join("reference-lake");
+    let args = with_silver(&reference, &unique("ref"), &["--exit-at-end"]);
+    assert!(
+        Worker::start(&dir, &args, &[])
+            .wait(Duration::from_secs(300))
+            .success()
+    );
+    assert_each_record_stored_once(&reference, &summary);
+
+    let soaked = dir.join("soaked-lake");
+    let group = unique("soak");
+    let streaming = with_silver(&soaked, &group, &[]);
+    let mut schedule = KillSchedule(seed);
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| Worker::start(&dir, &streaming, &[]))
+        .collect();
+    let mut mid_ingest = 0;
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(300 + schedule.below(2_700)));
+        let slot = schedule.below(3) as usize;
+        let stored = row_count(&soaked, "pos_events") + row_count(&soaked, "dead_letters");
+        mid_ingest += u32::from(stored < lines);
+        let mut victim =
+            std::mem::replace(&mut workers[slot], Worker::start(&dir, &streaming, &[]));
+        // A streaming worker never ends by itself: one that did failed.
+        if let Ok(Some(status)) = victim.child.try_wait() {
+            panic!(
+                "a streaming worker exited ({status}) before its kill:\n{}",
+                victim.log_digest(40)
+            );
+        }
+        victim.kill();
+    }
+    // The last streaming workers die too; batch workers finish the topic.
+    for worker in workers {
+        worker.kill();
+    }
+    assert!(
+        mid_ingest * 2 >= kills as u32,
+        "only {mid_ingest} of {kills} kills hit a worker before the topic was stored"
+    );
+    let batch = with_silver(&soaked, &group, &["--exit-at-end"]);
+    let finishers: Vec<Worker> = (0..3).map(|_| Worker::start(&dir, &batch, &[])).collect();
+    let deadline = Instant::now() + Duration::from_secs(400);
+    for worker in finishers {
+        let (status, _, log) =
+            worker.wait_with_output(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "a batch worker failed after the soak:\n{log}"
+        );
+    }
+
+    assert_each_record_stored_once(&soaked, &summary);
+    let (want_events, want_dead) = contents(&reference);
+    let (got_events, got_dead) = contents(&soaked);
+    assert!(
+        want_events == got_events,
+        "pos_events differ after the soak (seed {seed})"
+    );
+    assert!(
+        want_dead == got_dead,
+        "dead_letters differ after the soak (seed {seed})"
+    );
+    assert_eq!(
+        silver_as_truth(&dir, &soaked),
+        silver_as_truth(&dir, &reference),
+        "merchant_daily differs after the soak (seed {seed})"
+    );
+}
