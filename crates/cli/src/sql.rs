@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::arrow::util::pretty::pretty_format_batches;
+use streetflow_lake::datafusion::error::DataFusionError;
 use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
 use streetflow_lake::deltalake::parquet::basic::{Compression, ZstdLevel};
 use streetflow_lake::deltalake::parquet::file::properties::WriterProperties;
@@ -57,13 +58,30 @@ pub(crate) fn run(args: &SqlArgs) -> anyhow::Result<()> {
         let schema = frame.schema().as_arrow().clone();
         match frame.collect().await {
             Ok(batches) => anyhow::Ok((schema, batches)),
-            Err(error) => Err(name_damaged_files(&lake, error.into()).await),
+            Err(error) if may_be_damage(&error) => {
+                Err(name_damaged_files(&lake, error.into()).await)
+            }
+            Err(error) => Err(error.into()),
         }
     })?;
     match args.format {
         Format::Parquet => write_parquet(args.out.as_deref(), schema, &batches),
         text => write_text(text, args.out.as_deref(), &batches),
     }
+}
+
+/// Whether a failed query may have tripped on a damaged file: not for errors of the
+/// query itself (planning, types, memory), which would only pay for checking every file.
+fn may_be_damage(error: &DataFusionError) -> bool {
+    !matches!(
+        error.find_root(),
+        DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_)
+            | DataFusionError::Configuration(_)
+            | DataFusionError::ResourcesExhausted(_)
+    )
 }
 
 /// A failed read with the lake's damaged files named, if it has any (DataFusion's own

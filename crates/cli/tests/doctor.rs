@@ -233,8 +233,8 @@ fn a_truncated_data_file_and_a_torn_commit_are_named_by_doctor_and_by_queries() 
         .to_str()
         .unwrap()
         .to_owned();
-    let (ok, checks) = doctor(&dir, &doctor_args);
-    assert!(!ok);
+    // (doctor fails anyway here: the topic does not exist; the files check is the point.)
+    let (_, checks) = doctor(&dir, &doctor_args);
     let files = find(&checks, "files of pos_events");
     assert_eq!(files.1, "PROBLEM");
     assert!(

@@ -183,21 +183,7 @@ fn wait_for_progress(
 #[test]
 fn a_broker_killed_and_restarted_twice_mid_ingest_loses_and_doubles_nothing() {
     let (_guard, dir) = workdir();
-    let summary = generate(
-        &dir,
-        &[
-            "--merchants",
-            "20",
-            "--days",
-            "30",
-            "--seed",
-            "61",
-            "--duplicate-rate",
-            "0.01",
-            "--malformed-rate",
-            "0.005",
-        ],
-    );
+    let summary = generate_busy_district(&dir, "61");
     let lines = summary["lines"].as_i64().unwrap();
     let mut broker = OwnBroker::start(&dir);
     let topic = unique("faults");

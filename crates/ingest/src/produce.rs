@@ -66,18 +66,25 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    /// Sleeps a moment while the producer is too far ahead; an error once the consumers
-    /// it waits for have stopped.
-    fn pause(&self, waiting_for: &str) -> Result<()> {
+    /// [`Error::Stopped`] once the consumers have stopped; `doing` says what the
+    /// producer was doing then.
+    fn ensure_consumers_run(&self, doing: &str) -> Result<()> {
         if self
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed))
         {
             return Err(Error::Stopped(format!(
-                "the producer waited for {waiting_for} and the consumers stopped"
+                "the consumers stopped while the producer {doing}"
             )));
         }
+        Ok(())
+    }
+
+    /// Sleeps a moment while the producer is too far ahead (see
+    /// [`Throttle::ensure_consumers_run`]).
+    fn pause(&self, waiting_for: &str) -> Result<()> {
+        self.ensure_consumers_run(&format!("waited for {waiting_for}"))?;
         std::thread::sleep(Duration::from_millis(2));
         Ok(())
     }
@@ -312,15 +319,8 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
     // Records handed to each explicitly chosen partition (for the per-partition throttle).
     let mut sent_to: Vec<i64> = Vec::new();
     loop {
-        if let Some(throttle) = &options.throttle
-            && throttle
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed))
-        {
-            return Err(Error::Stopped(
-                "the consumers stopped before the input was published".to_owned(),
-            ));
+        if let Some(throttle) = &options.throttle {
+            throttle.ensure_consumers_run("published the input")?;
         }
         line.clear();
         if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {

@@ -69,9 +69,7 @@ impl Lake {
         damage.sort_by(|a, b| a.file.cmp(&b.file));
         Ok(damage)
     }
-}
 
-impl Lake {
     /// The table's own object store (paths relative to the table), without loading it.
     fn table_store(&self, name: &str) -> Result<deltalake::logstore::ObjectStoreRef> {
         let url = self.table_url(name)?;

@@ -188,6 +188,26 @@ pub fn run_json(dir: &Path, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
+/// The district of the group and broker-fault tests: 20 merchants × 30 days (about
+/// 54,000 records) with 1 % re-deliveries and 0.5 % malformed messages.
+pub fn generate_busy_district(dir: &Path, seed: &str) -> Value {
+    generate(
+        dir,
+        &[
+            "--merchants",
+            "20",
+            "--days",
+            "30",
+            "--seed",
+            seed,
+            "--duplicate-rate",
+            "0.01",
+            "--malformed-rate",
+            "0.005",
+        ],
+    )
+}
+
 /// Generates a district into `dir/events.jsonl` and returns the generator's summary.
 pub fn generate(dir: &Path, args: &[&str]) -> Value {
     let mut all = vec!["gen", "--out", "events.jsonl", "--json"];
