@@ -501,3 +501,54 @@ fn offsets_of_one_topic_never_skip_the_records_of_another() {
     assert_eq!(report["accepted"].as_i64().unwrap(), lines);
     assert_eq!(row_count(&lake, "pos_events"), 2 * lines);
 }
+
+/// A topic deleted and created again under the same name starts its offsets at 0: a
+/// worker whose lake holds offsets far past the new end refuses to start there (which
+/// would skip the new records as "replayed"), also now that a queried end far below the
+/// stored offsets is first checked through a fetch (a broker whose ListOffsets answers
+/// too low must not look recreated).
+#[test]
+fn a_topic_recreated_under_its_name_is_refused_not_skipped() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let (_guard, dir) = workdir();
+    // One partition of more than 10,000 records: past the slack for a batch.
+    let summary = generate_busy_district(&dir, "83");
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("recreated");
+    produce(&dir, &topic, 1);
+    let lake = dir.join("lake");
+    let mut args = ingest_args(&topic, &unique("g"), &lake);
+    args.extend(["--exit-at-end".into(), "--json".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(run_json(&dir, &args)["consumed"].as_i64().unwrap(), lines);
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for outcome in runtime
+        .block_on(admin.delete_topics(&[&topic], &AdminOptions::new()))
+        .unwrap()
+    {
+        outcome.unwrap();
+    }
+    // Fewer records than before, under the same name.
+    generate(&dir, &["--merchants", "2", "--days", "5", "--seed", "84"]);
+    produce(&dir, &topic, 1);
+
+    let output = finish(streetflow().args(&args).current_dir(&dir));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the worker went on: {stderr}");
+    assert!(
+        stderr.contains("ends at offset") && stderr.contains("pipeline name"),
+        "{stderr}"
+    );
+    assert_eq!(
+        row_count(&lake, "pos_events") + row_count(&lake, "dead_letters"),
+        lines
+    );
+}

@@ -10,6 +10,7 @@
 mod backfill;
 mod batch;
 mod csv_input;
+mod end_probe;
 mod error;
 mod group;
 pub mod metrics;

@@ -170,10 +170,13 @@ pub(crate) fn topic_identity(topic: &str) -> i64 {
     (u64::from_be_bytes(bytes) >> 1) as i64
 }
 
-/// How far the broker's high watermark may lag the stored offsets before a partition
-/// counts as recreated: Tansu 0.6 reports the last record batch's base offset + 1 as the
-/// high watermark, so a lake that stored the whole of that batch is up to one batch
-/// ahead of it (librdkafka's producer batches hold at most `batch.num.messages`, 10,000).
+/// How far the broker's queried high watermark may lag the stored offsets before a
+/// partition is suspected of being recreated: Tansu 0.6 answers ListOffsets with the
+/// base offset + 1 of a record batch, so a lake that stored the whole of that batch is
+/// up to one batch ahead of it (librdkafka's producer batches hold at most
+/// `batch.num.messages`, 10,000). On S3 storage the answer can be any earlier batch;
+/// a larger shortfall is therefore confirmed through a fetch before it is refused
+/// (`IngestContext::confirm_shorter`).
 const HIGH_WATERMARK_SLACK: i64 = 10_000;
 
 /// Refuses to start partition `partition` after offset `stored` when the broker's log
@@ -212,6 +215,9 @@ struct IngestContext {
     /// [`watermarks`]. A topic recreated under a running worker makes these too high: its
     /// end check then waits, says so and (in a batch run) fails, never skips.
     fetched_high: Mutex<HashMap<i32, i64>>,
+    /// The worker's consumer settings, for a probe of a partition's end
+    /// ([`crate::end_probe`]).
+    probe_config: ClientConfig,
 }
 
 impl IngestContext {
@@ -257,11 +263,12 @@ impl IngestContext {
             if let Some(stored) = base.events.max(base.dead_letters) {
                 // Raised to the end this worker's own fetches saw: a broker whose
                 // ListOffsets answers too low (Tansu on S3) must not look recreated.
-                let answer = consumer
-                    .fetch_watermarks(&self.topic, p, Duration::from_secs(3))
-                    .map(|(low, high)| (low, high.max(self.fetched_high(p).unwrap_or(-1))));
-                match answer {
-                    Ok((_, high)) => check_offsets_continue(&self.topic, p, stored, high)?,
+                match watermarks(consumer, &self.topic, p, Duration::from_secs(3)) {
+                    Ok((_, high)) => {
+                        if let Err(refusal) = check_offsets_continue(&self.topic, p, stored, high) {
+                            self.confirm_shorter(p, stored, high, refusal)?;
+                        }
+                    }
                     Err(error) => tracing::warn!(
                         partition = p,
                         %error,
@@ -280,6 +287,40 @@ impl IngestContext {
             .map_err(Error::kafka("assign partitions"))?;
         tracing::info!(partitions = ?partitions, "assigned; starting after the offsets the lake holds");
         Ok(partitions.into_iter().zip(bases).collect())
+    }
+}
+
+impl IngestContext {
+    /// A partition's queried end fell far short of the offsets the lake holds: before
+    /// calling it recreated, ask through the fetch path whether it holds the last stored
+    /// offset (or later). A broker whose ListOffsets answers too low serves it, and the
+    /// worker goes on; a recreated partition does not, and `refusal` stands (also when the
+    /// broker does not say: refusing is loud, starting would skip records silently).
+    fn confirm_shorter(
+        &self,
+        partition: i32,
+        stored: i64,
+        high: i64,
+        refusal: Error,
+    ) -> Result<()> {
+        match crate::end_probe::holds_records_from(
+            &self.probe_config,
+            &self.topic,
+            partition,
+            stored,
+            Duration::from_secs(10),
+        ) {
+            Some(true) => {
+                tracing::warn!(
+                    partition,
+                    stored,
+                    queried_end = high,
+                    "the broker's ListOffsets answer lies below offsets it serves; going on"
+                );
+                Ok(())
+            }
+            _ => Err(refusal),
+        }
     }
 }
 
@@ -304,9 +345,9 @@ impl ClientContext for IngestContext {
                 .unwrap_or_else(PoisonError::into_inner);
             for (partition, stats) in &topic.partitions {
                 // The last stable offset: the end under read_committed (librdkafka's
-                // default), as ListOffsets and end-of-partition judge it.
-                // Kept across rebalances: a member left without partitions after a
-                // broker restart still knows how far the ones it read go.
+                // default), as ListOffsets and end-of-partition judge it. Kept across
+                // rebalances: a member left without partitions after a broker restart
+                // still knows how far the ones it read go.
                 if *partition >= 0 && stats.ls_offset >= 0 {
                     let end = fetched_high.entry(*partition).or_insert(stats.ls_offset);
                     *end = (*end).max(stats.ls_offset);
@@ -423,8 +464,8 @@ struct Gap {
 }
 
 /// A partition's low and high watermarks: the broker's answer to a query (ListOffsets),
-/// its high raised to the one librdkafka's statistics last reported from this
-/// consumer's fetch responses. Both are lower bounds of the partition's end; the query
+/// its high raised to the highest end this consumer's fetch responses carried
+/// ([`IngestContext::fetched_high`]). Both are lower bounds of the partition's end; the query
 /// alone is not always right: Tansu 0.6 on S3 answers "latest" with the batch its store
 /// stamped last (one-second timestamps), far below the end when many batches share that
 /// second, and a worker trusting it took unread partitions for read to their end.
@@ -609,19 +650,20 @@ pub fn run_worker(
         Ok::<_, Error>(sink)
     })?;
     let sink = Arc::new(Mutex::new(sink));
-    let context = IngestContext {
-        handle: handle.clone(),
-        topic: config.kafka.topic.clone(),
-        sink: sink.clone(),
-        events: Mutex::new(Vec::new()),
-        fetched_high: Mutex::new(HashMap::new()),
-    };
     // Unique per worker: the group check finds this worker's member by it.
     let client_id = format!(
         "streetflow-ingest-{}-{}",
         std::process::id(),
         Utc::now().timestamp_nanos_opt().unwrap_or_default() % 1_000_000_000
     );
+    let context = IngestContext {
+        handle: handle.clone(),
+        topic: config.kafka.topic.clone(),
+        sink: sink.clone(),
+        events: Mutex::new(Vec::new()),
+        fetched_high: Mutex::new(HashMap::new()),
+        probe_config: consumer_config(config, &format!("{client_id}-probe")),
+    };
     let consumer: BaseConsumer<IngestContext> = consumer_config(config, &client_id)
         .create_with_context(context)
         .map_err(Error::kafka("create consumer"))?;
