@@ -161,7 +161,14 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let pipeline = load_pipeline(
         None,
         json!({
-            "kafka": {"brokers": brokers, "topic": topic, "group": "streetflow-demo"},
+            "kafka": {
+                "brokers": brokers, "topic": topic, "group": "streetflow-demo",
+                // Short sessions: the embedded broker's coordinator can wait for a member
+                // it still counts after a join retry, and with the default 45 s a
+                // rebalance then outlasted the workers' stall rejoins (30 s) again and
+                // again, so nothing was assigned (seen under load, about 1 run in 10).
+                "properties": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"},
+            },
             "lake": {"url": lake_url},
             // Commit often: the producer waits for the commits.
             "flush": {"max_age_ms": 1000, "max_records": 50_000},
