@@ -425,3 +425,61 @@ fn workers_killed_at_random_twenty_times_leave_the_tables_of_an_uninterrupted_ru
         "merchant_daily differs after the soak (seed {seed})"
     );
 }
+
+/// A batch member without partitions must not take a broker's queried end for the end
+/// of a partition it never read: Tansu 0.6 answers ListOffsets with the last record
+/// batch's base offset + 1, below the records of that batch. Here the member holding
+/// the only partition stored all but the last 100 records and froze; the other member
+/// used to see "0 waiting" and end successfully with those records unstored. Now it
+/// asks through the fetch path, finds them, and fails after its stall timeout.
+#[test]
+fn a_batch_member_without_partitions_never_ends_on_a_queried_end_below_unread_records() {
+    let (_guard, dir) = workdir();
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "6",
+            "--days",
+            "20",
+            "--seed",
+            "52",
+            "--malformed-rate",
+            "0",
+        ],
+    );
+    let lines = summary["lines"].as_i64().unwrap();
+    let topic = unique("lowend");
+    produce(&dir, &topic, 1);
+    let lake = dir.join("lake");
+    let group = unique("lowend");
+    let stored = lines - 100;
+    let mut holder_args = ingest_args(&topic, &group, &lake);
+    holder_args.extend([
+        "--exit-at-end".into(),
+        "--max-records".into(),
+        stored.to_string(),
+    ]);
+    let mut holder = Worker::start(
+        &dir,
+        &holder_args,
+        &[("STREETFLOW_FREEZE_AT", "events_committed:1")],
+    );
+    holder.wait_for("FROZEN AT", Duration::from_secs(120));
+    assert_eq!(row_count(&lake, "pos_events"), stored);
+
+    let mut waiting_args = holder_args.clone();
+    waiting_args.extend(["--stall-timeout-secs".into(), "30".into()]);
+    let mut command = streetflow();
+    command.args(&waiting_args).current_dir(&dir);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a batch run ended with {} records of the topic unstored:\n{stderr}",
+        lines - stored
+    );
+    assert!(stderr.contains("stalled:"), "{stderr}");
+    assert_eq!(row_count(&lake, "pos_events"), stored);
+    holder.kill();
+}

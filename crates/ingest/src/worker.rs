@@ -480,6 +480,10 @@ fn watermarks(
     Ok((low, high.max(fetched)))
 }
 
+/// How long a batch worker waits before it probes the partitions of others again after
+/// a probe found records after the lake's offsets ([`Worker::topic_stored`]).
+const PROBE_AGAIN_AFTER: Duration = Duration::from_secs(5);
+
 /// How long a positioned partition may stay silent while holding records.
 const SILENT_PARTITION: Duration = Duration::from_secs(3);
 
@@ -541,6 +545,11 @@ struct Worker {
     broker: BrokerWatch,
     /// When the worker last forced a rejoin.
     last_rejoin: Option<Instant>,
+    /// When [`Worker::topic_stored`] last found records after the lake's offsets.
+    records_follow_at: Option<Instant>,
+    /// Per partition, an offset [`Worker::topic_stored`] found a record at: the
+    /// partition's end is past it whatever a queried end says.
+    record_seen_at: BTreeMap<i32, i64>,
     state: State,
 }
 
@@ -708,6 +717,8 @@ pub fn run_worker(
         stall: crate::group::StallWatch::default(),
         broker: BrokerWatch::default(),
         last_rejoin: None,
+        records_follow_at: None,
+        record_seen_at: BTreeMap::new(),
         state: State {
             topic: config.kafka.topic.clone(),
             appender: RowAppender::new(config.decode_options(), calendars),
@@ -815,7 +826,7 @@ impl Worker {
                         let Some(lag) = self.broker_may_be_away(answer)? else {
                             continue;
                         };
-                        if lag.waiting() == 0 {
+                        if self.topic_stored(&lag) {
                             tracing::info!(
                                 "no partitions assigned and every partition of the topic is in the lake"
                             );
@@ -833,7 +844,7 @@ impl Worker {
                         let Some(lag) = self.broker_may_be_away(answer)? else {
                             continue;
                         };
-                        if lag.waiting() == 0 {
+                        if self.topic_stored(&lag) {
                             tracing::info!("every partition of the topic is in the lake");
                             break;
                         }
@@ -1303,14 +1314,70 @@ impl Worker {
                 None => watermarks(&self.consumer, topic, p, Duration::from_secs(10))
                     .map_err(Error::kafka(format!("watermarks of partition {p}")))?,
             };
+            let end = match (read_to, self.record_seen_at.get(&p)) {
+                (None, Some(&seen)) => end.max(seen + 1),
+                _ => end,
+            };
             lag.partitions.push(PartitionLag {
                 partition: p,
                 stored,
                 low,
                 end,
+                read_here: read_to.is_some(),
             });
         }
         Ok(lag)
+    }
+
+    /// Whether the lake holds the whole topic, for a batch run about to end. The
+    /// partitions this worker read to their end count by where it stopped reading; every
+    /// other one is asked through the fetch path whether a record follows the stored
+    /// offset ([`crate::end_probe`]), whatever the queried end says: a ListOffsets
+    /// answer can be too low (Tansu on S3; a batch run then ended with records unread)
+    /// or count offsets without records (transaction markers, which would make a batch
+    /// run wait for records that never come). After records were found, the next probe
+    /// waits [`PROBE_AGAIN_AFTER`].
+    fn topic_stored(&mut self, lag: &TopicLag) -> bool {
+        if lag
+            .partitions
+            .iter()
+            .any(|p| p.read_here && p.waiting() > 0)
+        {
+            return false;
+        }
+        if self
+            .records_follow_at
+            .is_some_and(|at| at.elapsed() < PROBE_AGAIN_AFTER)
+        {
+            return false;
+        }
+        for p in lag.partitions.iter().filter(|p| !p.read_here) {
+            let from = p.stored.map_or(p.low, |last| (last + 1).max(p.low));
+            let answer = crate::end_probe::holds_records_from(
+                &self.consumer.context().probe_config,
+                &self.state.topic,
+                p.partition,
+                from,
+                Duration::from_secs(10),
+            );
+            if answer != Some(false) {
+                if answer.is_some() {
+                    if p.waiting() == 0 {
+                        tracing::warn!(
+                            partition = p.partition,
+                            from,
+                            queried_end = p.end,
+                            "records follow the lake's offsets although the broker's queried end says none do; waiting for them"
+                        );
+                    }
+                    // From now on the lag counts them (and the stall watch sees them).
+                    self.record_seen_at.insert(p.partition, from);
+                }
+                self.records_follow_at = Some(Instant::now());
+                return false;
+            }
+        }
+        true
     }
 
     /// Acts on a look at the topic while this worker reads none of its waiting records:
@@ -1954,6 +2021,8 @@ struct PartitionLag {
     low: i64,
     /// The broker's high watermark.
     end: i64,
+    /// Read to its end by this worker (`end` is where it stopped reading, not a query).
+    read_here: bool,
 }
 
 impl PartitionLag {
@@ -2035,6 +2104,7 @@ mod tests {
                     stored: Some(9),
                     low: 0,
                     end: 20,
+                    read_here: false,
                 },
                 // Nothing stored; retention removed 0..5.
                 PartitionLag {
@@ -2042,6 +2112,7 @@ mod tests {
                     stored: None,
                     low: 5,
                     end: 8,
+                    read_here: false,
                 },
                 // Stored past what retention kept, and at the end: nothing waits.
                 PartitionLag {
@@ -2049,6 +2120,7 @@ mod tests {
                     stored: Some(30),
                     low: 10,
                     end: 31,
+                    read_here: false,
                 },
                 // The lake holds what retention removed since.
                 PartitionLag {
@@ -2056,6 +2128,7 @@ mod tests {
                     stored: Some(3),
                     low: 12,
                     end: 15,
+                    read_here: false,
                 },
             ],
         };
