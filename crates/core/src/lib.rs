@@ -8,6 +8,7 @@
 pub mod calendar;
 pub mod card;
 pub mod config;
+pub mod csv_mapping;
 pub mod decode;
 pub mod event;
 pub mod knowledge;

@@ -26,9 +26,9 @@ use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 use tokio::sync::mpsc;
 
 use crate::batch::{DeadLetterRows, EventRows, Origin, RowAppender, restamp_observed};
-use crate::csv_input::{CsvMapping, row_as_csv};
 use crate::error::{Error, Result};
 use crate::produce::StreamClock;
+use streetflow_core::csv_mapping::{CsvMapping, row_as_csv};
 use streetflow_lake::freeze::{self, points};
 
 /// The knowledge time of backfilled rows: when the bank came to hold the events.

@@ -40,6 +40,10 @@ pub enum Error {
     /// whole stall timeout, rejoins included.
     #[error("stalled: {0}")]
     Stalled(String),
+    /// The broker's answers disagree with the lake and a fetch could not settle which
+    /// is right; running again may.
+    #[error("unconfirmed: {0}")]
+    Unconfirmed(String),
     /// A producer gave up because the consumers it paces itself by stopped.
     #[error("stopped: {0}")]
     Stopped(String),
@@ -64,11 +68,19 @@ impl Error {
     /// outages); configuration and schema problems need a fix first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Kafka { .. } | Error::Io { .. } | Error::Stalled(_) => true,
+            Error::Kafka { .. } | Error::Io { .. } | Error::Stalled(_) | Error::Unconfirmed(_) => {
+                true
+            }
             Error::Lake(e) => e.is_retryable(),
             Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) | Error::Stopped(_) => {
                 false
             }
         }
+    }
+}
+
+impl From<streetflow_core::csv_mapping::MappingError> for Error {
+    fn from(error: streetflow_core::csv_mapping::MappingError) -> Self {
+        Error::Config(error.0)
     }
 }

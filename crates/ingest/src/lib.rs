@@ -9,8 +9,7 @@
 
 mod backfill;
 mod batch;
-mod csv_input;
-mod end_probe;
+pub mod end_probe;
 mod error;
 mod group;
 pub mod metrics;
@@ -25,10 +24,10 @@ pub use batch::{
     Appended, DeadLetter, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin,
     RowAppender, restamp_observed,
 };
-pub use csv_input::{AmountUnit, BoundMapping, CsvMapping};
 pub use error::{Error, Result};
 pub use produce::{
     PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, create_topic_with,
     produce_file,
 };
+pub use streetflow_core::csv_mapping::{AmountUnit, BoundMapping, CsvMapping, MappingError};
 pub use worker::{AfterCommit, IngestOptions, IngestReport, run_worker};

@@ -9,9 +9,16 @@ use chrono::{LocalResult, NaiveDateTime, TimeZone};
 use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use streetflow_core::time::parse_rfc3339;
 
-use crate::error::{Error, Result};
+use crate::time::parse_rfc3339;
+
+/// A mapping file that cannot be used, or a header it does not fit; the message lists
+/// every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MappingError(pub String);
+
+type Result<T> = std::result::Result<T, MappingError>;
 
 /// Event fields a mapping may fill, in contract order.
 const FIELDS: [&str; 11] = [
@@ -91,7 +98,7 @@ impl CsvMapping {
     /// Parses and checks a mapping file's text, reporting every problem at once.
     pub fn from_toml(text: &str) -> Result<Self> {
         let mapping: CsvMapping =
-            toml::from_str(text).map_err(|e| Error::Config(format!("CSV mapping: {e}")))?;
+            toml::from_str(text).map_err(|e| MappingError(format!("CSV mapping: {e}")))?;
         let mut problems = Vec::new();
         if !mapping.delimiter.is_ascii() {
             problems.push(format!(
@@ -152,7 +159,7 @@ impl CsvMapping {
         if problems.is_empty() {
             Ok(mapping)
         } else {
-            Err(Error::Config(format!(
+            Err(MappingError(format!(
                 "CSV mapping has {} problem(s):\n  - {}",
                 problems.len(),
                 problems.join("\n  - ")
@@ -175,7 +182,7 @@ impl CsvMapping {
             }
         }
         if !missing.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(MappingError(format!(
                 "the CSV header has no column {} (it has: {})",
                 missing.join(", "),
                 header
@@ -321,9 +328,17 @@ fn yuan_to_fen(text: &str) -> Option<i64> {
 }
 
 /// The row as CSV text again (for a dead letter's payload).
-pub(crate) fn row_as_csv(row: &csv::StringRecord, delimiter: u8) -> Vec<u8> {
+pub fn row_as_csv(row: &csv::StringRecord, delimiter: u8) -> Vec<u8> {
+    // A reader drops a byte-order mark at the start of its input: a first cell that
+    // begins with one is quoted, so the payload reads back as the row (found by fuzzing).
+    let quote = if row.get(0).is_some_and(|cell| cell.starts_with('\u{feff}')) {
+        csv::QuoteStyle::Always
+    } else {
+        csv::QuoteStyle::Necessary
+    };
     let mut writer = csv::WriterBuilder::new()
         .delimiter(delimiter)
+        .quote_style(quote)
         .terminator(csv::Terminator::Any(b'\n'))
         .from_writer(Vec::new());
     let _ = writer.write_record(row);
@@ -460,6 +475,20 @@ mod tests {
             .bind(Some(&csv::StringRecord::from(vec!["流水号", "商户"])))
             .expect_err("columns missing");
         assert!(error.to_string().contains("时间"), "{error}");
+    }
+
+    #[test]
+    fn a_first_cell_starting_with_a_byte_order_mark_reads_back() {
+        let row = csv::StringRecord::from(vec!["\u{feff} 23:59", "1"]);
+        let payload = row_as_csv(&row, b';');
+        let back = csv::ReaderBuilder::new()
+            .delimiter(b';')
+            .has_headers(false)
+            .from_reader(payload.as_slice())
+            .records()
+            .next()
+            .and_then(std::result::Result::ok);
+        assert_eq!(back, Some(row));
     }
 
     #[test]
