@@ -68,11 +68,17 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// A rejection whose explanation has every card-like digit run masked: it quotes the
+    /// offending value, and a value may hold a card number that its field's own check
+    /// lets pass (an identifier only *containing* one), while dead letters keep the
+    /// explanation beside their masked payload.
     fn new(reason: ReasonCode, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
-        }
+        let detail = detail.into();
+        let detail = match card::mask_card_numbers(detail.as_bytes()) {
+            std::borrow::Cow::Borrowed(_) => detail,
+            std::borrow::Cow::Owned(masked) => String::from_utf8_lossy(&masked).into_owned(),
+        };
+        Self { reason, detail }
     }
 }
 
@@ -591,6 +597,24 @@ fn validate<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer (fuzz/README.md): a value that only contains a card number
+    /// passes its field's check, and a rejection for another reason quoted it unmasked.
+    #[test]
+    fn a_rejection_never_quotes_a_card_number() {
+        let message = br#"{"event_id":"e1","operator_id":"silverfish-lane","merchant_id":"m001",
+            "kind":"sale","amount_fen":1250,"currency":"CNY","channel":"wechat",
+            "occurred_at":"x 4111 1111 1111 1111 y"}"#;
+        let rejection =
+            decode(message, Utc::now(), &DecodeOptions::default()).expect_err("not a timestamp");
+        assert_eq!(rejection.reason, ReasonCode::Invalid(Field::OccurredAt));
+        assert!(
+            !card::contains_card_number(&rejection.detail),
+            "{}",
+            rejection.detail
+        );
+        assert!(rejection.detail.contains("1111 y"), "{}", rejection.detail);
+    }
 
     #[test]
     fn operator_hint_reads_valid_operators_only() {
