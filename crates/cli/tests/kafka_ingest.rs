@@ -552,3 +552,88 @@ fn a_topic_recreated_under_its_name_is_refused_not_skipped() {
         lines
     );
 }
+
+/// Review of issue 20's end check: the fetch-path probe answers each partition on its
+/// own (records follow, the end is reached, or it cannot tell) with one consumer, and
+/// never reads an offset past a partition's end, or a broker that does not answer, as
+/// "no record follows".
+#[test]
+fn the_end_probe_tells_records_from_ends_and_never_guesses() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use streetflow_ingest::end_probe::{ProbeAnswer, probe_ends};
+
+    let topic = unique("probe");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for outcome in runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
+        .unwrap()
+    {
+        outcome.unwrap();
+    }
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    for (partition, records) in [(0, 5), (2, 3)] {
+        for i in 0..records {
+            producer
+                .send(
+                    BaseRecord::<str, str>::to(&topic)
+                        .partition(partition)
+                        .payload(&format!("{{\"n\":{i}}}")),
+                )
+                .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", broker())
+        .set("group.id", unique("probe-group"));
+    let answers = probe_ends(
+        &base,
+        &topic,
+        &[(0, 2), (1, 0), (2, 3)],
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        answers,
+        BTreeMap::from([
+            (0, ProbeAnswer::RecordsFollow),
+            (1, ProbeAnswer::EndReached),
+            (2, ProbeAnswer::EndReached),
+        ])
+    );
+    // The lake ahead of the partition (a recreated topic): the partition is shorter.
+    let past_end = probe_ends(&base, &topic, &[(0, 50), (2, 4)], Duration::from_secs(10));
+    assert_eq!(
+        past_end,
+        BTreeMap::from([
+            (0, ProbeAnswer::PastEnd { end: 5 }),
+            (2, ProbeAnswer::PastEnd { end: 3 }),
+        ])
+    );
+    // A broker that does not answer: not "stored" either, and within the time.
+    let mut nowhere = base.clone();
+    nowhere.set("bootstrap.servers", "127.0.0.1:9");
+    let started = std::time::Instant::now();
+    let silent = probe_ends(&nowhere, &topic, &[(0, 0), (1, 0)], Duration::from_secs(2));
+    assert!(
+        silent
+            .values()
+            .all(|a| matches!(a, ProbeAnswer::Unknown(_)))
+            && silent.len() == 2,
+        "{silent:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

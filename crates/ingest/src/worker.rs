@@ -195,13 +195,18 @@ fn check_offsets_continue(topic: &str, partition: i32, stored: i64, high: i64) -
         );
         return Ok(());
     }
-    Err(Error::Config(format!(
-        "partition {partition} of topic {topic:?} ends at offset {high}, but the lake already \
+    Err(recreated(topic, partition, high, stored))
+}
+
+/// The refusal for a partition that ends before the offsets the lake holds.
+fn recreated(topic: &str, partition: i32, end: i64, stored: i64) -> Error {
+    Error::Config(format!(
+        "partition {partition} of topic {topic:?} ends at offset {end}, but the lake already \
          holds its offsets up to {stored}: the topic was recreated or failed over to a cluster \
          with other offsets, and reading it after offset {stored} would skip its records. Give \
          it a pipeline name of its own ([pipeline] name in the pipeline file) to read it from \
          its start"
-    )))
+    ))
 }
 
 /// librdkafka callbacks: assignments start where the lake says, and lag is exported.
@@ -294,8 +299,10 @@ impl IngestContext {
     /// A partition's queried end fell far short of the offsets the lake holds: before
     /// calling it recreated, ask through the fetch path whether it holds the last stored
     /// offset (or later). A broker whose ListOffsets answers too low serves it, and the
-    /// worker goes on; a recreated partition does not, and `refusal` stands (also when the
-    /// broker does not say: refusing is loud, starting would skip records silently).
+    /// worker goes on; a partition that ends before it is recreated, and `refusal`
+    /// stands. When the broker does not say, the worker stops with an error that says
+    /// so (to be run again), never with the "recreated" advice: acting on that advice
+    /// reads the topic again from its start.
     fn confirm_shorter(
         &self,
         partition: i32,
@@ -303,14 +310,17 @@ impl IngestContext {
         high: i64,
         refusal: Error,
     ) -> Result<()> {
-        match crate::end_probe::holds_records_from(
+        use crate::end_probe::{ProbeAnswer, probe_ends};
+        let answer = probe_ends(
             &self.probe_config,
             &self.topic,
-            partition,
-            stored,
+            &[(partition, stored)],
             Duration::from_secs(10),
-        ) {
-            Some(true) => {
+        )
+        .remove(&partition)
+        .unwrap_or_else(|| ProbeAnswer::Unknown("no answer".into()));
+        match answer {
+            ProbeAnswer::RecordsFollow => {
                 tracing::warn!(
                     partition,
                     stored,
@@ -319,7 +329,14 @@ impl IngestContext {
                 );
                 Ok(())
             }
-            _ => Err(refusal),
+            ProbeAnswer::EndReached | ProbeAnswer::PastEnd { .. } => Err(refusal),
+            ProbeAnswer::Unknown(why) => Err(Error::Unconfirmed(format!(
+                "partition {partition} of topic {}: the broker's end {high} lies below offset {stored}, \
+                 which the lake holds, and a fetch could not confirm whether the partition holds \
+                 it ({why}); nothing was read. Check the broker and run again; if the topic was \
+                 really recreated, the next run says so",
+                self.topic
+            ))),
         }
     }
 }
@@ -946,7 +963,11 @@ impl State {
         state.at_end = false;
         state.heard_at = Some(Instant::now());
         if let Some((expected, _)) = state.expect_first.take() {
-            if offset > expected {
+            // Later than asked: records skipped (or offsets without records). Earlier than
+            // asked: the broker moved the position back, as `auto.offset.reset` does when
+            // the asked offset is out of range, such as in a topic recreated under the
+            // worker; taken as replays, its records would be dropped.
+            if offset != expected {
                 // Not processed: the worker re-positions the partition and reads it again.
                 gaps.push(Gap {
                     partition,
@@ -1155,12 +1176,81 @@ impl Worker {
         Ok(())
     }
 
+    /// The first record of `partition` came at `found`, before the `expected` offset the
+    /// worker positioned it at. When the partition holds the record before `expected`
+    /// (the lake's last), the move back was a passing one: the partition is positioned
+    /// again (`true`). When it ends before, the partition is shorter than the lake (a
+    /// topic recreated under a running worker) and the worker stops, as it does at an
+    /// assignment. `false`: the broker did not say.
+    fn position_moved_back(
+        &mut self,
+        partition: i32,
+        expected: i64,
+        found: Option<i64>,
+    ) -> Result<bool> {
+        use crate::end_probe::{ProbeAnswer, probe_ends};
+        let last_stored = expected - 1;
+        let answer = probe_ends(
+            &self.consumer.context().probe_config,
+            &self.state.topic,
+            &[(partition, last_stored)],
+            Duration::from_secs(10),
+        )
+        .remove(&partition);
+        match answer {
+            Some(ProbeAnswer::RecordsFollow) => {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    ?found,
+                    "the broker moved the partition's position back; positioning it again"
+                );
+                if let Some(state) = self.state.partitions.get_mut(&partition) {
+                    state.expect_first = Some((expected, Instant::now()));
+                    state.at_end = false;
+                    state.next = Some(expected);
+                    self.consumer
+                        .seek(
+                            &self.state.topic,
+                            partition,
+                            Offset::Offset(expected),
+                            Duration::from_secs(10),
+                        )
+                        .map_err(Error::kafka(format!(
+                            "seek partition {partition} to {expected}"
+                        )))?;
+                }
+                Ok(true)
+            }
+            Some(ProbeAnswer::EndReached) => Err(recreated(
+                &self.state.topic,
+                partition,
+                last_stored,
+                last_stored,
+            )),
+            Some(ProbeAnswer::PastEnd { end }) => {
+                Err(recreated(&self.state.topic, partition, end, last_stored))
+            }
+            _ => {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    ?found,
+                    "the broker moved the partition's position back and does not say whether it \
+                     holds the lake's offsets; asking again"
+                );
+                Ok(false)
+            }
+        }
+    }
+
     /// A partition's first record after positioning came later than asked, or never
-    /// came. If the broker still holds the missing records (its low watermark is not
-    /// past them) it skipped them: Tansu 0.6 answers a fetch that starts inside a record
-    /// batch with the next batch, or with nothing inside the last one. Re-read the
-    /// partition from its start once; the lake offsets make the re-read write nothing
-    /// twice. If the records are gone (retention), say so loudly and go on after them.
+    /// came (earlier: see [`Worker::position_moved_back`]). If the broker still holds
+    /// the missing records (its low watermark is not past them) it skipped them: Tansu
+    /// 0.6 answers a fetch that starts inside a record batch with the next batch, or with
+    /// nothing inside the last one. Re-read the partition from its start once; the lake
+    /// offsets make the re-read write nothing twice. If the records are gone
+    /// (retention), say so loudly and go on after them.
     fn handle_gaps(&mut self) -> Result<()> {
         let mut gaps = std::mem::take(&mut self.state.gaps).into_iter();
         while let Some(gap) = gaps.next() {
@@ -1179,6 +1269,15 @@ impl Worker {
                 self.state.gaps.extend(gaps);
                 return Ok(());
             };
+            if found.is_some_and(|found| found < expected) {
+                if self.position_moved_back(partition, expected, found)? {
+                    continue;
+                }
+                // The broker did not say whether it holds the asked offset: ask again.
+                self.state.gaps.push(gap);
+                self.state.gaps.extend(gaps);
+                return Ok(());
+            }
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
             };
@@ -1351,33 +1450,65 @@ impl Worker {
         {
             return false;
         }
-        for p in lag.partitions.iter().filter(|p| !p.read_here) {
-            let from = p.stored.map_or(p.low, |last| (last + 1).max(p.low));
-            let answer = crate::end_probe::holds_records_from(
-                &self.consumer.context().probe_config,
-                &self.state.topic,
-                p.partition,
-                from,
-                Duration::from_secs(10),
-            );
-            if answer != Some(false) {
-                if answer.is_some() {
-                    if p.waiting() == 0 {
+        use crate::end_probe::{ProbeAnswer, probe_ends};
+        let unread: Vec<(i32, i64)> = lag
+            .partitions
+            .iter()
+            .filter(|p| !p.read_here)
+            .map(|p| {
+                (
+                    p.partition,
+                    p.stored.map_or(p.low, |last| (last + 1).max(p.low)),
+                )
+            })
+            .collect();
+        let answers = probe_ends(
+            &self.consumer.context().probe_config,
+            &self.state.topic,
+            &unread,
+            Duration::from_secs(10),
+        );
+        let mut stored = true;
+        for (partition, from) in unread {
+            match answers.get(&partition) {
+                Some(ProbeAnswer::EndReached) => {
+                    // What the probe sees now replaces what an earlier probe saw.
+                    self.record_seen_at.remove(&partition);
+                }
+                Some(ProbeAnswer::RecordsFollow) => {
+                    let queried_none = lag
+                        .partitions
+                        .iter()
+                        .any(|p| p.partition == partition && p.waiting() == 0);
+                    if queried_none {
                         tracing::warn!(
-                            partition = p.partition,
+                            partition,
                             from,
-                            queried_end = p.end,
                             "records follow the lake's offsets although the broker's queried end says none do; waiting for them"
                         );
                     }
                     // From now on the lag counts them (and the stall watch sees them).
-                    self.record_seen_at.insert(p.partition, from);
+                    self.record_seen_at.insert(partition, from);
+                    stored = false;
                 }
-                self.records_follow_at = Some(Instant::now());
-                return false;
+                unknown => {
+                    tracing::warn!(
+                        partition,
+                        from,
+                        why = ?unknown,
+                        "cannot confirm that the lake holds the partition's end; counting it as waiting"
+                    );
+                    // Waiting, so a batch run that never learns fails after its stall
+                    // timeout instead of probing forever.
+                    self.record_seen_at.insert(partition, from);
+                    stored = false;
+                }
             }
         }
-        true
+        if !stored {
+            self.records_follow_at = Some(Instant::now());
+        }
+        stored
     }
 
     /// Acts on a look at the topic while this worker reads none of its waiting records:
