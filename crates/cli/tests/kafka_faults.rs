@@ -267,3 +267,146 @@ fn a_broker_killed_and_restarted_twice_mid_ingest_loses_and_doubles_nothing() {
     );
     assert_each_record_stored_once(&lake, &summary);
 }
+
+/// A small tmpfs for a test's lake, unmounted when the test ends, passed or failed.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, kib: u64) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(path)
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "mounting a {kib} KiB tmpfs at {} failed: this test needs root (CI runs as root)",
+            path.display()
+        );
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    fn grow(&self, kib: u64) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "growing the tmpfs failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Issue 20, object-store faults on a local lake: the disk fills up mid-ingest. The
+/// worker stops with an error that says so (never hangs, never commits part of a flush);
+/// once there is room again, a restart resumes, and bronze, dead letters and silver equal
+/// those of an uninterrupted run.
+#[test]
+fn a_local_lake_whose_disk_fills_up_stops_clearly_and_resumes_exactly_once() {
+    let (_guard, dir) = workdir();
+    let summary = generate(
+        &dir,
+        &[
+            "--merchants",
+            "6",
+            "--days",
+            "12",
+            "--seed",
+            "74",
+            "--duplicate-rate",
+            "0.02",
+            "--late-rate",
+            "0.02",
+            "--malformed-rate",
+            "0.005",
+        ],
+    );
+    let topic = unique("diskfull");
+    produce(&dir, &topic, 4);
+    // Short sessions: a worker that failed leaves no member behind for long.
+    let config = dir.join("short-sessions.toml");
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
+    )
+    .unwrap();
+    let worker_args = |group: &str, lake: &Path| {
+        let mut args = ingest_args_with_silver(&topic, group, lake);
+        args.extend(["--max-records", "400", "--exit-at-end", "--config"].map(str::to_owned));
+        args.push(config.display().to_string());
+        args
+    };
+    let reference = dir.join("reference");
+    let (status, _, log) = Worker::start(&dir, &worker_args(&unique("ref"), &reference), &[])
+        .wait_with_output(Duration::from_secs(300));
+    assert!(status.success(), "the uninterrupted run failed:\n{log}");
+    let du = Command::new("du")
+        .arg("-sk")
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let reference_kib: u64 = String::from_utf8(du.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // A disk that holds about half of the finished lake.
+    let disk = SmallDisk::mount(&dir.join("disk"), (reference_kib / 2).max(64));
+    let lake = disk.path.join("lake");
+    let group = unique("full");
+    let (status, _, log) = Worker::start(&dir, &worker_args(&group, &lake), &[])
+        .wait_with_output(Duration::from_secs(300));
+    assert!(
+        !status.success(),
+        "a worker on a full disk reported success"
+    );
+    assert!(
+        log.contains("No space left on device"),
+        "the worker's error does not say the disk is full:\n{log}"
+    );
+    let stored_when_full = stored(&lake);
+    assert!(
+        stored_when_full < summary["lines"].as_i64().unwrap(),
+        "the disk filled only after everything was stored"
+    );
+
+    disk.grow(reference_kib * 8);
+    let (status, _, log) = Worker::start(&dir, &worker_args(&group, &lake), &[])
+        .wait_with_output(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "the worker did not resume once the disk had room:\n{log}"
+    );
+    assert_each_record_stored_once(&lake, &summary);
+    for query in [
+        "SELECT kafka_partition, kafka_offset, event_id, merchant_id, kind, amount_fen FROM pos_events ORDER BY 1, 2",
+        "SELECT kafka_partition, kafka_offset, reason FROM dead_letters ORDER BY 1, 2",
+    ] {
+        assert_eq!(
+            sql_table(&lake, query),
+            sql_table(&reference, query),
+            "{query}"
+        );
+    }
+    assert_eq!(
+        silver_as_truth(&dir, &lake),
+        silver_as_truth(&dir, &reference)
+    );
+    eprintln!(
+        "disk of {} KiB filled with {stored_when_full} of {} records stored; resumed exactly once",
+        (reference_kib / 2).max(64),
+        summary["lines"]
+    );
+}
