@@ -1352,6 +1352,13 @@ impl Worker {
             if let Some(state) = self.state.partitions.get_mut(&partition) {
                 state.at_end = false;
                 state.next = Some(restart);
+                // A re-read from before the asked offset is the worker's own move back:
+                // its first records are replays, not a position the broker moved back
+                // (taken for that, the partition was positioned at the skipping offset
+                // again, and the records after it were given up as lost).
+                if restart < expected {
+                    state.expect_first = None;
+                }
             }
         }
         Ok(())
