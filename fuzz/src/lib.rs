@@ -401,6 +401,21 @@ fn token_around(input: &[u8], at: usize) -> (usize, usize) {
     (start, end)
 }
 
+/// The long runs' execution count and seed: `STREETFLOW_FUZZ_EXECUTIONS` (10 M unless
+/// set) and `STREETFLOW_FUZZ_SEED` (20261203 unless set).
+pub fn long_run_settings() -> (u64, u64) {
+    let read = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    (
+        read("STREETFLOW_FUZZ_EXECUTIONS", 10_000_000),
+        read("STREETFLOW_FUZZ_SEED", 20_261_203),
+    )
+}
+
 /// Runs `check` over `executions` mutated inputs of `target`'s corpus; returns the
 /// executions per second. A panic names the seed and execution to replay.
 pub fn run_mutation<T>(
@@ -475,14 +490,7 @@ mod tests {
     #[test]
     #[ignore = "minutes in a release build; see fuzz/README.md"]
     fn long_mutation_runs_find_nothing() {
-        let executions = std::env::var("STREETFLOW_FUZZ_EXECUTIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10_000_000);
-        let seed = std::env::var("STREETFLOW_FUZZ_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_261_203);
+        let (executions, seed) = super::long_run_settings();
         for (target, rate) in [
             (
                 "decode",

@@ -449,14 +449,7 @@ fn mutated_policies_are_parsed_or_refused_with_every_problem_located() {
 #[ignore = "long; see fuzz/README.md"]
 fn long_policy_mutation_run_finds_nothing() {
     let runtime = fuzz_runtime();
-    let executions = std::env::var("STREETFLOW_FUZZ_EXECUTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000_000);
-    let seed = std::env::var("STREETFLOW_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_261_203);
+    let (executions, seed) = streetflow_fuzz::long_run_settings();
     let rate = streetflow_fuzz::run_mutation("policy", seed, executions, |data| {
         check_policy(&runtime, data)
     });
