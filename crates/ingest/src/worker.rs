@@ -157,7 +157,8 @@ impl Sink {
 enum RebalanceEvent {
     Assigned(Vec<(i32, Bases)>),
     Revoked,
-    Failed(String),
+    /// The assignment could not start; the worker stops with this error.
+    Failed(Error),
 }
 
 /// The number a topic's offsets are recorded under in the lake: a 63-bit digest of its
@@ -259,19 +260,25 @@ impl IngestContext {
             let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
             self.handle.block_on(sink.bases(&partitions))?
         };
+        // A partition that ends before the offsets the lake holds is not the one they
+        // were read from (a topic recreated under the same name, a failover to a cluster
+        // with lower offsets): starting there would skip all of it. (A broker that does
+        // not answer now is no evidence: the gap checks after positioning still see
+        // where the partition's records start.)
+        let mut shorter = Vec::new();
         for (&p, base) in partitions.iter().zip(&bases) {
-            // A partition that ends before the offsets the lake holds is not the one they
-            // were read from (a topic recreated under the same name, a failover to a
-            // cluster with lower offsets): starting there would skip all of it.
-            // (A broker that does not answer now is no evidence: the gap checks after
-            // positioning still see where the partition's records start.)
             if let Some(stored) = base.events.max(base.dead_letters) {
                 // Raised to the end this worker's own fetches saw: a broker whose
                 // ListOffsets answers too low (Tansu on S3) must not look recreated.
                 match watermarks(consumer, &self.topic, p, Duration::from_secs(3)) {
                     Ok((_, high)) => {
                         if let Err(refusal) = check_offsets_continue(&self.topic, p, stored, high) {
-                            self.confirm_shorter(p, stored, high, refusal)?;
+                            shorter.push(Shorter {
+                                partition: p,
+                                stored,
+                                high,
+                                refusal,
+                            });
                         }
                     }
                     Err(error) => tracing::warn!(
@@ -287,6 +294,7 @@ impl IngestContext {
             tpl.set_partition_offset(&self.topic, p, start)
                 .map_err(Error::kafka(format!("set start offset of partition {p}")))?;
         }
+        self.confirm_shorter(shorter)?;
         consumer
             .assign(tpl)
             .map_err(Error::kafka("assign partitions"))?;
@@ -295,49 +303,70 @@ impl IngestContext {
     }
 }
 
+/// A partition whose queried end fell far short of the offsets the lake holds.
+struct Shorter {
+    partition: i32,
+    stored: i64,
+    high: i64,
+    refusal: Error,
+}
+
 impl IngestContext {
-    /// A partition's queried end fell far short of the offsets the lake holds: before
-    /// calling it recreated, ask through the fetch path whether it holds the last stored
-    /// offset (or later). A broker whose ListOffsets answers too low serves it, and the
-    /// worker goes on; a partition that ends before it is recreated, and `refusal`
-    /// stands. When the broker does not say, the worker stops with an error that says
-    /// so (to be run again), never with the "recreated" advice: acting on that advice
-    /// reads the topic again from its start.
-    fn confirm_shorter(
-        &self,
-        partition: i32,
-        stored: i64,
-        high: i64,
-        refusal: Error,
-    ) -> Result<()> {
+    /// Partitions whose queried end fell far short of the offsets the lake holds: before
+    /// calling one recreated, ask through the fetch path whether it holds the last stored
+    /// offset (or later), all in one probe (this runs inside the rebalance callback). A
+    /// broker whose ListOffsets answers too low serves it, and the worker goes on; a
+    /// partition that ends before it is recreated, and its refusal stands. When the
+    /// broker does not say, the worker stops with an error that says so (to be run
+    /// again), never with the "recreated" advice: acting on that advice reads the topic
+    /// again from its start.
+    fn confirm_shorter(&self, shorter: Vec<Shorter>) -> Result<()> {
         use crate::end_probe::{ProbeAnswer, probe_ends};
-        let answer = probe_ends(
+        if shorter.is_empty() {
+            return Ok(());
+        }
+        let asked: Vec<(i32, i64)> = shorter.iter().map(|s| (s.partition, s.stored)).collect();
+        let mut answers = probe_ends(
             &self.probe_config,
             &self.topic,
-            &[(partition, stored)],
+            &asked,
             Duration::from_secs(10),
-        )
-        .remove(&partition)
-        .unwrap_or_else(|| ProbeAnswer::Unknown("no answer".into()));
-        match answer {
-            ProbeAnswer::RecordsFollow => {
-                tracing::warn!(
+        );
+        let mut unconfirmed = Vec::new();
+        for Shorter {
+            partition,
+            stored,
+            high,
+            refusal,
+        } in shorter
+        {
+            match answers
+                .remove(&partition)
+                .unwrap_or_else(|| ProbeAnswer::Unknown("no answer".into()))
+            {
+                ProbeAnswer::RecordsFollow => tracing::warn!(
                     partition,
                     stored,
                     queried_end = high,
                     "the broker's ListOffsets answer lies below offsets it serves; going on"
-                );
-                Ok(())
+                ),
+                ProbeAnswer::EndReached | ProbeAnswer::PastEnd { .. } => return Err(refusal),
+                ProbeAnswer::Unknown(why) => unconfirmed.push(format!(
+                    "partition {partition}: the broker's end {high} lies below offset {stored}, \
+                     which the lake holds, and a fetch could not confirm whether the partition \
+                     holds it ({why})"
+                )),
             }
-            ProbeAnswer::EndReached | ProbeAnswer::PastEnd { .. } => Err(refusal),
-            ProbeAnswer::Unknown(why) => Err(Error::Unconfirmed(format!(
-                "partition {partition} of topic {}: the broker's end {high} lies below offset {stored}, \
-                 which the lake holds, and a fetch could not confirm whether the partition holds \
-                 it ({why}); nothing was read. Check the broker and run again; if the topic was \
-                 really recreated, the next run says so",
-                self.topic
-            ))),
         }
+        if unconfirmed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Unconfirmed(format!(
+            "topic {}: {}; nothing was read. Check the broker and run again; if the topic was \
+             really recreated, the next run says so",
+            self.topic,
+            unconfirmed.join("; ")
+        )))
     }
 }
 
@@ -400,7 +429,7 @@ impl ConsumerContext for IngestContext {
                     Err(error) => {
                         tracing::error!(%error, "cannot start the assigned partitions");
                         let _ = consumer.unassign();
-                        self.push(RebalanceEvent::Failed(error.to_string()));
+                        self.push(RebalanceEvent::Failed(error));
                     }
                 }
             }
@@ -471,6 +500,14 @@ impl PartitionState {
     }
 }
 
+/// What [`Worker::position_moved_back`] did.
+enum MovedBack {
+    /// The partition holds the lake's last offset and is positioned after it again.
+    Repositioned,
+    /// The broker did not say whether it holds it; why, in words.
+    Unanswered(String),
+}
+
 /// After positioning, the first record came later than the offset asked for (`found`),
 /// or none came although the partition holds more (`found: None`).
 #[derive(Debug, Clone, Copy)]
@@ -478,6 +515,8 @@ struct Gap {
     partition: i32,
     expected: i64,
     found: Option<i64>,
+    /// Not before then: the broker did not answer the last question about it.
+    retry_at: Option<Instant>,
 }
 
 /// A partition's low and high watermarks: the broker's answer to a query (ListOffsets),
@@ -500,6 +539,9 @@ fn watermarks(
 /// How long a batch worker waits before it probes the partitions of others again after
 /// a probe found records after the lake's offsets ([`Worker::topic_stored`]).
 const PROBE_AGAIN_AFTER: Duration = Duration::from_secs(5);
+
+/// How long the gap checks wait after the broker did not answer one of their questions.
+const GAPS_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a positioned partition may stay silent while holding records.
 const SILENT_PARTITION: Duration = Duration::from_secs(3);
@@ -564,6 +606,9 @@ struct Worker {
     last_rejoin: Option<Instant>,
     /// When [`Worker::topic_stored`] last found records after the lake's offsets.
     records_follow_at: Option<Instant>,
+    /// Per partition, whether the fetch path answers [`Worker::position_moved_back`]'s
+    /// probe (apart from `broker`, which every successful query resets).
+    moved_back_probe: BTreeMap<i32, BrokerWatch>,
     /// Per partition, an offset [`Worker::topic_stored`] found a record at: the
     /// partition's end is past it whatever a queried end says.
     record_seen_at: BTreeMap<i32, i64>,
@@ -582,7 +627,7 @@ struct State {
     partitions: BTreeMap<i32, PartitionState>,
     buffer: Buffer,
     report: IngestReport,
-    failed: Option<String>,
+    failed: Option<Error>,
     ever_assigned: bool,
     /// Assignments received so far.
     assignments: u64,
@@ -735,6 +780,7 @@ pub fn run_worker(
         broker: BrokerWatch::default(),
         last_rejoin: None,
         records_follow_at: None,
+        moved_back_probe: BTreeMap::new(),
         record_seen_at: BTreeMap::new(),
         state: State {
             topic: config.kafka.topic.clone(),
@@ -778,10 +824,10 @@ impl Worker {
             let polled = self.consumer.poll(Duration::from_millis(100));
             self.state
                 .apply_rebalances(self.consumer.context().take_events());
-            if let Some(reason) = self.state.failed.take() {
-                return Err(Error::Config(format!(
-                    "partition assignment failed: {reason}"
-                )));
+            if let Some(error) = self.state.failed.take() {
+                // As it is: a refusal stays a refusal, a broker that did not say stays
+                // retryable.
+                return Err(error);
             }
             let idle = match polled {
                 None => true,
@@ -843,7 +889,7 @@ impl Worker {
                         let Some(lag) = self.broker_may_be_away(answer)? else {
                             continue;
                         };
-                        if self.topic_stored(&lag) {
+                        if self.topic_stored(&lag)? {
                             tracing::info!(
                                 "no partitions assigned and every partition of the topic is in the lake"
                             );
@@ -861,7 +907,7 @@ impl Worker {
                         let Some(lag) = self.broker_may_be_away(answer)? else {
                             continue;
                         };
-                        if self.topic_stored(&lag) {
+                        if self.topic_stored(&lag)? {
                             tracing::info!("every partition of the topic is in the lake");
                             break;
                         }
@@ -914,6 +960,9 @@ impl State {
                         "assignment applied"
                     );
                     self.report.dropped_on_rebalance += self.buffer.clear() as u64;
+                    // Gaps were found under the old positions; the new ones start where
+                    // the lake says.
+                    self.gaps.clear();
                     self.partitions = assigned
                         .into_iter()
                         .map(|(p, bases)| (p, PartitionState::starting_at(bases)))
@@ -925,6 +974,7 @@ impl State {
                     tracing::debug!(buffered = self.buffer.records, "revocation applied");
                     self.report.dropped_on_rebalance += self.buffer.clear() as u64;
                     self.discard_staged();
+                    self.gaps.clear();
                     self.partitions.clear();
                 }
                 RebalanceEvent::Failed(reason) => self.failed = Some(reason),
@@ -962,6 +1012,12 @@ impl State {
         };
         state.at_end = false;
         state.heard_at = Some(Instant::now());
+        if gaps.iter().any(|gap| gap.partition == partition) {
+            // The partition is positioned again once its gap is handled: records read
+            // on from the wrong position would move the lake's offsets past the ones
+            // skipped, and the re-read would take those for replays.
+            return;
+        }
         if let Some((expected, _)) = state.expect_first.take() {
             // Later than asked: records skipped (or offsets without records). Earlier than
             // asked: the broker moved the position back, as `auto.offset.reset` does when
@@ -973,6 +1029,7 @@ impl State {
                     partition,
                     expected,
                     found: Some(offset),
+                    retry_at: None,
                 });
                 return;
             }
@@ -1167,6 +1224,7 @@ impl Worker {
                     partition,
                     expected,
                     found: None,
+                    retry_at: None,
                 });
             } else {
                 // Nothing to read yet: keep watching from now.
@@ -1179,15 +1237,15 @@ impl Worker {
     /// The first record of `partition` came at `found`, before the `expected` offset the
     /// worker positioned it at. When the partition holds the record before `expected`
     /// (the lake's last), the move back was a passing one: the partition is positioned
-    /// again (`true`). When it ends before, the partition is shorter than the lake (a
-    /// topic recreated under a running worker) and the worker stops, as it does at an
-    /// assignment. `false`: the broker did not say.
+    /// again. When it ends before, the partition is shorter than the lake (a topic
+    /// recreated under a running worker) and the worker stops, as it does at an
+    /// assignment.
     fn position_moved_back(
         &mut self,
         partition: i32,
         expected: i64,
         found: Option<i64>,
-    ) -> Result<bool> {
+    ) -> Result<MovedBack> {
         use crate::end_probe::{ProbeAnswer, probe_ends};
         let last_stored = expected - 1;
         let answer = probe_ends(
@@ -1220,7 +1278,7 @@ impl Worker {
                             "seek partition {partition} to {expected}"
                         )))?;
                 }
-                Ok(true)
+                Ok(MovedBack::Repositioned)
             }
             Some(ProbeAnswer::EndReached) => Err(recreated(
                 &self.state.topic,
@@ -1231,16 +1289,15 @@ impl Worker {
             Some(ProbeAnswer::PastEnd { end }) => {
                 Err(recreated(&self.state.topic, partition, end, last_stored))
             }
-            _ => {
-                tracing::warn!(
-                    partition,
-                    expected,
-                    ?found,
-                    "the broker moved the partition's position back and does not say whether it \
-                     holds the lake's offsets; asking again"
-                );
-                Ok(false)
-            }
+            unknown => Ok(MovedBack::Unanswered(format!(
+                "the broker moved partition {partition}'s position back (first record at \
+                 {found:?}, asked {expected}) and does not say whether it holds the lake's \
+                 offset {last_stored} ({})",
+                match unknown {
+                    Some(ProbeAnswer::Unknown(why)) => why,
+                    _ => "no answer".to_owned(),
+                }
+            ))),
         }
     }
 
@@ -1252,31 +1309,55 @@ impl Worker {
     /// offsets make the re-read write nothing twice. If the records are gone
     /// (retention), say so loudly and go on after them.
     fn handle_gaps(&mut self) -> Result<()> {
-        let mut gaps = std::mem::take(&mut self.state.gaps).into_iter();
+        // A gap the broker did not answer about waits a while (each question blocks the
+        // poll loop for up to its timeout); its partition's records are not processed
+        // meanwhile (`State::on_message`).
+        let now = Instant::now();
+        let (waiting, due): (Vec<Gap>, Vec<Gap>) = std::mem::take(&mut self.state.gaps)
+            .into_iter()
+            .partition(|gap| gap.retry_at.is_some_and(|at| now < at));
+        self.state.gaps = waiting;
+        let mut gaps = due.into_iter();
         while let Some(gap) = gaps.next() {
             let Gap {
                 partition,
                 expected,
                 found,
+                ..
             } = gap;
+            let retry_later = Gap {
+                retry_at: Some(Instant::now() + GAPS_RETRY_AFTER),
+                ..gap
+            };
             let answer = self
                 .consumer
                 .fetch_watermarks(&self.state.topic, partition, Duration::from_secs(10))
                 .map_err(Error::kafka(format!("watermarks of partition {partition}")));
             let Some((low, _)) = self.broker_may_be_away(answer)? else {
                 // The broker does not answer (restarting?): the gaps wait for it.
-                self.state.gaps.push(gap);
-                self.state.gaps.extend(gaps);
+                self.state.gaps.push(retry_later);
+                self.state.gaps.extend(gaps.map(|gap| Gap {
+                    retry_at: retry_later.retry_at,
+                    ..gap
+                }));
                 return Ok(());
             };
             if found.is_some_and(|found| found < expected) {
-                if self.position_moved_back(partition, expected, found)? {
-                    continue;
+                let give_up = self.state.options.give_up_after();
+                match self.position_moved_back(partition, expected, found)? {
+                    MovedBack::Repositioned => {
+                        self.moved_back_probe.remove(&partition);
+                    }
+                    MovedBack::Unanswered(why) => {
+                        // Ask again later; a batch run gives up after its stall timeout.
+                        self.moved_back_probe
+                            .entry(partition)
+                            .or_default()
+                            .unanswered(&why, give_up)?;
+                        self.state.gaps.push(retry_later);
+                    }
                 }
-                // The broker did not say whether it holds the asked offset: ask again.
-                self.state.gaps.push(gap);
-                self.state.gaps.extend(gaps);
-                return Ok(());
+                continue;
             }
             let Some(state) = self.state.partitions.get_mut(&partition) else {
                 continue;
@@ -1442,20 +1523,21 @@ impl Worker {
     /// answer can be too low (Tansu on S3; a batch run then ended with records unread)
     /// or count offsets without records (transaction markers, which would make a batch
     /// run wait for records that never come). After records were found, the next probe
-    /// waits [`PROBE_AGAIN_AFTER`].
-    fn topic_stored(&mut self, lag: &TopicLag) -> bool {
+    /// waits [`PROBE_AGAIN_AFTER`]. A partition that ends before the lake's offsets is
+    /// refused as recreated, as at an assignment.
+    fn topic_stored(&mut self, lag: &TopicLag) -> Result<bool> {
         if lag
             .partitions
             .iter()
             .any(|p| p.read_here && p.waiting() > 0)
         {
-            return false;
+            return Ok(false);
         }
         if self
             .records_follow_at
             .is_some_and(|at| at.elapsed() < PROBE_AGAIN_AFTER)
         {
-            return false;
+            return Ok(false);
         }
         use crate::end_probe::{ProbeAnswer, probe_ends};
         let unread: Vec<(i32, i64)> = lag
@@ -1498,6 +1580,30 @@ impl Worker {
                     self.record_seen_at.insert(partition, from);
                     stored = false;
                 }
+                Some(ProbeAnswer::PastEnd { end }) => {
+                    // The partition ends before offsets the lake holds (the probe's
+                    // fetched end stood below them and the broker's queried end agreed):
+                    // far before, it is not the one they were read from, refused as at
+                    // an assignment. Within a batch of them, or with nothing stored, it
+                    // counts as waiting: a batch run then fails after its stall timeout.
+                    let lake_offset = lag
+                        .partitions
+                        .iter()
+                        .find(|p| p.partition == partition)
+                        .and_then(|p| p.stored);
+                    if let Some(last) = lake_offset {
+                        check_offsets_continue(&self.state.topic, partition, last, *end)?;
+                    }
+                    tracing::warn!(
+                        partition,
+                        from,
+                        end,
+                        ?lake_offset,
+                        "the partition ends before the lake's offsets; counting it as waiting"
+                    );
+                    self.record_seen_at.insert(partition, from);
+                    stored = false;
+                }
                 unknown => {
                     tracing::warn!(
                         partition,
@@ -1515,7 +1621,7 @@ impl Worker {
         if !stored {
             self.records_follow_at = Some(Instant::now());
         }
-        stored
+        Ok(stored)
     }
 
     /// Acts on a look at the topic while this worker reads none of its waiting records:
@@ -1601,6 +1707,10 @@ impl Worker {
     /// Whether every assigned partition has been read to its end (buffered records
     /// included: the caller flushes them next).
     fn caught_up(&mut self) -> Result<bool> {
+        // A partition with a gap to handle is positioned again first.
+        if !self.state.gaps.is_empty() {
+            return Ok(false);
+        }
         if self
             .state
             .partitions
@@ -1645,6 +1755,7 @@ impl Worker {
                     partition: p,
                     expected: next,
                     found: None,
+                    retry_at: None,
                 });
                 done = false;
                 continue;
@@ -2126,26 +2237,33 @@ impl BrokerWatch {
                 Ok(Some(value))
             }
             Err(error @ Error::Kafka { .. }) => {
-                let since = *self.away_since.get_or_insert_with(Instant::now);
-                if let Some(limit) = give_up
-                    && since.elapsed() >= limit
-                {
-                    return Err(Error::Stalled(format!(
-                        "the broker has not answered for {} s: {error}",
-                        since.elapsed().as_secs()
-                    )));
-                }
-                if self
-                    .last_warning
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                {
-                    self.last_warning = Some(Instant::now());
-                    tracing::warn!(%error, "the broker does not answer; trying again");
-                }
+                self.unanswered(&error, give_up)?;
                 Ok(None)
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// One more question the broker did not answer (`why`): logged at most every ten
+    /// seconds; an error once it has lasted `give_up`.
+    fn unanswered(&mut self, why: &dyn std::fmt::Display, give_up: Option<Duration>) -> Result<()> {
+        let since = *self.away_since.get_or_insert_with(Instant::now);
+        if let Some(limit) = give_up
+            && since.elapsed() >= limit
+        {
+            return Err(Error::Stalled(format!(
+                "the broker has not answered for {} s: {why}",
+                since.elapsed().as_secs()
+            )));
+        }
+        if self
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_warning = Some(Instant::now());
+            tracing::warn!(%why, "the broker does not answer; trying again");
+        }
+        Ok(())
     }
 }
 
