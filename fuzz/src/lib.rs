@@ -2,7 +2,8 @@
 //! input to a parser and asserts the contract's promise for it (no panic, and every input
 //! is accepted, or rejected with a stable reason and an explanation). The same checks
 //! run under AFL++ (`src/bin/afl_*.rs`), under [`Mutator`]'s structured mutation on
-//! stable Rust (`streetflow-fuzz` tests and credit's policy test), and over the corpus
+//! stable Rust (`streetflow-fuzz` tests and credit's policy test, which turns on the
+//! `policy` feature for [`check_policy`]), and over the corpus
 //! in `fuzz/corpus` in every `cargo test`.
 
 #![deny(unsafe_code)]
@@ -18,6 +19,11 @@ use streetflow_core::card::{contains_card_number, is_card_number};
 use streetflow_core::csv_mapping::{CsvMapping, row_as_csv};
 use streetflow_core::money::MAX_EVENT_AMOUNT_FEN;
 use streetflow_core::{DecodeOptions, EventKind, ReasonCode, decode};
+
+#[cfg(feature = "policy")]
+mod policy;
+#[cfg(feature = "policy")]
+pub use policy::{check_policy, policy_runtime};
 
 /// The receiving worker's clock for every check: fixed, so a run is reproducible.
 pub fn received_at() -> DateTime<Utc> {

@@ -375,72 +375,23 @@ async fn the_shipped_policies_check_and_name_their_features() {
     );
 }
 
-/// Parses one policy text and checks the parser's promise: a policy, or every problem
-/// with a location and a message; the same answer twice.
-fn check_policy(runtime: &tokio::runtime::Runtime, data: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return false;
-    };
-    let first = runtime.block_on(Policy::parse(text, "fuzz.toml"));
-    let again = runtime.block_on(Policy::parse(text, "fuzz.toml"));
-    match (&first, &again) {
-        (Ok(a), Ok(b)) => {
-            assert_eq!(
-                a.reason_codes(),
-                b.reason_codes(),
-                "parsing is not deterministic"
-            );
-            for (code, _) in a.reason_codes() {
-                assert!(
-                    !code.is_empty(),
-                    "an accepted policy has an empty reason code"
-                );
-            }
-            true
-        }
-        (Err(a), Err(b)) => {
-            assert!(!a.problems.is_empty(), "a policy refused without a problem");
-            assert_eq!(
-                a.problems.len(),
-                b.problems.len(),
-                "parsing is not deterministic"
-            );
-            for problem in &a.problems {
-                assert!(
-                    !problem.location.trim().is_empty() && !problem.message.trim().is_empty(),
-                    "a problem without a location or message: {problem:?}"
-                );
-            }
-            false
-        }
-        _ => panic!("the same text parsed once and was refused once"),
-    }
-}
-
-fn fuzz_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Issue 20, fuzzing: the policy parser under structured mutation of the shipped and
 /// broken policies (fuzz/corpus/policy). Every `cargo test` runs a short run.
 #[test]
 fn mutated_policies_are_parsed_or_refused_with_every_problem_located() {
-    let runtime = fuzz_runtime();
+    let runtime = streetflow_fuzz::policy_runtime();
     let corpus = streetflow_fuzz::corpus("policy");
     assert!(corpus.len() >= 3, "the policy corpus is missing");
     let accepted: usize = corpus
         .iter()
-        .map(|(_, bytes)| usize::from(check_policy(&runtime, bytes)))
+        .map(|(_, bytes)| usize::from(streetflow_fuzz::check_policy(&runtime, bytes)))
         .sum();
     assert_eq!(
         accepted, 2,
         "the shipped policies parse, the broken one does not"
     );
     streetflow_fuzz::run_mutation("policy", 20_261_203, 300, |data| {
-        check_policy(&runtime, data)
+        streetflow_fuzz::check_policy(&runtime, data)
     });
 }
 
@@ -448,10 +399,10 @@ fn mutated_policies_are_parsed_or_refused_with_every_problem_located() {
 #[test]
 #[ignore = "long; see fuzz/README.md"]
 fn long_policy_mutation_run_finds_nothing() {
-    let runtime = fuzz_runtime();
+    let runtime = streetflow_fuzz::policy_runtime();
     let (executions, seed) = streetflow_fuzz::long_run_settings();
     let rate = streetflow_fuzz::run_mutation("policy", seed, executions, |data| {
-        check_policy(&runtime, data)
+        streetflow_fuzz::check_policy(&runtime, data)
     });
     eprintln!("policy: {executions} executions, seed {seed}, {rate:.0}/s");
 }
