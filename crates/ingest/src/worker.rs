@@ -1263,20 +1263,8 @@ impl Worker {
                     ?found,
                     "the broker moved the partition's position back; positioning it again"
                 );
-                if let Some(state) = self.state.partitions.get_mut(&partition) {
-                    state.expect_first = Some((expected, Instant::now()));
-                    state.at_end = false;
-                    state.next = Some(expected);
-                    self.consumer
-                        .seek(
-                            &self.state.topic,
-                            partition,
-                            Offset::Offset(expected),
-                            Duration::from_secs(10),
-                        )
-                        .map_err(Error::kafka(format!(
-                            "seek partition {partition} to {expected}"
-                        )))?;
+                if self.state.partitions.contains_key(&partition) {
+                    self.reposition(partition, expected, true)?;
                 }
                 Ok(MovedBack::Repositioned)
             }
@@ -1373,19 +1361,7 @@ impl Worker {
                 && before >= low
             {
                 state.probing = Some((expected, found));
-                state.expect_first = Some((before, Instant::now()));
-                state.at_end = false;
-                state.next = Some(before);
-                self.consumer
-                    .seek(
-                        &self.state.topic,
-                        partition,
-                        Offset::Offset(before),
-                        Duration::from_secs(10),
-                    )
-                    .map_err(Error::kafka(format!(
-                        "seek partition {partition} to {before}"
-                    )))?;
+                self.reposition(partition, before, true)?;
                 continue;
             }
             // The probe's record did not come either: the broker skips records.
@@ -1419,28 +1395,34 @@ impl Worker {
                 self.state.report.records_lost_on_broker += lost as u64;
                 resume
             };
-            self.consumer
-                .seek(
-                    &self.state.topic,
-                    partition,
-                    Offset::Offset(restart),
-                    Duration::from_secs(10),
-                )
-                .map_err(Error::kafka(format!(
-                    "seek partition {partition} to {restart}"
-                )))?;
-            // Until the re-read passes the end again, the partition is not at its end.
-            if let Some(state) = self.state.partitions.get_mut(&partition) {
-                state.at_end = false;
-                state.next = Some(restart);
-                // A re-read from before the asked offset is the worker's own move back:
-                // its first records are replays, not a position the broker moved back
-                // (taken for that, the partition was positioned at the skipping offset
-                // again, and the records after it were given up as lost).
-                if restart < expected {
-                    state.expect_first = None;
-                }
-            }
+            // A re-read from before the asked offset is the worker's own move back: its
+            // first records are replays, not a position the broker moved back (taken for
+            // that, the partition was positioned at the skipping offset again, and the
+            // records after it were given up as lost). After records gone, the first one
+            // is awaited where the worker goes on.
+            self.reposition(partition, restart, restart >= expected)?;
+        }
+        Ok(())
+    }
+
+    /// Positions `partition` at `offset`. It is no longer at its end (until it reports
+    /// the end again), and with `watch_first` its first record must come exactly there
+    /// (else it is a gap again).
+    fn reposition(&mut self, partition: i32, offset: i64, watch_first: bool) -> Result<()> {
+        self.consumer
+            .seek(
+                &self.state.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(Error::kafka(format!(
+                "seek partition {partition} to {offset}"
+            )))?;
+        if let Some(state) = self.state.partitions.get_mut(&partition) {
+            state.at_end = false;
+            state.next = Some(offset);
+            state.expect_first = watch_first.then(|| (offset, Instant::now()));
         }
         Ok(())
     }
