@@ -26,7 +26,7 @@ impl std::fmt::Display for Damage {
     }
 }
 
-/// Data files checked at once (each check is two small reads).
+/// Data files checked at once (each check asks for the file's size, then reads its end).
 const CONCURRENT_FILE_CHECKS: usize = 16;
 
 /// The Parquet trailer: a 4-byte little-endian footer length, then `PAR1`.
@@ -166,6 +166,18 @@ async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>>
             });
         }
     }
+    if let Some(version) = newest_checkpoint {
+        let names: Vec<&str> = listed.iter().filter_map(|f| f.rsplit('/').next()).collect();
+        for missing in missing_checkpoint_parts(&names, version) {
+            damage.push(Damage {
+                file: format!("_delta_log/{missing}"),
+                problem: "missing: a part of the newest multi-part checkpoint, which is \
+                          incomplete without it (a reader that trusts it fails to load the \
+                          table)"
+                    .to_owned(),
+            });
+        }
+    }
     if listed
         .iter()
         .any(|f| f.ends_with("_delta_log/_last_checkpoint"))
@@ -185,6 +197,41 @@ async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>>
         }
     }
     Ok(damage)
+}
+
+/// The parts a multi-part checkpoint of `version` lacks, by file name: its parts are
+/// named `<version>.checkpoint.<part>.<parts>.parquet` (ten digits each), and a reader
+/// needs every one. Single-file and UUID-named checkpoints have no parts to miss.
+fn missing_checkpoint_parts(names: &[&str], version: u64) -> Vec<String> {
+    let prefix = format!("{version:020}.checkpoint.");
+    let mut parts_of: std::collections::BTreeMap<u32, std::collections::BTreeSet<u32>> =
+        std::collections::BTreeMap::new();
+    for name in names {
+        let Some(rest) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".parquet"))
+        else {
+            continue;
+        };
+        let Some((part, parts)) = rest.split_once('.') else {
+            continue;
+        };
+        let numeric = |t: &str| t.len() == 10 && t.bytes().all(|b| b.is_ascii_digit());
+        if !numeric(part) || !numeric(parts) {
+            continue;
+        }
+        let (Ok(part), Ok(parts)) = (part.parse::<u32>(), parts.parse::<u32>()) else {
+            continue;
+        };
+        parts_of.entry(parts).or_default().insert(part);
+    }
+    let mut missing = Vec::new();
+    for (parts, present) in parts_of {
+        for part in (1..=parts).filter(|p| !present.contains(p)) {
+            missing.push(format!("{prefix}{part:010}.{parts:010}.parquet"));
+        }
+    }
+    missing
 }
 
 /// A Delta commit is newline-delimited JSON actions, each an object.
@@ -232,17 +279,40 @@ async fn data_file_damage(
         .map(|problem| Damage { file, problem }))
 }
 
+/// How much of a file's end the footer check reads at once: the footers of the lake's
+/// files (a few row groups of a dozen columns) fit, so one read serves most files.
+const FOOTER_READ: u64 = 64 * 1024;
+
 /// Why the file's Parquet footer cannot be read, if it cannot.
 async fn parquet_footer_problem(
     store: &dyn ObjectStore,
     file: &str,
     size: u64,
 ) -> std::result::Result<Option<String>, deltalake::ObjectStoreError> {
+    parquet_footer_problem_reading(store, file, size, FOOTER_READ).await
+}
+
+/// [`parquet_footer_problem`], reading the last `first_read` bytes first (and the rest of
+/// a larger footer after).
+async fn parquet_footer_problem_reading(
+    store: &dyn ObjectStore,
+    file: &str,
+    size: u64,
+    first_read: u64,
+) -> std::result::Result<Option<String>, deltalake::ObjectStoreError> {
     if size < PARQUET_TRAILER + 4 {
         return Ok(Some(format!("{size} bytes: too short for a Parquet file")));
     }
     let path = Path::from(file);
-    let trailer = store.get_range(&path, size - PARQUET_TRAILER..size).await?;
+    let tail_start = size - first_read.clamp(PARQUET_TRAILER, size);
+    let tail = store.get_range(&path, tail_start..size).await?;
+    let Some(trailer) = tail
+        .len()
+        .checked_sub(PARQUET_TRAILER as usize)
+        .and_then(|at| tail.get(at..))
+    else {
+        return Ok(Some("no Parquet footer at its end (truncated?)".to_owned()));
+    };
     if trailer.get(4..) != Some(b"PAR1".as_slice()) {
         return Ok(Some("no Parquet footer at its end (truncated?)".to_owned()));
     }
@@ -255,9 +325,15 @@ async fn parquet_footer_problem(
         )));
     }
     let footer_start = size - PARQUET_TRAILER - footer_length;
-    let footer = store
-        .get_range(&path, footer_start..size - PARQUET_TRAILER)
-        .await?;
+    let footer = if footer_start >= tail_start {
+        // Within what was read.
+        let from = usize::try_from(footer_start - tail_start).unwrap_or(usize::MAX);
+        tail.slice(from..tail.len() - PARQUET_TRAILER as usize)
+    } else {
+        store
+            .get_range(&path, footer_start..size - PARQUET_TRAILER)
+            .await?
+    };
     Ok(ParquetMetaDataReader::decode_metadata(&footer)
         .err()
         .map(|e| format!("its Parquet footer does not decode ({e})")))
@@ -272,7 +348,108 @@ fn relative(file: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::commit_problem;
+    use super::{commit_problem, missing_checkpoint_parts, parquet_footer_problem_reading};
+
+    #[test]
+    fn a_multi_part_checkpoint_missing_a_part_is_named() {
+        let names = [
+            "00000000000000000010.checkpoint.0000000001.0000000003.parquet",
+            "00000000000000000010.checkpoint.0000000003.0000000003.parquet",
+            "00000000000000000010.json",
+            "00000000000000000005.checkpoint.0000000001.0000000002.parquet",
+        ];
+        assert_eq!(
+            missing_checkpoint_parts(&names, 10),
+            vec!["00000000000000000010.checkpoint.0000000002.0000000003.parquet".to_owned()]
+        );
+        let whole = [
+            "00000000000000000010.checkpoint.0000000001.0000000002.parquet",
+            "00000000000000000010.checkpoint.0000000002.0000000002.parquet",
+        ];
+        assert!(missing_checkpoint_parts(&whole, 10).is_empty());
+        // Single-file and UUID-named (V2) checkpoints have no parts.
+        let single = [
+            "00000000000000000010.checkpoint.parquet",
+            "00000000000000000010.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.parquet",
+        ];
+        assert!(missing_checkpoint_parts(&single, 10).is_empty());
+    }
+    use deltalake::arrow::array::{Int64Array, RecordBatch};
+    use deltalake::logstore::object_store::memory::InMemory;
+    use deltalake::logstore::object_store::path::Path;
+    use deltalake::logstore::object_store::{ObjectStoreExt, PutPayload};
+    use deltalake::parquet::arrow::ArrowWriter;
+
+    fn parquet_file(columns: usize) -> Vec<u8> {
+        let batch = RecordBatch::try_from_iter((0..columns).map(|c| {
+            let values: std::sync::Arc<dyn deltalake::arrow::array::Array> =
+                std::sync::Arc::new(Int64Array::from_iter_values(0..100));
+            (format!("column_{c}"), values)
+        }))
+        .expect("a batch");
+        let mut bytes = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_footer_is_checked_from_one_read_or_two_and_damage_is_named() {
+        let store = InMemory::new();
+        let whole = parquet_file(40);
+        store
+            .put(
+                &Path::from("whole.parquet"),
+                PutPayload::from(whole.clone()),
+            )
+            .await
+            .expect("put");
+        let size = whole.len() as u64;
+        // One read of the whole tail, a first read shorter than the footer, and a
+        // first read longer than the file: the same answer.
+        for first_read in [64 * 1024, 16, size + 100] {
+            assert_eq!(
+                parquet_footer_problem_reading(&store, "whole.parquet", size, first_read)
+                    .await
+                    .expect("read"),
+                None,
+                "first read {first_read}"
+            );
+        }
+        let cut = whole[..whole.len() - 3].to_vec();
+        store
+            .put(&Path::from("cut.parquet"), PutPayload::from(cut.clone()))
+            .await
+            .expect("put");
+        let problem = parquet_footer_problem_reading(&store, "cut.parquet", cut.len() as u64, 16)
+            .await
+            .expect("read");
+        assert!(
+            problem.is_some_and(|p| p.contains("no Parquet footer")),
+            "a cut file passed"
+        );
+        // A footer whose first bytes are damaged (its length and magic intact).
+        let mut damaged = whole.clone();
+        let mut length = [0_u8; 4];
+        length.copy_from_slice(&whole[whole.len() - 8..whole.len() - 4]);
+        let footer_start = whole.len() - 8 - u32::from_le_bytes(length) as usize;
+        damaged[footer_start..footer_start + 4].fill(0xff);
+        store
+            .put(&Path::from("damaged.parquet"), PutPayload::from(damaged))
+            .await
+            .expect("put");
+        for first_read in [64 * 1024, 16] {
+            let problem =
+                parquet_footer_problem_reading(&store, "damaged.parquet", size, first_read)
+                    .await
+                    .expect("read");
+            assert!(
+                problem.is_some_and(|p| p.contains("does not decode")),
+                "a damaged footer passed (first read {first_read})"
+            );
+        }
+    }
 
     #[test]
     fn a_commit_must_be_lines_of_json_objects() {
