@@ -108,6 +108,9 @@ pub struct LatestSample {
     pub last_stable: i64,
     /// Where the client fetches next.
     pub next_fetch: i64,
+    /// The client fetches the partition no more (librdkafka's fetch state `none`): after
+    /// an offset out of range, with `auto.offset.reset=error`, on this partition.
+    pub fetch_stopped: bool,
 }
 
 /// Statistics callbacks after an end of partition before its sample is trusted to have
@@ -127,8 +130,10 @@ pub struct EndJudge {
     /// Since when the fetched end has stood below the offset.
     shorter_since: BTreeMap<i32, Instant>,
     /// The queried end of a partition below its offset after the broker called an offset
-    /// out of range: a shorter partition once the fetched end agrees.
-    out_of_range_end: BTreeMap<i32, i64>,
+    /// out of range, and the statistics callbacks counted then: a shorter partition once
+    /// a later sample shows the client stopped fetching it (the error was about this
+    /// partition), or its fetched end agrees for the grace.
+    out_of_range_end: BTreeMap<i32, (i64, u64)>,
     /// Ends of partition waiting for a statistics sample to show they came from a
     /// successful response: the statistics callbacks counted when each came.
     end_pending: BTreeMap<i32, u64>,
@@ -194,6 +199,20 @@ impl EndJudge {
     /// confirms the end; one from a successful response ending elsewhere drops it (the
     /// partition is judged on); error responses leave it pending.
     pub fn confirm_ends(&mut self, latest: &BTreeMap<i32, LatestSample>) {
+        // A partition the client stopped fetching after an out-of-range error, whose
+        // queried end lies below the offset: the error was about it, and it is shorter.
+        for (&partition, &(queried, at)) in &self.out_of_range_end {
+            if self.answers.contains_key(&partition) {
+                continue;
+            }
+            if latest
+                .get(&partition)
+                .is_some_and(|s| s.number >= at + SAMPLES_AFTER_END && s.fetch_stopped)
+            {
+                self.answers
+                    .insert(partition, ProbeAnswer::PastEnd { end: queried });
+            }
+        }
         let answers = &mut self.answers;
         self.end_pending.retain(|partition, &mut at| {
             let Some(sample) = latest
@@ -210,11 +229,12 @@ impl EndJudge {
     }
 
     /// The broker called an offset out of range (its error does not say of which
-    /// partition) and answered a watermark query with `(low, high)` for `partition`.
-    /// Below the start, every record follows. Past the end, the partition is shorter
-    /// once its fetched end agrees (see [`EndJudge::fetched`]): the query alone can
-    /// answer too low.
-    pub fn out_of_range(&mut self, partition: i32, low: i64, high: i64) {
+    /// partition) when `samples` statistics callbacks had come, and answered a watermark
+    /// query with `(low, high)` for `partition`. Below the start, every record follows.
+    /// Past the end, the partition is shorter once the statistics agree (see
+    /// [`EndJudge::confirm_ends`] and [`EndJudge::fetched`]): the query alone can answer
+    /// too low, and may be about a partition the error was not.
+    pub fn out_of_range(&mut self, partition: i32, low: i64, high: i64, samples: u64) {
         let Some(&offset) = self.from.get(&partition) else {
             return;
         };
@@ -224,7 +244,7 @@ impl EndJudge {
         if offset < low && high > low {
             self.answers.insert(partition, ProbeAnswer::RecordsFollow);
         } else if offset > high {
-            self.out_of_range_end.insert(partition, high);
+            self.out_of_range_end.insert(partition, (high, samples));
         }
     }
 
@@ -242,17 +262,20 @@ impl EndJudge {
             };
             if offset > fetched.high {
                 self.follow_since.remove(&partition);
-                if let Some(&queried) = self.out_of_range_end.get(&partition) {
+                let since = *self.shorter_since.entry(partition).or_insert(now);
+                if now.duration_since(since) < END_GRACE {
+                    continue;
+                }
+                if let Some(&(queried, _)) = self.out_of_range_end.get(&partition) {
                     // The broker's error, its queried end and its fetched end agree.
                     let end = queried.max(fetched.high);
                     self.answers.insert(partition, ProbeAnswer::PastEnd { end });
-                    continue;
-                }
-                let since = *self.shorter_since.entry(partition).or_insert(now);
-                if now.duration_since(since) >= END_GRACE {
+                } else {
                     to_confirm.push(partition);
                 }
-            } else if fetched.last_stable > offset {
+            } else if fetched.last_stable > offset.max(fetched.next_fetch) {
+                // Records past both the offset and where the client fetches (a client
+                // that skipped markers to the end fetches at it: nothing follows).
                 self.shorter_since.remove(&partition);
                 let (since, position) = self
                     .follow_since
@@ -350,6 +373,7 @@ impl ClientContext for ProbeContext {
                     log_start: p.lo_offset,
                     last_stable: p.ls_offset,
                     next_fetch: p.next_offset,
+                    fetch_stopped: p.fetch_state == "none",
                 },
             );
             if let Some(sample) =
@@ -450,9 +474,15 @@ pub fn probe_ends(
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
             ))) => {
+                let samples = consumer
+                    .context()
+                    .seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .samples;
                 for (partition, _) in judge.open() {
                     if let Some((low, high)) = query_watermarks(partition) {
-                        judge.out_of_range(partition, low, high);
+                        judge.out_of_range(partition, low, high, samples);
                     }
                 }
             }
@@ -517,6 +547,7 @@ mod tests {
                 log_start,
                 last_stable,
                 next_fetch,
+                fetch_stopped: false,
             },
         )])
     }
@@ -641,12 +672,13 @@ mod tests {
 
     #[test]
     fn out_of_range_is_judged_by_the_watermarks() {
+        let t0 = Instant::now();
         let mut judge = EndJudge::new(&[(0, 5), (1, 90), (2, 50)]);
-        judge.out_of_range(0, 10, 20);
-        judge.out_of_range(1, 10, 60);
+        judge.out_of_range(0, 10, 20, 0);
+        judge.out_of_range(1, 10, 60, 0);
         // Inside the range: the error was about another partition.
-        judge.out_of_range(2, 10, 60);
-        // Past the end once the fetched end agrees.
+        judge.out_of_range(2, 10, 60, 0);
+        // Past the end once the fetched end agrees for the grace.
         assert!(!judge.done());
         let fetched = BTreeMap::from([(
             1,
@@ -656,7 +688,9 @@ mod tests {
                 next_fetch: 90,
             },
         )]);
-        judge.fetched(&fetched, Instant::now());
+        judge.fetched(&fetched, t0);
+        assert!(!judge.done(), "past the end without the grace");
+        judge.fetched(&fetched, t0 + END_GRACE);
         let answers = judge.finish("open");
         assert_eq!(answers[&0], ProbeAnswer::RecordsFollow);
         assert_eq!(answers[&1], ProbeAnswer::PastEnd { end: 60 });
@@ -712,8 +746,8 @@ mod tests {
         // The broker's error does not name its partition: both open partitions get a
         // watermark query, and partition 1's answer is too low (Tansu on S3).
         let mut judge = EndJudge::new(&[(0, 90), (1, 90)]);
-        judge.out_of_range(0, 10, 60);
-        judge.out_of_range(1, 10, 60);
+        judge.out_of_range(0, 10, 60, 0);
+        judge.out_of_range(1, 10, 60, 0);
         assert!(!judge.done(), "one query made a partition shorter");
         let mut seen = ends(60, 60, 90);
         seen.insert(
@@ -725,9 +759,59 @@ mod tests {
             },
         );
         judge.fetched(&seen, t0);
+        judge.fetched(&seen, t0 + END_GRACE);
         let answers = judge.finish("open");
         assert_eq!(answers[&0], ProbeAnswer::PastEnd { end: 60 });
-        assert_eq!(answers[&1], ProbeAnswer::Unknown("open".into()));
+        assert_eq!(
+            answers[&1],
+            ProbeAnswer::RecordsFollow,
+            "its fetched end, past the offset for the grace, is what counts"
+        );
+    }
+
+    #[test]
+    fn out_of_range_on_a_partition_the_client_stopped_fetching_is_past_the_end() {
+        // Apache Kafka answers a fetch past the end with OFFSET_OUT_OF_RANGE (high
+        // watermark and log start -1: no fetched end), and with auto.offset.reset=error
+        // librdkafka stops fetching that partition: its fetch state tells which one the
+        // error was about.
+        let mut judge = EndJudge::new(&[(0, 90), (1, 90)]);
+        judge.out_of_range(0, 10, 60, 4);
+        judge.out_of_range(1, 10, 60, 4);
+        let stopped = |partition, number, fetch_stopped| {
+            (
+                partition,
+                LatestSample {
+                    number,
+                    log_start: -1,
+                    last_stable: -1,
+                    next_fetch: -1001,
+                    fetch_stopped,
+                },
+            )
+        };
+        judge.confirm_ends(&BTreeMap::from([stopped(0, 5, true), stopped(1, 5, false)]));
+        assert!(!judge.done(), "a sample that may predate the error decided");
+        judge.confirm_ends(&BTreeMap::from([stopped(0, 6, true), stopped(1, 6, false)]));
+        let answers = judge.finish("open");
+        assert_eq!(answers[&0], ProbeAnswer::PastEnd { end: 60 });
+        assert_eq!(
+            answers[&1],
+            ProbeAnswer::Unknown("open".into()),
+            "a partition still fetched was taken for the one out of range"
+        );
+    }
+
+    #[test]
+    fn a_client_at_the_end_after_markers_builds_no_records_follow_grace() {
+        // Markers up to 900 skipped: the client fetches at the end, and its end of
+        // partition is about to be confirmed; the fetched end is no evidence of records.
+        let t0 = Instant::now();
+        let mut judge = EndJudge::new(&[(0, 500)]);
+        for step in 0..30 {
+            judge.fetched(&ends(900, 900, 900), t0 + ms(100) * step);
+        }
+        assert!(!judge.done(), "records follow a client at the end");
     }
 
     #[test]

@@ -822,8 +822,11 @@ impl Worker {
                 break;
             }
             let polled = self.consumer.poll(Duration::from_millis(100));
-            self.state
-                .apply_rebalances(self.consumer.context().take_events());
+            let rebalances = self.consumer.context().take_events();
+            if !rebalances.is_empty() {
+                self.moved_back_probe.clear();
+            }
+            self.state.apply_rebalances(rebalances);
             if let Some(error) = self.state.failed.take() {
                 // As it is: a refusal stays a refusal, a broker that did not say stays
                 // retryable.
@@ -837,7 +840,17 @@ impl Worker {
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     if let Some(state) = self.state.partitions.get_mut(&p) {
-                        state.at_end = true;
+                        // A partition holds the offsets the lake read from it: an end at
+                        // or below them is librdkafka's end-of-partition signal for an
+                        // error response whose end equals the position (Tansu's
+                        // "unknown topic" ends at 0 while it restarts), not its end.
+                        let below_lake = state
+                            .next
+                            .zip(state.bases.events)
+                            .is_some_and(|(next, stored)| next <= stored);
+                        if !below_lake {
+                            state.at_end = true;
+                        }
                         state.heard_at = Some(Instant::now());
                     }
                     true
@@ -1313,7 +1326,8 @@ impl Worker {
                 found,
                 ..
             } = gap;
-            let retry_later = Gap {
+            // Set when the gap goes back, after the questions (each may take 10 s).
+            let retry_later = |gap: Gap| Gap {
                 retry_at: Some(Instant::now() + GAPS_RETRY_AFTER),
                 ..gap
             };
@@ -1323,11 +1337,8 @@ impl Worker {
                 .map_err(Error::kafka(format!("watermarks of partition {partition}")));
             let Some((low, _)) = self.broker_may_be_away(answer)? else {
                 // The broker does not answer (restarting?): the gaps wait for it.
-                self.state.gaps.push(retry_later);
-                self.state.gaps.extend(gaps.map(|gap| Gap {
-                    retry_at: retry_later.retry_at,
-                    ..gap
-                }));
+                self.state.gaps.push(retry_later(gap));
+                self.state.gaps.extend(gaps.map(retry_later));
                 return Ok(());
             };
             if found.is_some_and(|found| found < expected) {
@@ -1342,7 +1353,7 @@ impl Worker {
                             .entry(partition)
                             .or_default()
                             .unanswered(&why, give_up)?;
-                        self.state.gaps.push(retry_later);
+                        self.state.gaps.push(retry_later(gap));
                     }
                 }
                 continue;
@@ -1398,9 +1409,10 @@ impl Worker {
             // A re-read from before the asked offset is the worker's own move back: its
             // first records are replays, not a position the broker moved back (taken for
             // that, the partition was positioned at the skipping offset again, and the
-            // records after it were given up as lost). After records gone, the first one
-            // is awaited where the worker goes on.
-            self.reposition(partition, restart, restart >= expected)?;
+            // records after it were given up as lost). Unwatched after records gone too:
+            // a watch there made a partition that holds only markers after the resume
+            // point a gap every few seconds, and a batch run never ended.
+            self.reposition(partition, restart, false)?;
         }
         Ok(())
     }
@@ -2059,6 +2071,10 @@ impl Worker {
         self.state.report.fenced += 1;
         self.state.report.dropped_on_rebalance += self.state.buffer.clear() as u64;
         self.state.discard_staged();
+        // The partitions start again where the lake says: gaps found under the old
+        // positions, and the watch over their probes, no longer apply.
+        self.state.gaps.clear();
+        self.moved_back_probe.clear();
         let partitions: Vec<i32> = self.state.partitions.keys().copied().collect();
         let bases = {
             let mut sink = self
