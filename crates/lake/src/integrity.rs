@@ -124,12 +124,33 @@ async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>>
         let name = file.rsplit('/').next()?;
         name.get(..20)?.parse().ok()
     };
-    let newest_checkpoint = listed
+    let names: Vec<&str> = listed.iter().filter_map(|f| f.rsplit('/').next()).collect();
+    let checkpoints = checkpoints(&names);
+    // The checkpoint a reader starts from: the newest complete one (an incomplete
+    // multi-part one is skipped by readers that follow the protocol).
+    let newest_checkpoint = checkpoints
         .iter()
-        .filter(|f| f.contains(".checkpoint.") && f.ends_with(".parquet"))
-        .filter_map(|f| version_of(f))
+        .filter(|(_, c)| c.missing.is_empty())
+        .map(|(&v, _)| v)
         .max();
     let mut damage = Vec::new();
+    if let Some((&version, newest)) = checkpoints.iter().next_back()
+        && !newest.missing.is_empty()
+    {
+        for missing in &newest.missing {
+            damage.push(Damage {
+                file: format!("_delta_log/{missing}"),
+                problem: format!(
+                    "missing: a part of the newest checkpoint (version {version}), which is \
+                     incomplete without it; a reader that trusts _last_checkpoint fails, \
+                     others start from {}",
+                    newest_checkpoint.map_or("the first commit".to_owned(), |v| format!(
+                        "the checkpoint of version {v}"
+                    ))
+                ),
+            });
+        }
+    }
     for file in &listed {
         let Some(version) = version_of(file) else {
             continue;
@@ -166,18 +187,6 @@ async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>>
             });
         }
     }
-    if let Some(version) = newest_checkpoint {
-        let names: Vec<&str> = listed.iter().filter_map(|f| f.rsplit('/').next()).collect();
-        for missing in missing_checkpoint_parts(&names, version) {
-            damage.push(Damage {
-                file: format!("_delta_log/{missing}"),
-                problem: "missing: a part of the newest multi-part checkpoint, which is \
-                          incomplete without it (a reader that trusts it fails to load the \
-                          table)"
-                    .to_owned(),
-            });
-        }
-    }
     if listed
         .iter()
         .any(|f| f.ends_with("_delta_log/_last_checkpoint"))
@@ -199,39 +208,84 @@ async fn log_damage(store: &dyn ObjectStore, table: &str) -> Result<Vec<Damage>>
     Ok(damage)
 }
 
-/// The parts a multi-part checkpoint of `version` lacks, by file name: its parts are
+/// One checkpoint version's files, as a reader sees them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Checkpoint {
+    /// The parts a reader needs and does not find, by file name; empty when a complete
+    /// checkpoint of the version exists (one file, UUID-named, or every part of a
+    /// multi-part one).
+    missing: Vec<String>,
+}
+
+/// The most parts a multi-part checkpoint is believed to have: a stray file name
+/// claiming more is not spelled out part by part.
+const MAX_CHECKPOINT_PARTS: u32 = 100_000;
+
+/// The checkpoints among the log's file names, by version. Multi-part checkpoints are
 /// named `<version>.checkpoint.<part>.<parts>.parquet` (ten digits each), and a reader
-/// needs every one. Single-file and UUID-named checkpoints have no parts to miss.
-fn missing_checkpoint_parts(names: &[&str], version: u64) -> Vec<String> {
-    let prefix = format!("{version:020}.checkpoint.");
-    let mut parts_of: std::collections::BTreeMap<u32, std::collections::BTreeSet<u32>> =
-        std::collections::BTreeMap::new();
+/// needs every part of one set.
+fn checkpoints(names: &[&str]) -> std::collections::BTreeMap<u64, Checkpoint> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let numeric = |t: &str, len: usize| t.len() == len && t.bytes().all(|b| b.is_ascii_digit());
+    // Per version: whether a single-file checkpoint exists, and the parts of each set.
+    let mut found: BTreeMap<u64, (bool, BTreeMap<u32, BTreeSet<u32>>)> = BTreeMap::new();
     for name in names {
-        let Some(rest) = name
-            .strip_prefix(&prefix)
+        let Some((version, rest)) = name.split_once(".checkpoint") else {
+            continue;
+        };
+        if !numeric(version, 20) || !name.ends_with(".parquet") {
+            continue;
+        }
+        let Ok(version) = version.parse::<u64>() else {
+            continue;
+        };
+        let entry = found.entry(version).or_default();
+        let middle = rest
+            .strip_prefix('.')
             .and_then(|r| r.strip_suffix(".parquet"))
-        else {
-            continue;
-        };
-        let Some((part, parts)) = rest.split_once('.') else {
-            continue;
-        };
-        let numeric = |t: &str| t.len() == 10 && t.bytes().all(|b| b.is_ascii_digit());
-        if !numeric(part) || !numeric(parts) {
-            continue;
-        }
-        let (Ok(part), Ok(parts)) = (part.parse::<u32>(), parts.parse::<u32>()) else {
-            continue;
-        };
-        parts_of.entry(parts).or_default().insert(part);
-    }
-    let mut missing = Vec::new();
-    for (parts, present) in parts_of {
-        for part in (1..=parts).filter(|p| !present.contains(p)) {
-            missing.push(format!("{prefix}{part:010}.{parts:010}.parquet"));
+            .unwrap_or("");
+        let parts = middle
+            .split_once('.')
+            .filter(|(part, parts)| numeric(part, 10) && numeric(parts, 10))
+            .and_then(|(part, parts)| {
+                Some((part.parse::<u32>().ok()?, parts.parse::<u32>().ok()?))
+            });
+        match parts {
+            Some((part, parts)) if (1..=parts).contains(&part) => {
+                entry.1.entry(parts).or_default().insert(part);
+            }
+            // A classic single file, a UUID-named (V2) one, or a name that is neither:
+            // whole as far as parts go.
+            _ => entry.0 = true,
         }
     }
-    missing
+    found
+        .into_iter()
+        .map(|(version, (single, sets))| {
+            let complete = single
+                || sets
+                    .iter()
+                    .any(|(&parts, present)| present.len() as u64 == u64::from(parts));
+            let mut missing = Vec::new();
+            if !complete {
+                for (&parts, present) in &sets {
+                    if parts > MAX_CHECKPOINT_PARTS {
+                        missing.push(format!(
+                            "{version:020}.checkpoint.*.{parts:010}.parquet ({} of {parts} parts)",
+                            present.len()
+                        ));
+                        continue;
+                    }
+                    for part in (1..=parts).filter(|p| !present.contains(p)) {
+                        missing.push(format!(
+                            "{version:020}.checkpoint.{part:010}.{parts:010}.parquet"
+                        ));
+                    }
+                }
+            }
+            (version, Checkpoint { missing })
+        })
+        .collect()
 }
 
 /// A Delta commit is newline-delimited JSON actions, each an object.
@@ -306,6 +360,12 @@ async fn parquet_footer_problem_reading(
     let path = Path::from(file);
     let tail_start = size - first_read.clamp(PARQUET_TRAILER, size);
     let tail = store.get_range(&path, tail_start..size).await?;
+    if tail.len() as u64 != size - tail_start {
+        return Ok(Some(format!(
+            "{} bytes where {size} were found a moment before (changed while checked?)",
+            tail_start + tail.len() as u64
+        )));
+    }
     let Some(trailer) = tail
         .len()
         .checked_sub(PARQUET_TRAILER as usize)
@@ -348,7 +408,12 @@ fn relative(file: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{commit_problem, missing_checkpoint_parts, parquet_footer_problem_reading};
+    use super::{checkpoints, commit_problem, parquet_footer_problem_reading};
+    use deltalake::arrow::array::{Int64Array, RecordBatch};
+    use deltalake::logstore::object_store::memory::InMemory;
+    use deltalake::logstore::object_store::path::Path;
+    use deltalake::logstore::object_store::{ObjectStoreExt, PutPayload};
+    use deltalake::parquet::arrow::ArrowWriter;
 
     #[test]
     fn a_multi_part_checkpoint_missing_a_part_is_named() {
@@ -357,28 +422,29 @@ mod tests {
             "00000000000000000010.checkpoint.0000000003.0000000003.parquet",
             "00000000000000000010.json",
             "00000000000000000005.checkpoint.0000000001.0000000002.parquet",
+            "00000000000000000005.checkpoint.0000000002.0000000002.parquet",
+            "00000000000000000003.checkpoint.parquet",
+            "00000000000000000004.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.parquet",
         ];
+        let found = checkpoints(&names);
         assert_eq!(
-            missing_checkpoint_parts(&names, 10),
+            found[&10].missing,
             vec!["00000000000000000010.checkpoint.0000000002.0000000003.parquet".to_owned()]
         );
-        let whole = [
-            "00000000000000000010.checkpoint.0000000001.0000000002.parquet",
-            "00000000000000000010.checkpoint.0000000002.0000000002.parquet",
-        ];
-        assert!(missing_checkpoint_parts(&whole, 10).is_empty());
-        // Single-file and UUID-named (V2) checkpoints have no parts.
-        let single = [
+        for whole in [5, 4, 3] {
+            assert!(found[&whole].missing.is_empty(), "version {whole}");
+        }
+        // A leftover incomplete set beside a complete checkpoint of the same version
+        // is not damage: readers take the complete one.
+        let leftover = [
             "00000000000000000010.checkpoint.parquet",
-            "00000000000000000010.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.parquet",
+            "00000000000000000010.checkpoint.0000000001.0000000003.parquet",
         ];
-        assert!(missing_checkpoint_parts(&single, 10).is_empty());
+        assert!(checkpoints(&leftover)[&10].missing.is_empty());
+        // A stray name claiming billions of parts is summarised, not spelled out.
+        let stray = ["00000000000000000010.checkpoint.0000000001.4000000000.parquet"];
+        assert_eq!(checkpoints(&stray)[&10].missing.len(), 1);
     }
-    use deltalake::arrow::array::{Int64Array, RecordBatch};
-    use deltalake::logstore::object_store::memory::InMemory;
-    use deltalake::logstore::object_store::path::Path;
-    use deltalake::logstore::object_store::{ObjectStoreExt, PutPayload};
-    use deltalake::parquet::arrow::ArrowWriter;
 
     fn parquet_file(columns: usize) -> Vec<u8> {
         let batch = RecordBatch::try_from_iter((0..columns).map(|c| {
