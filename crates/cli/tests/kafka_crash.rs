@@ -357,11 +357,10 @@ fn workers_killed_at_random_twenty_times_leave_the_tables_of_an_uninterrupted_ru
 
     let reference = dir.join("reference-lake");
     let args = with_silver(&reference, &unique("ref"), &["--exit-at-end"]);
-    assert!(
-        Worker::start(&dir, &args, &[])
-            .wait(Duration::from_secs(300))
-            .success()
-    );
+    // About 180 flushes with silver refreshed after each: some 300 s on 2 shared cores.
+    let (status, _, log) =
+        Worker::start(&dir, &args, &[]).wait_with_output(Duration::from_secs(900));
+    assert!(status.success(), "the uninterrupted run failed:\n{log}");
     assert_each_record_stored_once(&reference, &summary);
 
     let soaked = dir.join("soaked-lake");

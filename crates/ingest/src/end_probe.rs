@@ -349,6 +349,18 @@ struct Seen {
     latest: BTreeMap<i32, LatestSample>,
 }
 
+impl ProbeContext {
+    /// What the statistics showed so far.
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Statistics callbacks so far.
+    fn samples(&self) -> u64 {
+        self.seen().samples
+    }
+}
+
 impl ClientContext for ProbeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(%error, reason, "librdkafka (end probe)");
@@ -358,7 +370,7 @@ impl ClientContext for ProbeContext {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.seen();
         seen.samples += 1;
         let number = seen.samples;
         for (&partition, p) in &topic.partitions {
@@ -459,12 +471,7 @@ pub fn probe_ends(
             }
             Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(partition))) => {
-                let samples = consumer
-                    .context()
-                    .seen
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .samples;
+                let samples = consumer.context().samples();
                 judge.end_of_partition(partition, samples);
             }
             // An offset outside the partition (this error does not say which one): the
@@ -474,12 +481,7 @@ pub fn probe_ends(
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
             ))) => {
-                let samples = consumer
-                    .context()
-                    .seen
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .samples;
+                let samples = consumer.context().samples();
                 for (partition, _) in judge.open() {
                     if let Some((low, high)) = query_watermarks(partition) {
                         judge.out_of_range(partition, low, high, samples);
@@ -489,12 +491,7 @@ pub fn probe_ends(
             Some(Err(error)) => last_error = Some(error.to_string()),
             None => {}
         }
-        let Seen { ends, latest, .. } = consumer
-            .context()
-            .seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let Seen { ends, latest, .. } = consumer.context().seen().clone();
         judge.confirm_ends(&latest);
         for partition in judge.fetched(&ends, Instant::now()) {
             match query_watermarks(partition) {
