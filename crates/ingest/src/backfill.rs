@@ -17,17 +17,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use streetflow_core::PipelineConfig;
 use streetflow_core::tables::{DEAD_LETTERS, POS_EVENTS};
-use streetflow_core::{Knowledge, PipelineConfig};
 use streetflow_lake::arrow::record_batch::RecordBatch;
 use streetflow_lake::{AppProgress, CommitOutcome, Lake, OffsetWriter};
 use tokio::sync::mpsc;
 
-use crate::batch::{DeadLetterRows, EventRows, Origin, RowAppender, restamp_observed};
+use crate::batch::restamp_observed;
 use crate::error::{Error, Result};
-use crate::produce::StreamClock;
+use crate::line_decoding::{
+    CHUNK_LINES, ChunkMark, DecodedRows, DecoderPool, LineChunk, LoadPosition,
+};
 use streetflow_core::csv_mapping::{CsvMapping, row_as_csv};
 use streetflow_lake::freeze::{self, points};
 
@@ -97,8 +98,8 @@ pub struct FileReport {
     pub commits: u64,
 }
 
-/// Rows to write between commits.
-const ROWS_PER_PIECE: usize = 65_536;
+/// Bytes of lines a chunk holds at most, for exports with very long lines.
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// Hashes a file's whole content: any changed byte, even in a correction of the same
 /// length in the middle of a large export, makes a new identity.
@@ -263,134 +264,114 @@ enum Piece {
     Checkpoint { last_line: i64, end_of_file: bool },
 }
 
-#[derive(Deserialize)]
-struct OccurredProbe<'a> {
-    #[serde(borrow, default)]
-    occurred_at: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// The reader half: decodes lines into rows on a blocking thread.
+/// The reader half: cuts lines into chunks for the decoder threads on a blocking
+/// thread, and hands their rows to the writer in file order.
 struct Reader {
-    path_text: String,
-    appender: RowAppender,
-    events: EventRows,
-    dead_letters: DeadLetterRows,
+    pool: DecoderPool,
+    /// Lines read since the last chunk was given out.
+    chunk: LineChunk,
     knowledge: KnowledgeTime,
-    clock: StreamClock,
     /// Lines at or below this are in `pos_events` already.
     events_done: i64,
-    /// Dead letters at or below this are in `dead_letters` already.
-    dead_letters_done: i64,
     commit_every: u64,
     since_checkpoint: u64,
     /// Lines read in this run (skipped ones included).
     lines: u64,
     /// The number of the last line read.
     last_line: i64,
-    /// The loader's clock, as last read.
-    received_at: Option<DateTime<Utc>>,
     sender: mpsc::Sender<Piece>,
 }
 
 impl Reader {
-    /// The knowledge a line's rows carry.
-    fn knowledge(&mut self, occurred_at: Option<&str>) -> Knowledge {
-        match self.knowledge {
-            KnowledgeTime::Observed => Knowledge::Observed,
-            KnowledgeTime::At(at) => Knowledge::Asserted(at),
-            KnowledgeTime::FromOccurred => {
-                let occurred = occurred_at
-                    .and_then(streetflow_core::time::parse_rfc3339)
-                    .map(|at| at.timestamp_millis());
-                if let Some(at) = occurred {
-                    self.clock.observe(at);
-                }
-                Knowledge::Asserted(
-                    DateTime::from_timestamp_millis(self.clock.arrival_ms(occurred))
-                        .unwrap_or_else(Utc::now),
-                )
-            }
-        }
+    /// Whether a line the lake holds already can be left out of the chunks. The stream
+    /// clock runs over such lines too, so a resumed load stamps the rest as an
+    /// uninterrupted one would: under that clock they go to the decoders, which read
+    /// their times and decode nothing else.
+    fn skips(&self, line: i64) -> bool {
+        line <= self.events_done && self.knowledge != KnowledgeTime::FromOccurred
     }
 
-    /// The loader's own clock, for `future_timestamp` and dead letters; read every few
-    /// thousand lines (it moves little in between, and the tolerance is minutes).
-    fn received_at(&mut self) -> DateTime<Utc> {
-        if self.lines.is_multiple_of(4096) || self.received_at.is_none() {
-            self.received_at = Some(Utc::now());
+    /// Counts a line just added to the chunk (or skipped); gives the chunk out at a
+    /// commit point or once it is full.
+    fn after_line(&mut self, line: i64) -> Result<()> {
+        if line > self.events_done {
+            self.since_checkpoint += 1;
         }
-        self.received_at.unwrap_or_else(Utc::now)
-    }
-
-    /// Appends one line (`raw` differs from `message` for converted CSV rows).
-    fn line(
-        &mut self,
-        line: i64,
-        message: &[u8],
-        raw: &[u8],
-        occurred_at: Option<&str>,
-    ) -> Result<()> {
-        self.lines += 1;
-        self.last_line = line;
-        // The clock runs over lines a previous run committed too, so a resumed load
-        // stamps the rest as an uninterrupted one would.
-        let knowledge = self.knowledge(occurred_at);
-        if line <= self.events_done {
-            return Ok(());
-        }
-        let received_at = self.received_at();
-        let origin = Origin::File {
-            path: &self.path_text,
-            line,
-        };
-        self.appender.append_with_raw(
-            &mut self.events,
-            &mut self.dead_letters,
-            Some(message),
-            Some(raw),
-            None,
-            received_at,
-            knowledge,
-            origin,
-            line <= self.dead_letters_done,
-        );
-        if self.events.len() + self.dead_letters.len() >= ROWS_PER_PIECE {
-            self.send_rows()?;
-        }
-        self.since_checkpoint += 1;
         if self.since_checkpoint >= self.commit_every {
-            self.checkpoint(line, false)?;
+            self.since_checkpoint = 0;
+            self.give_chunk(Some((line, false)))
+        } else if self.chunk.len() >= CHUNK_LINES || self.chunk.byte_len() >= CHUNK_BYTES {
+            self.give_chunk(None)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Gives the lines read so far to the decoders (first waiting for the oldest rows
+    /// when every decoder is busy), then hands on whatever rows are ready.
+    fn give_chunk(&mut self, checkpoint: Option<(i64, bool)>) -> Result<()> {
+        if self.pool.is_full()
+            && let Some(rows) = self.pool.take()?
+        {
+            self.hand_on(rows)?;
+        }
+        let mark = ChunkMark {
+            last_line: self.last_line,
+            checkpoint,
+        };
+        self.pool.give(std::mem::take(&mut self.chunk), mark)?;
+        while let Some(rows) = self.pool.take_ready()? {
+            self.hand_on(rows)?;
         }
         Ok(())
     }
 
-    fn send_rows(&mut self) -> Result<()> {
-        // Observed rows are stamped again by the writer at their commit.
-        let events = self
-            .events
-            .finish(Utc::now())
-            .map_err(|source| Error::Arrow {
-                table: POS_EVENTS.name,
-                source,
-            })?;
-        let dead_letters = self.dead_letters.finish().map_err(|source| Error::Arrow {
-            table: DEAD_LETTERS.name,
-            source,
-        })?;
+    /// Sends a chunk's rows to the writer, then its commit.
+    fn hand_on(&mut self, rows: DecodedRows) -> Result<()> {
         self.send(Piece::Rows {
-            events,
-            dead_letters,
-            last_line: self.last_line,
-        })
+            events: rows.events,
+            dead_letters: rows.dead_letters,
+            last_line: rows.mark.last_line,
+        })?;
+        if let Some((last_line, end_of_file)) = rows.mark.checkpoint {
+            self.send(Piece::Checkpoint {
+                last_line,
+                end_of_file,
+            })?;
+        }
+        Ok(())
     }
 
-    fn checkpoint(&mut self, last_line: i64, end_of_file: bool) -> Result<()> {
-        self.send_rows()?;
-        self.since_checkpoint = 0;
-        self.send(Piece::Checkpoint {
-            last_line,
-            end_of_file,
-        })
+    /// Hands on every chunk given out, in order.
+    fn drain(&mut self) -> Result<()> {
+        while let Some(rows) = self.pool.take()? {
+            self.hand_on(rows)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the file: commit everything through `last_line`.
+    fn finish(&mut self, last_line: i64) -> Result<()> {
+        self.give_chunk(Some((last_line, true)))?;
+        self.drain()
+    }
+
+    /// Reads the file; on a read error, what was cut before it is still committed (as
+    /// one thread reading it would have), then the error is returned.
+    fn read(
+        &mut self,
+        input: Box<dyn Read + Send>,
+        format: &InputFormat,
+        path: &Path,
+    ) -> Result<()> {
+        let read = match format {
+            InputFormat::JsonLines => self.read_json_lines(input, path),
+            InputFormat::Csv(mapping) => self.read_csv(input, mapping, path),
+        };
+        if read.is_err() {
+            let _ = self.drain();
+        }
+        read
     }
 
     fn send(&self, piece: Piece) -> Result<()> {
@@ -401,33 +382,28 @@ impl Reader {
 
     fn read_json_lines(&mut self, input: Box<dyn Read + Send>, path: &Path) -> Result<()> {
         let mut reader = BufReader::with_capacity(1 << 20, input);
-        let mut buffer = Vec::with_capacity(1024);
         let mut line_number = 0_i64;
-        let from_occurred = self.knowledge == KnowledgeTime::FromOccurred;
         loop {
-            buffer.clear();
+            // Read straight into the chunk: a line is copied once, by the read.
+            let start = self.chunk.byte_len();
             if reader
-                .read_until(b'\n', &mut buffer)
+                .read_until(b'\n', self.chunk.buffer())
                 .map_err(io_error(path))?
                 == 0
             {
                 break;
             }
             line_number += 1;
-            let mut message = buffer.as_slice();
-            message = message.strip_suffix(b"\n").unwrap_or(message);
-            message = message.strip_suffix(b"\r").unwrap_or(message);
-            // The clock needs the line's occurred_at before decoding, also on lines a
-            // resumed load skips; parsing it twice only costs in this mode.
-            let probe: Option<OccurredProbe<'_>> = if from_occurred {
-                serde_json::from_slice(message).ok()
+            self.lines += 1;
+            self.last_line = line_number;
+            if self.skips(line_number) {
+                self.chunk.buffer().truncate(start);
             } else {
-                None
-            };
-            let occurred = probe.as_ref().and_then(|p| p.occurred_at.as_deref());
-            self.line(line_number, message, message, occurred)?;
+                self.chunk.push_read_line(line_number, start);
+            }
+            self.after_line(line_number)?;
         }
-        self.checkpoint(line_number, true)
+        self.finish(line_number)
     }
 
     fn read_csv(
@@ -449,6 +425,7 @@ impl Reader {
         };
         let bound = mapping.bind(header.as_ref())?;
         let delimiter = u8::try_from(mapping.delimiter).unwrap_or(b',');
+        let from_occurred = self.knowledge == KnowledgeTime::FromOccurred;
         let mut record = csv::StringRecord::new();
         let mut last_line = 0_i64;
         loop {
@@ -457,9 +434,19 @@ impl Reader {
                 Ok(true) => {
                     let line = record.position().map_or(last_line + 1, |p| p.line() as i64);
                     last_line = line;
-                    let (message, occurred) = bound.to_event_json(&record);
-                    let raw = row_as_csv(&record, delimiter);
-                    self.line(line, &message, &raw, occurred.as_deref())?;
+                    self.lines += 1;
+                    self.last_line = line;
+                    if !self.skips(line) {
+                        let (message, occurred) = bound.to_event_json(&record);
+                        let occurred = occurred
+                            .filter(|_| from_occurred)
+                            .as_deref()
+                            .and_then(streetflow_core::time::parse_rfc3339)
+                            .map(|at| at.timestamp_millis());
+                        let raw = row_as_csv(&record, delimiter);
+                        self.chunk.push_converted(line, &message, &raw, occurred);
+                    }
+                    self.after_line(line)?;
                 }
                 Err(error) if matches!(error.kind(), csv::ErrorKind::Io(_)) => {
                     return Err(Error::Backfill(format!("{}: {error}", path.display())));
@@ -468,14 +455,21 @@ impl Reader {
                 Err(error) => {
                     let line = error.position().map_or(last_line + 1, |p| p.line() as i64);
                     last_line = line;
-                    let detail = format!("not a CSV row: {error}");
-                    let message = serde_json::to_vec(&serde_json::json!({ "csv_error": detail }))
-                        .unwrap_or_default();
-                    self.line(line, &message, detail.as_bytes(), None)?;
+                    self.lines += 1;
+                    self.last_line = line;
+                    if !self.skips(line) {
+                        let detail = format!("not a CSV row: {error}");
+                        let message =
+                            serde_json::to_vec(&serde_json::json!({ "csv_error": detail }))
+                                .unwrap_or_default();
+                        self.chunk
+                            .push_converted(line, &message, detail.as_bytes(), None);
+                    }
+                    self.after_line(line)?;
                 }
             }
         }
-        self.checkpoint(last_line, true)
+        self.finish(last_line)
     }
 }
 
@@ -543,31 +537,29 @@ pub async fn backfill_file(
         .config
         .calendars()
         .map_err(|e| Error::Config(e.to_string()))?;
-    let mut reader = Reader {
-        path_text: report.path.clone(),
-        appender: RowAppender::new(decode_options, calendars),
-        events: EventRows::default(),
-        dead_letters: DeadLetterRows::default(),
-        knowledge: options.knowledge,
-        clock: StreamClock::default(),
+    let position = LoadPosition {
+        path: report.path.clone(),
         events_done: events_done.unwrap_or(0),
         dead_letters_done: dead_done.unwrap_or(0),
+    };
+    let input = open_input(path, options.bytes_read.clone())?;
+    let mut reader = Reader {
+        pool: DecoderPool::per_core(decode_options, &calendars, options.knowledge, &position)?,
+        chunk: LineChunk::default(),
+        knowledge: options.knowledge,
+        events_done: position.events_done,
         commit_every: options.commit_every_lines.max(1),
         since_checkpoint: 0,
         lines: 0,
         last_line: 0,
-        received_at: None,
         sender,
     };
-    let input = open_input(path, options.bytes_read.clone())?;
     let format = format.clone();
     let owned_path = path.to_owned();
     let read = tokio::task::spawn_blocking(move || {
-        let result = match &format {
-            InputFormat::JsonLines => reader.read_json_lines(input, &owned_path),
-            InputFormat::Csv(mapping) => reader.read_csv(input, mapping, &owned_path),
-        };
-        result.map(|()| reader.lines)
+        reader
+            .read(input, &format, &owned_path)
+            .map(|()| reader.lines)
     });
 
     let mut writer = LoadWriter {

@@ -296,6 +296,20 @@ impl EventRows {
         self.rows
     }
 
+    /// The `occurred_at` (µs UTC) of the row appended last.
+    pub(crate) fn last_occurred_micros(&self) -> Option<i64> {
+        self.occurred_at.values_slice().last().copied()
+    }
+
+    /// Sets the knowledge of every buffered row, in order (`None`: observed): for rows
+    /// whose asserted time is known only once the lines before them are (the stream clock
+    /// of a file load). Rows beyond `asserted` keep theirs.
+    pub(crate) fn set_asserted_micros(&mut self, asserted: Vec<Option<i64>>) {
+        for (row, known) in asserted.into_iter().enumerate().take(self.rows) {
+            self.asserted[row] = known;
+        }
+    }
+
     /// Whether no row is buffered.
     pub fn is_empty(&self) -> bool {
         self.rows == 0

@@ -12,6 +12,7 @@ mod batch;
 pub mod end_probe;
 mod error;
 mod group;
+mod line_decoding;
 pub mod metrics;
 mod produce;
 mod worker;
