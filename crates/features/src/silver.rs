@@ -238,6 +238,14 @@ async fn rebuild_both(
     build.commit(version).await.map(Some)
 }
 
+/// Committed batches waiting for the builders. A load hands a commit's rows over at
+/// once (2 M lines by default, about 120 of its 16,384-line batches); a queue shorter
+/// than that held the load's writer, and so its decoders, until the builders had read
+/// them all, and one core idled (measured: about 4 s of a 21 s load). About 250 bytes
+/// of Arrow per row: 256 batches are at most about 1 GB, and the builders read faster
+/// than a load decodes, so the queue stays short.
+const LOAD_QUEUED_BATCHES: usize = 256;
+
 /// Bronze rows a load may feed [`SilverFromLoad`] before it gives up (its builders
 /// hold about 190 bytes an event) and leaves silver to a refresh.
 const LOAD_EVENTS_LIMIT: u64 = 20_000_000;
@@ -258,7 +266,7 @@ impl SilverFromLoad {
         if lake.open(POS_EVENTS.name).await?.is_some() {
             return Ok(None);
         }
-        let (sender, mut receiver) = mpsc::channel::<RecordBatch>(4);
+        let (sender, mut receiver) = mpsc::channel::<RecordBatch>(LOAD_QUEUED_BATCHES);
         let task = tokio::spawn(async move {
             let mut builder = Some(ParallelDaily::per_core(DailyBuilder::new));
             let mut rows = 0_u64;

@@ -17,7 +17,7 @@ use streetflow_lake::arrow::compute::{
 use streetflow_lake::arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
 use streetflow_synth::{GenConfig, generate};
 
-use super::HistorySpec;
+use super::{HistorySpec, runs_of_similar_weight};
 use crate::daily::DailyBuilder;
 use crate::daily::tests::{daily_rows_by_sql, payer_days_by_sql, text};
 use crate::history::day_end;
@@ -413,4 +413,26 @@ fn text_of(batches: &[RecordBatch]) -> String {
     ])
     .unwrap()
     .to_string()
+}
+
+#[test]
+fn rows_are_cut_into_runs_of_similar_weight_in_order() {
+    let items: Vec<u32> = (0..10).collect();
+    let weight = |item: u32| if item == 3 { 50 } else { 5 };
+    for parts in 1..=12 {
+        let runs = runs_of_similar_weight(&items, parts, weight);
+        assert!(!runs.is_empty() && runs.len() <= parts, "{parts}: {runs:?}");
+        let joined: Vec<u32> = runs.concat();
+        assert_eq!(joined, items, "{parts} parts keep every row, in order");
+        assert!(runs.iter().all(|run| !run.is_empty()), "{parts}: {runs:?}");
+    }
+    // Two parts of a total of 95: the heavy row closes the first run.
+    assert_eq!(
+        runs_of_similar_weight(&items, 2, weight),
+        vec![&items[..4], &items[4..]]
+    );
+    assert_eq!(
+        runs_of_similar_weight(&[] as &[u32], 3, weight).concat(),
+        Vec::<u32>::new()
+    );
 }
