@@ -45,6 +45,30 @@ struct HistoryRows {
 
 pub(crate) use streetflow_core::tables::month_of;
 
+/// Builders computing history versions right now, across the process.
+static FINISHING_BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One builder computing history versions, for as long as it lives.
+struct FinishingBuild;
+
+impl FinishingBuild {
+    fn enter() -> Self {
+        FINISHING_BUILDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        FinishingBuild
+    }
+
+    /// Builders computing versions now (this one included once entered).
+    fn count() -> usize {
+        FINISHING_BUILDS.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FinishingBuild {
+    fn drop(&mut self) {
+        FINISHING_BUILDS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// `items` cut into at most `parts` consecutive runs of about equal total `weight`.
 fn runs_of_similar_weight<T: Copy>(
     items: &[T],
@@ -150,42 +174,57 @@ impl DailyBuilder {
         // Rows are independent of each other once the keys are settled: their versions
         // are computed on every core, each thread taking a run of rows in output order
         // of about the same number of events, and the runs joined in order.
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        // Builders of several operators finish at once (`ParallelDaily`): they share the
+        // cores instead of each taking all of them.
+        let _finishing = FinishingBuild::enter();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = (cores / FinishingBuild::count().max(1)).max(1);
         let runs = runs_of_similar_weight(&order, threads, |group| {
             starts[group as usize + 1] - starts[group as usize]
         });
         let this = &*self;
         let (group_members, starts, groups) = (&members, &starts, &groups);
-        let computed: Vec<Result<HistoryRows>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = runs
-                .into_iter()
-                .map(|run| {
-                    scope.spawn(move || {
-                        this.history_run(
-                            run,
-                            |group| {
-                                let (operator, merchant, date, end) = groups[group as usize];
-                                let events = &group_members
-                                    [starts[group as usize]..starts[group as usize + 1]];
-                                ((operator, merchant, date, end), events)
-                            },
-                            spec,
-                        )
+        let compute = move |run: &[u32]| {
+            this.history_run(
+                run,
+                |group| {
+                    let (operator, merchant, date, end) = groups[group as usize];
+                    let events = &group_members[starts[group as usize]..starts[group as usize + 1]];
+                    ((operator, merchant, date, end), events)
+                },
+                spec,
+            )
+        };
+        let computed: Vec<Result<HistoryRows>> = if runs.len() == 1 {
+            runs.into_iter().map(compute).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = runs
+                    .iter()
+                    .map(|&run| {
+                        // A thread that cannot start leaves its run to this one.
+                        std::thread::Builder::new()
+                            .name("history-versions".to_owned())
+                            .spawn_scoped(scope, move || compute(run))
+                            .map_err(|_| run)
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|handle| {
-                    handle.join().unwrap_or_else(|_| {
-                        Err(Error::Arrow {
-                            context: "computing merchant_daily_history".to_owned(),
-                            source: ArrowError::ComputeError("a history thread stopped".to_owned()),
-                        })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|handle| match handle {
+                        Ok(handle) => handle.join().unwrap_or_else(|_| {
+                            Err(Error::Arrow {
+                                context: "computing merchant_daily_history".to_owned(),
+                                source: ArrowError::ComputeError(
+                                    "a history thread stopped".to_owned(),
+                                ),
+                            })
+                        }),
+                        Err(run) => compute(run),
                     })
-                })
-                .collect()
-        });
+                    .collect()
+            })
+        };
         let mut rows = HistoryRows::default();
         for run in computed {
             let run = run?;
