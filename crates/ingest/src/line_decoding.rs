@@ -464,8 +464,9 @@ impl Drop for DecoderPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use streetflow_lake::arrow::array::{Array, StringArray, TimestampMicrosecondArray};
+    use streetflow_lake::arrow::array::{Array, ArrayRef, AsArray};
     use streetflow_lake::arrow::compute::concat_batches;
+    use streetflow_lake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 
     fn event(line: usize, occurred: &str) -> String {
         format!(
@@ -588,6 +589,10 @@ mod tests {
         )
     }
 
+    fn column<'a>(batch: &'a RecordBatch, name: &str) -> &'a ArrayRef {
+        batch.column_by_name(name).unwrap()
+    }
+
     /// The columns that do not depend on the wall clock of the run.
     fn stable(events: &RecordBatch, dead_letters: &RecordBatch) -> (RecordBatch, RecordBatch) {
         let without = |batch: &RecordBatch, clocked: &str| {
@@ -595,12 +600,8 @@ mod tests {
             let keep: Vec<usize> = (0..batch.num_columns()).filter(|&c| c != skip).collect();
             batch.project(&keep).unwrap()
         };
-        let observed = events
-            .column_by_name("knowledge_source")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap()
+        let observed = column(events, "knowledge_source")
+            .as_string::<i32>()
             .iter()
             .any(|source| source == Some("observed"));
         let events = if observed {
@@ -667,42 +668,22 @@ mod tests {
             &position(120, 130),
         );
         let line_of = |batch: &RecordBatch| -> Vec<i64> {
-            let column = batch.column_by_name("source_line").unwrap();
-            let lines = column
-                .as_any()
-                .downcast_ref::<streetflow_lake::arrow::array::Int64Array>()
-                .unwrap();
-            lines.values().to_vec()
+            column(batch, "source_line")
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
         };
         assert!(line_of(&rest).iter().all(|&line| line > 120));
         assert!(line_of(&dead).iter().all(|&line| line > 130));
         let skipped = whole.num_rows() - rest.num_rows();
         assert_eq!(whole.slice(skipped, rest.num_rows()), rest);
-        // The clock never moves back, and never before the line itself happened.
-        let known = rest
-            .column_by_name("knowledge_time")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .unwrap()
-            .clone();
-        let occurred = rest
-            .column_by_name("occurred_at")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .unwrap()
-            .clone();
+        // A row is never known before it happened.
+        let known = column(&rest, "knowledge_time").as_primitive::<TimestampMicrosecondType>();
+        let occurred = column(&rest, "occurred_at").as_primitive::<TimestampMicrosecondType>();
         for row in 0..rest.num_rows() {
             assert!(known.value(row) >= occurred.value(row), "row {row}");
         }
-        let sources = rest
-            .column_by_name("knowledge_source")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap()
-            .clone();
+        let sources = column(&rest, "knowledge_source").as_string::<i32>();
         assert!(sources.iter().all(|source| source == Some("asserted")));
         assert_eq!(known.null_count(), 0);
     }
