@@ -5,8 +5,8 @@ use clap::Args;
 use streetflow_features::{SilverMode, refresh_silver};
 use streetflow_lake::Lake;
 
-use crate::ingest::runtime;
 use crate::output::thousands;
+use crate::runtime::runtime;
 use crate::settings::{load_pipeline, silver_settings};
 
 /// Options of `streetflow aggregate`.

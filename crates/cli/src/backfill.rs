@@ -18,8 +18,8 @@ use streetflow_ingest::{
 };
 use streetflow_lake::Lake;
 
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::runtime::runtime;
 use crate::settings::{load_pipeline, set_override, silver_settings};
 
 /// Options of `streetflow backfill`.

@@ -20,8 +20,8 @@ use streetflow_ingest::{
 use streetflow_lake::{Lake, OffsetWriter};
 use streetflow_synth::{GenConfig, generate};
 
-use crate::ingest::runtime;
 use crate::output::{create, table, thousands};
+use crate::runtime::runtime;
 
 /// The benchmarks.
 #[derive(Debug, Subcommand)]

@@ -19,8 +19,8 @@ use streetflow_lake::arrow::datatypes::Int64Type;
 use streetflow_synth::{GenConfig, generate};
 
 use crate::bench_features::{peak_rss, reset_peak_rss};
-use crate::ingest::runtime;
 use crate::output::{create, table, thousands};
+use crate::runtime::runtime;
 
 /// Options of `streetflow bench backfill`.
 #[derive(Debug, Args)]

@@ -22,9 +22,9 @@ use streetflow_credit::{Policy, decide};
 use streetflow_features::{AsOf, FeatureInputs, LOOKBACK_DAYS, write_features};
 
 use crate::bench_features::{AS_OF, district_args, prepare_lake, registry};
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
-use crate::serve::{Access, Limits, Service, router};
+use crate::runtime::runtime;
+use streetflow_serve::{Access, Limits, Service, router};
 
 /// Options of `streetflow bench decide`.
 #[derive(Debug, Args)]

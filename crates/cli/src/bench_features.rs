@@ -37,8 +37,8 @@ use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
 use streetflow_lake::deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use streetflow_lake::{Lake, OffsetWriter};
 
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::runtime::runtime;
 
 /// Options of `streetflow bench features`.
 #[derive(Debug, Args)]

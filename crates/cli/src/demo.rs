@@ -30,9 +30,9 @@ use streetflow_ingest::{
 use streetflow_lake::Lake;
 use streetflow_synth::{GenConfig, generate, write_registry_csv, write_truth_csv};
 
-use crate::decide::{print_summary, shipped_policies, yuan};
-use crate::ingest::runtime;
 use crate::output::thousands;
+use crate::output::{print_decision_summary, yuan};
+use crate::runtime::runtime;
 use crate::settings::load_pipeline;
 
 /// Options of `streetflow demo`.
@@ -391,11 +391,11 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     // 6. Decisions for both products.
     let started = Instant::now();
     let mut decided = Vec::new();
-    let policies = runtime.block_on(shipped_policies())?;
+    let policies = runtime.block_on(streetflow_credit::Policy::shipped())?;
     for policy in &policies {
         let (_, summary) = runtime.block_on(decide(&lake, today, policy))?;
         println!();
-        print_summary(policy, &summary);
+        print_decision_summary(policy, &summary);
         decided.push(summary);
     }
     println!();

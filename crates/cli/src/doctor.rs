@@ -20,8 +20,8 @@ use streetflow_core::tables::{
 use streetflow_features::BRONZE_APP_ID;
 use streetflow_lake::Lake;
 
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::runtime::runtime;
 use crate::settings::{load_pipeline, set_override};
 
 /// Options of `streetflow doctor`.

@@ -13,8 +13,8 @@ use streetflow_features::{
 };
 use streetflow_lake::Lake;
 
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::runtime::runtime;
 use crate::settings::{AsOfArg, load_pipeline, silver_settings};
 
 /// Options of `streetflow features`.

@@ -15,6 +15,7 @@ use streetflow_ingest::{
 };
 
 use crate::output::thousands;
+use crate::runtime::runtime;
 use crate::settings::{load_pipeline, set_override, silver_settings};
 
 /// Options of `streetflow ingest`.
@@ -96,15 +97,6 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
-}
-
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("streetflow-io")
-        .build()
-        .context("starting the async runtime")
 }
 
 fn report_json(report: &IngestReport, seconds: f64) -> serde_json::Value {

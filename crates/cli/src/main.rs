@@ -7,7 +7,6 @@ mod bench_backfill;
 mod bench_decide;
 mod bench_features;
 mod decide;
-mod decision_index;
 mod demo;
 #[cfg(test)]
 mod deploy_check;
@@ -19,6 +18,7 @@ mod maintain;
 mod migrate;
 mod output;
 mod report;
+mod runtime;
 mod serve;
 mod settings;
 mod sql;

@@ -8,8 +8,8 @@ use streetflow_core::tables::{
     POS_EVENTS,
 };
 
-use crate::ingest::runtime;
 use crate::output::{table, thousands};
+use crate::runtime::runtime;
 use crate::settings::open_lake;
 
 fn all_tables() -> Vec<String> {

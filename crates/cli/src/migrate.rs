@@ -33,7 +33,7 @@ use streetflow_lake::arrow::compute::{cast, nullif};
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type, TimeUnit};
 use streetflow_lake::{Lake, Rewritten};
 
-use crate::ingest::runtime;
+use crate::runtime::runtime;
 use crate::settings::{load_pipeline, silver_settings};
 
 /// Options of `streetflow migrate`.

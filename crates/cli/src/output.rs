@@ -28,26 +28,6 @@ pub(crate) fn create(path: &Path) -> anyhow::Result<Box<dyn Write>> {
     Ok(Box::new(BufWriter::with_capacity(1 << 20, file)))
 }
 
-/// Result rows as JSON objects (dates as `YYYY-MM-DD`, nulls kept).
-pub(crate) fn rows_json(
-    batches: &[streetflow_lake::arrow::array::RecordBatch],
-) -> anyhow::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-    let mut buffer = Vec::new();
-    {
-        let mut writer = arrow_json::WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, arrow_json::writer::JsonArray>(&mut buffer);
-        for batch in batches {
-            writer.write(batch)?;
-        }
-        writer.finish()?;
-    }
-    if buffer.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(serde_json::from_slice(&buffer)?)
-}
-
 /// Groups digits in threes: `1234567` → `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -59,6 +39,68 @@ pub(crate) fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Yuan with thousands separators, from fen (limits are whole yuan).
+pub(crate) fn yuan(fen: i64) -> String {
+    let sign = if fen < 0 { "-" } else { "" };
+    format!("{sign}{}", thousands(fen.unsigned_abs() / 100))
+}
+
+/// Prints a decision run's counts, limits and top reasons as tables.
+pub(crate) fn print_decision_summary(
+    policy: &streetflow_credit::Policy,
+    summary: &streetflow_credit::DecisionSummary,
+) {
+    println!(
+        "credit_decisions: {} {} as of {} — {} merchants (merchant_features version {})",
+        summary.product,
+        summary.policy_version,
+        summary.as_of_date,
+        thousands(summary.merchants as u64),
+        summary.feature_table_version
+    );
+    let mut t = table(&["decision", "merchants", "total limit (yuan)"]);
+    for outcome in [
+        streetflow_credit::Outcome::Approve,
+        streetflow_credit::Outcome::Refer,
+        streetflow_credit::Outcome::Decline,
+    ] {
+        let count = summary.by_decision.get(&outcome).copied().unwrap_or(0);
+        let limit = summary
+            .limit_fen_by_decision
+            .get(&outcome)
+            .copied()
+            .unwrap_or(0);
+        t.add_row(vec![
+            outcome.as_str().to_owned(),
+            thousands(count as u64),
+            yuan(limit),
+        ]);
+    }
+    println!("{t}");
+    if !summary.top_reasons.is_empty() {
+        let explanations: std::collections::BTreeMap<&str, &str> =
+            policy.reason_codes().into_iter().collect();
+        let mut t = table(&["reason", "merchants", "meaning"]);
+        for (code, n) in summary.top_reasons.iter().take(12) {
+            t.add_row(vec![
+                code.clone(),
+                thousands(*n as u64),
+                explanations
+                    .get(code.as_str())
+                    .copied()
+                    .unwrap_or("")
+                    .to_owned(),
+            ]);
+        }
+        println!("{t}");
+    }
+    println!(
+        "subsidy-eligible (approved or referred in a subsidy sector): {}; policy sha256 {}",
+        thousands(summary.subsidy_eligible as u64),
+        summary.policy_hash
+    );
 }
 
 #[cfg(test)]

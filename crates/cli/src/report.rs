@@ -15,10 +15,8 @@ use streetflow_core::tables::CREDIT_DECISIONS;
 use streetflow_credit::Policy;
 use streetflow_lake::Lake;
 
-use crate::decide::{shipped_policies, yuan};
-use crate::ingest::runtime;
-use crate::output::rows_json;
-use crate::serve::load_policies;
+use crate::output::yuan;
+use crate::runtime::runtime;
 
 /// Options of `streetflow report`.
 #[derive(Debug, Args)]
@@ -123,7 +121,7 @@ async fn load_decisions(lake: &Lake, as_of: NaiveDate) -> anyhow::Result<Vec<Dec
              ORDER BY product, operator_id, merchant_id"
         ))
         .await?;
-    let rows = rows_json(&batches)?;
+    let rows = streetflow_lake::rows_json(&batches)?;
     anyhow::ensure!(
         !rows.is_empty(),
         "no credit decisions as of {as_of}: run `streetflow decide --as-of {as_of}` first"
@@ -215,7 +213,7 @@ async fn load_features(
             in_list(merchants.iter().map(|(_, m)| m.clone()))
         ))
         .await?;
-    Ok(rows_json(&batches)?
+    Ok(streetflow_lake::rows_json(&batches)?
         .into_iter()
         .map(|row| ((text(&row, "operator_id"), text(&row, "merchant_id")), row))
         .collect())
@@ -241,7 +239,7 @@ async fn load_days(
         ))
         .await?;
     let mut days: HashMap<Key, BTreeMap<NaiveDate, Day>> = HashMap::new();
-    for row in rows_json(&batches)? {
+    for row in streetflow_lake::rows_json(&batches)? {
         let Ok(date) = text(&row, "day").parse::<NaiveDate>() else {
             continue;
         };
@@ -691,9 +689,9 @@ pub(crate) fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let lake = crate::settings::open_lake(&args.lake, args.config.as_deref())?;
     let policies = match &args.policies {
-        Some(dir) => runtime.block_on(load_policies(dir))?,
+        Some(dir) => runtime.block_on(streetflow_credit::Policy::load_dir(dir))?,
         None => runtime
-            .block_on(shipped_policies())?
+            .block_on(streetflow_credit::Policy::shipped())?
             .into_iter()
             .map(|p| (p.product.id.clone(), p))
             .collect(),

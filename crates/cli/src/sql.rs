@@ -12,8 +12,8 @@ use streetflow_lake::deltalake::parquet::arrow::ArrowWriter;
 use streetflow_lake::deltalake::parquet::basic::{Compression, ZstdLevel};
 use streetflow_lake::deltalake::parquet::file::properties::WriterProperties;
 
-use crate::ingest::runtime;
 use crate::output;
+use crate::runtime::runtime;
 use crate::settings::open_lake;
 
 /// Options of `streetflow sql`.

@@ -341,6 +341,18 @@ impl Checker {
     }
 }
 
+/// The shipped policy files, by file name.
+const SHIPPED_POLICIES: [(&str, &str); 2] = [
+    (
+        "district-turnover-loan.toml",
+        include_str!("../../../pipelines/policies/district-turnover-loan.toml"),
+    ),
+    (
+        "daily-takings-line.toml",
+        include_str!("../../../pipelines/policies/daily-takings-line.toml"),
+    ),
+];
+
 /// DataFusion's planning errors carry a long schema dump; keep the first sentence.
 fn plain(message: &str) -> String {
     let message = message
@@ -663,6 +675,49 @@ impl Policy {
             }],
         })?;
         Policy::parse(&text, &name).await
+    }
+
+    /// Reads and checks every `*.toml` policy of `dir`, keyed by product id (files in name
+    /// order). A directory without policies, or two files for one product, is an error.
+    pub async fn load_dir(dir: &std::path::Path) -> Result<BTreeMap<String, Policy>, PolicyErrors> {
+        let about_dir = |message: String| PolicyErrors {
+            source_name: dir.display().to_string(),
+            problems: vec![PolicyProblem {
+                location: "directory".into(),
+                message,
+            }],
+        };
+        let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| about_dir(format!("cannot be read: {e}")))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+            .collect();
+        paths.sort();
+        let mut policies = BTreeMap::new();
+        for path in paths {
+            let policy = Policy::load(&path).await?;
+            if let Some(previous) = policies.insert(policy.product.id.clone(), policy) {
+                return Err(about_dir(format!(
+                    "two policy files define product {} (the second is {})",
+                    previous.product.id,
+                    path.display()
+                )));
+            }
+        }
+        if policies.is_empty() {
+            return Err(about_dir("holds no policy files (*.toml)".into()));
+        }
+        Ok(policies)
+    }
+
+    /// The policies shipped in `pipelines/policies`, compiled into the program (the demo
+    /// and the report use them when no directory is given).
+    pub async fn shipped() -> Result<Vec<Policy>, PolicyErrors> {
+        let mut policies = Vec::with_capacity(SHIPPED_POLICIES.len());
+        for (file, text) in SHIPPED_POLICIES {
+            policies.push(Policy::parse(text, file).await?);
+        }
+        Ok(policies)
     }
 
     /// The reason codes this policy can emit, with their explanations.

@@ -65,6 +65,9 @@ pub enum Error {
     /// A query failed to plan or run.
     #[error("query: {0}")]
     Query(String),
+    /// Result rows could not be rendered as JSON.
+    #[error("rendering result rows as JSON: {0}")]
+    Json(String),
     /// Files of the table are damaged at rest (see [`crate::Lake::find_damage`]).
     #[error("table {table} is damaged: {}", damage.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Damaged {
@@ -101,6 +104,7 @@ impl Error {
             Error::BadLocation { .. }
             | Error::NotAQuery(_)
             | Error::Query(_)
+            | Error::Json(_)
             | Error::SchemaMismatch { .. }
             | Error::OffsetWouldMoveBack { .. }
             | Error::SourceChanged { .. }

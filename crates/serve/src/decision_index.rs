@@ -17,6 +17,8 @@ use streetflow_lake::arrow::array::{AsArray, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::{DataType, Date32Type};
 
+use crate::error::{Error, Result};
+
 /// Where a row is: (batch, row).
 type Position = (usize, usize);
 
@@ -25,7 +27,7 @@ type Row = Map<String, Value>;
 
 /// The latest decisions and their feature rows; see the module documentation.
 #[derive(Debug, Default)]
-pub(crate) struct DecisionIndex {
+pub struct DecisionIndex {
     /// Versions of `credit_decisions` and `merchant_features` read (-1: no table).
     versions: (i64, i64),
     decisions: Vec<RecordBatch>,
@@ -41,7 +43,7 @@ const RANKED: &str = "SELECT *, row_number() OVER (PARTITION BY product, operato
                       ORDER BY as_of_date DESC) AS recency FROM credit_decisions";
 
 /// A table's version, -1 without the table.
-async fn version(lake: &Lake, table: &str) -> anyhow::Result<i64> {
+async fn version(lake: &Lake, table: &str) -> Result<i64> {
     Ok(lake
         .open(table)
         .await?
@@ -50,19 +52,28 @@ async fn version(lake: &Lake, table: &str) -> anyhow::Result<i64> {
 }
 
 /// The versions the index would be read from now.
-pub(crate) async fn table_versions(lake: &Lake) -> anyhow::Result<(i64, i64)> {
+pub async fn table_versions(lake: &Lake) -> Result<(i64, i64)> {
     Ok((
         version(lake, CREDIT_DECISIONS.name).await?,
         version(lake, MERCHANT_FEATURES.name).await?,
     ))
 }
 
+fn missing_column(name: &str) -> Error {
+    Error::Config(format!(
+        "the stored decisions or features have no column {name}"
+    ))
+}
+
 /// The string values of column `name` of `batch` (any string or dictionary type).
-fn strings(batch: &RecordBatch, name: &str) -> anyhow::Result<Vec<Option<String>>> {
+fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
     let column = batch
         .column_by_name(name)
-        .ok_or_else(|| anyhow::anyhow!("no column {name}"))?;
-    let column = cast(column, &DataType::Utf8)?;
+        .ok_or_else(|| missing_column(name))?;
+    let column = cast(column, &DataType::Utf8).map_err(|source| Error::Arrow {
+        context: format!("reading column {name} as text"),
+        source,
+    })?;
     Ok(column
         .as_string::<i32>()
         .iter()
@@ -71,22 +82,25 @@ fn strings(batch: &RecordBatch, name: &str) -> anyhow::Result<Vec<Option<String>
 }
 
 /// The `as_of_date` values of `batch` as days since 1970-01-01.
-fn as_of_days(batch: &RecordBatch) -> anyhow::Result<Vec<Option<i32>>> {
+fn as_of_days(batch: &RecordBatch) -> Result<Vec<Option<i32>>> {
     let column = batch
         .column_by_name("as_of_date")
-        .ok_or_else(|| anyhow::anyhow!("no column as_of_date"))?;
-    let column = cast(column, &DataType::Date32)?;
+        .ok_or_else(|| missing_column("as_of_date"))?;
+    let column = cast(column, &DataType::Date32).map_err(|source| Error::Arrow {
+        context: "reading column as_of_date as a date".into(),
+        source,
+    })?;
     Ok(column.as_primitive::<Date32Type>().iter().collect())
 }
 
 impl DecisionIndex {
     /// The versions it was read from.
-    pub(crate) fn versions(&self) -> (i64, i64) {
+    pub fn versions(&self) -> (i64, i64) {
         self.versions
     }
 
     /// Reads the latest decisions and their feature rows.
-    pub(crate) async fn load(lake: &Lake) -> anyhow::Result<Self> {
+    pub async fn load(lake: &Lake) -> Result<Self> {
         let versions = table_versions(lake).await?;
         let mut index = Self {
             versions,
@@ -161,18 +175,23 @@ impl DecisionIndex {
     }
 
     /// Decisions indexed.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.latest.len()
+    }
+
+    /// Whether no decision is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
     }
 
     /// The latest decision of a merchant for a product as JSON, and the feature row it
     /// was decided on (empty when that row is gone).
-    pub(crate) fn lookup(
+    pub fn lookup(
         &self,
         product: &str,
         operator_id: &str,
         merchant_id: &str,
-    ) -> anyhow::Result<Option<(Row, Row)>> {
+    ) -> Result<Option<(Row, Row)>> {
         let key = (
             product.to_owned(),
             operator_id.to_owned(),
@@ -192,13 +211,14 @@ impl DecisionIndex {
                     .get(&(day, operator_id.to_owned(), merchant_id.to_owned()))
             })
             .and_then(|&(batch, row)| self.features.get(batch).map(|b| b.slice(row, 1)));
-        let decision = crate::output::rows_json(&[decision_row])?
-            .pop()
-            .unwrap_or_default();
+        let json = |batch: RecordBatch| {
+            streetflow_lake::rows_json(&[batch])
+                .map(|mut rows| rows.pop().unwrap_or_default())
+                .map_err(Error::from)
+        };
+        let decision = json(decision_row)?;
         let features = match features {
-            Some(features) => crate::output::rows_json(&[features])?
-                .pop()
-                .unwrap_or_default(),
+            Some(features) => json(features)?,
             None => Map::new(),
         };
         Ok(Some((decision, features)))
