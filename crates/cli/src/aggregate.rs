@@ -7,7 +7,7 @@ use streetflow_lake::Lake;
 
 use crate::output::thousands;
 use crate::runtime::runtime;
-use crate::settings::{load_pipeline, silver_settings};
+use crate::settings::load_pipeline;
 
 /// Options of `streetflow aggregate`.
 #[derive(Debug, Args)]
@@ -37,7 +37,11 @@ pub(crate) fn run(args: &AggregateArgs) -> anyhow::Result<()> {
         SilverMode::Incremental
     };
     let report = runtime
-        .block_on(refresh_silver(&lake, mode, &silver_settings(&config)?))
+        .block_on(refresh_silver(
+            &lake,
+            mode,
+            &streetflow_features::SilverSettings::of(&config)?,
+        ))
         .context("refreshing merchant_daily")?;
     if args.json {
         println!(

@@ -20,7 +20,7 @@ use streetflow_lake::Lake;
 
 use crate::output::{table, thousands};
 use crate::runtime::runtime;
-use crate::settings::{load_pipeline, set_override, silver_settings};
+use crate::settings::{load_pipeline, set_override};
 
 /// Options of `streetflow backfill`.
 #[derive(Debug, Args)]
@@ -199,7 +199,7 @@ pub(crate) fn run(args: &BackfillArgs) -> anyhow::Result<()> {
         let spinner = ProgressBar::new_spinner();
         spinner.set_message("bringing merchant_daily up to date");
         spinner.enable_steady_tick(Duration::from_millis(120));
-        let settings = silver_settings(&config)?;
+        let settings = streetflow_features::SilverSettings::of(&config)?;
         let report = runtime
             .block_on(async {
                 if let Some(from_load) = from_load

@@ -351,7 +351,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let silver = runtime.block_on(refresh_silver(
         &lake,
         SilverMode::Full,
-        &crate::settings::silver_settings(&pipeline)?,
+        &streetflow_features::SilverSettings::of(&pipeline)?,
     ))?;
     working.finish_and_clear();
     step(

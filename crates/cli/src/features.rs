@@ -15,7 +15,7 @@ use streetflow_lake::Lake;
 
 use crate::output::{table, thousands};
 use crate::runtime::runtime;
-use crate::settings::{AsOfArg, load_pipeline, silver_settings};
+use crate::settings::{AsOfArg, load_pipeline};
 
 /// Options of `streetflow features`.
 #[derive(Debug, Args)]
@@ -69,7 +69,7 @@ pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
         .block_on(refresh_silver(
             &lake,
             SilverMode::Incremental,
-            &silver_settings(&config)?,
+            &streetflow_features::SilverSettings::of(&config)?,
         ))
         .context("bringing silver up to date")?;
     if let (Some(spine), Some(out)) = (&args.spine, &args.out) {

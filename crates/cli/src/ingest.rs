@@ -16,7 +16,7 @@ use streetflow_ingest::{
 
 use crate::output::thousands;
 use crate::runtime::runtime;
-use crate::settings::{load_pipeline, set_override, silver_settings};
+use crate::settings::{load_pipeline, set_override};
 
 /// Options of `streetflow ingest`.
 #[derive(Debug, Args)]
@@ -177,7 +177,9 @@ pub(crate) fn run_ingest(args: &IngestArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let after_commit = if config.silver.update_after_flush {
-        Some(silver_refresh_hook(silver_settings(&config)?))
+        Some(silver_refresh_hook(
+            streetflow_features::SilverSettings::of(&config)?,
+        ))
     } else {
         None
     };

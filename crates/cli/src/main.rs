@@ -2,10 +2,6 @@
 
 mod aggregate;
 mod backfill;
-mod bench;
-mod bench_backfill;
-mod bench_decide;
-mod bench_features;
 mod decide;
 mod demo;
 #[cfg(test)]
@@ -90,7 +86,7 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Measure throughput (see each benchmark's help).
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(streetflow_bench::BenchCommand),
 }
 
 fn init_logging(format: LogFormat, quiet: bool) {
@@ -132,7 +128,7 @@ fn main() -> ExitCode {
         Command::Decide(args) => decide::run(&args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Migrate(args) => migrate::run(&args),
-        Command::Bench(command) => bench::run(&command),
+        Command::Bench(command) => streetflow_bench::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

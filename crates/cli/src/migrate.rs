@@ -34,7 +34,7 @@ use streetflow_lake::arrow::datatypes::{DataType, Date32Type, TimeUnit};
 use streetflow_lake::{Lake, Rewritten};
 
 use crate::runtime::runtime;
-use crate::settings::{load_pipeline, silver_settings};
+use crate::settings::load_pipeline;
 
 /// Options of `streetflow migrate`.
 #[derive(Debug, Args)]
@@ -130,7 +130,7 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
         .block_on(refresh_silver(
             &lake,
             SilverMode::Full,
-            &silver_settings(&config)?,
+            &streetflow_features::SilverSettings::of(&config)?,
         ))
         .context("building merchant_daily_history")?;
     if args.json {

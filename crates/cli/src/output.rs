@@ -28,24 +28,7 @@ pub(crate) fn create(path: &Path) -> anyhow::Result<Box<dyn Write>> {
     Ok(Box::new(BufWriter::with_capacity(1 << 20, file)))
 }
 
-/// Groups digits in threes: `1234567` → `1,234,567`.
-pub(crate) fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Yuan with thousands separators, from fen (limits are whole yuan).
-pub(crate) fn yuan(fen: i64) -> String {
-    let sign = if fen < 0 { "-" } else { "" };
-    format!("{sign}{}", thousands(fen.unsigned_abs() / 100))
-}
+pub(crate) use streetflow_core::money::{grouped_yuan as yuan, thousands};
 
 /// Prints a decision run's counts, limits and top reasons as tables.
 pub(crate) fn print_decision_summary(
@@ -101,17 +84,4 @@ pub(crate) fn print_decision_summary(
         thousands(summary.subsidy_eligible as u64),
         summary.policy_hash
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn groups_digits() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1_000), "1,000");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-    }
 }

@@ -87,16 +87,6 @@ pub(crate) fn set_override(
     }
 }
 
-/// What the silver refresh needs from a pipeline: calendars and knowledge rules.
-pub(crate) fn silver_settings(
-    config: &streetflow_core::PipelineConfig,
-) -> anyhow::Result<streetflow_features::SilverSettings> {
-    Ok(streetflow_features::SilverSettings {
-        calendars: config.calendars()?,
-        knowledge: config.knowledge_rules(),
-    })
-}
-
 /// An `--as-of` date: a date, or `today` / `yesterday` in the operators' business
 /// calendars (what a scheduled job means; a container's `date +%F` is the UTC date).
 /// `today` is the latest date whose day before every operator has closed.

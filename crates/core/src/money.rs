@@ -56,11 +56,45 @@ pub fn parse_yuan(text: &str) -> Option<i64> {
     Some(if negative { -fen } else { fen })
 }
 
+/// Groups digits in threes, for people: `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whole yuan with thousands separators, from fen (limits are whole yuan; the fen are
+/// cut off): `-123456789` → `-1,234,567`.
+pub fn grouped_yuan(fen: i64) -> String {
+    let sign = if fen < 0 { "-" } else { "" };
+    format!(
+        "{sign}{}",
+        thousands(fen.unsigned_abs() / FEN_PER_YUAN.unsigned_abs())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn groups_digits_and_whole_yuan() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(grouped_yuan(123_456_789), "1,234,567");
+        assert_eq!(grouped_yuan(-123_456_789), "-1,234,567");
+        assert_eq!(grouped_yuan(i64::MIN), "-92,233,720,368,547,758");
+    }
 
     #[test]
     fn formats_and_parses_known_values() {

@@ -54,6 +54,18 @@ pub struct SilverSettings {
     pub knowledge: KnowledgeRules,
 }
 
+impl SilverSettings {
+    /// The settings of a pipeline file: its operators' calendars and knowledge rules.
+    pub fn of(
+        config: &streetflow_core::PipelineConfig,
+    ) -> std::result::Result<Self, streetflow_core::CalendarError> {
+        Ok(Self {
+            calendars: config.calendars()?,
+            knowledge: config.knowledge_rules(),
+        })
+    }
+}
+
 /// What a history refresh did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryReport {

@@ -18,6 +18,7 @@ mod maintenance;
 mod migrate;
 mod prepared;
 mod query;
+mod runtime;
 mod writer;
 
 pub use changes::{DataChanges, data_changes};
@@ -29,6 +30,7 @@ pub use maintenance::{CompactReport, ORPHAN_MAX_RETAIN_HOURS, ORPHAN_MIN_HOURS, 
 pub use migrate::Rewritten;
 pub use prepared::{PreparedQuery, RequestTables};
 pub use query::memory_limit;
+pub use runtime::runtime;
 pub use writer::{AppProgress, CommitOutcome, OffsetWriter, PartitionProgress, StagedFiles};
 
 /// Re-exported for callers that need Delta types (tables, file selections).

@@ -21,14 +21,13 @@ use streetflow_core::OperatorCalendars;
 use streetflow_credit::{Policy, decide};
 use streetflow_features::{AsOf, FeatureInputs, LOOKBACK_DAYS, write_features};
 
-use crate::bench_features::{AS_OF, district_args, prepare_lake, registry};
-use crate::output::{table, thousands};
-use crate::runtime::runtime;
+use crate::console::{runtime, table, thousands};
+use crate::features::{AS_OF, district_args, prepare_lake, registry};
 use streetflow_serve::{Access, Limits, Service, router};
 
 /// Options of `streetflow bench decide`.
 #[derive(Debug, Args)]
-pub(crate) struct BenchDecideArgs {
+pub struct BenchDecideArgs {
     /// Merchants, dealt to four operators.
     #[arg(long, default_value_t = 10_000)]
     merchants: u32,
@@ -152,8 +151,8 @@ pub(crate) fn bench_decide(args: &BenchDecideArgs) -> anyhow::Result<()> {
 
     let product = policy.product.id.clone();
     // The evaluation path's history cache holds the lookback window of the bench date.
-    crate::bench_features::reset_peak_rss();
-    let before = crate::bench_features::current_rss().unwrap_or(0);
+    crate::features::reset_peak_rss();
+    let before = crate::features::current_rss().unwrap_or(0);
     let started = Instant::now();
     let service = Arc::new(runtime.block_on(Service::open(
         lake.clone(),
@@ -162,14 +161,14 @@ pub(crate) fn bench_decide(args: &BenchDecideArgs) -> anyhow::Result<()> {
         Duration::from_secs(3600),
         Some(AS_OF - chrono::Days::new(LOOKBACK_DAYS)),
     ))?);
-    let cached = crate::bench_features::current_rss().unwrap_or(0);
+    let cached = crate::features::current_rss().unwrap_or(0);
     println!(
         "serve: history cache of {} days read in {:.1} s; resident memory {:.0} MB more ({:.0} MB in all, peak {:.0} MB)",
         LOOKBACK_DAYS,
         started.elapsed().as_secs_f64(),
         cached.saturating_sub(before) as f64 / 1e6,
         cached as f64 / 1e6,
-        crate::bench_features::peak_rss().unwrap_or(0) as f64 / 1e6
+        crate::features::peak_rss().unwrap_or(0) as f64 / 1e6
     );
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;

@@ -18,13 +18,12 @@ use streetflow_lake::arrow::array::{Array, AsArray};
 use streetflow_lake::arrow::datatypes::Int64Type;
 use streetflow_synth::{GenConfig, generate};
 
-use crate::bench_features::{peak_rss, reset_peak_rss};
-use crate::output::{create, table, thousands};
-use crate::runtime::runtime;
+use crate::console::{create, runtime, table, thousands};
+use crate::features::{peak_rss, reset_peak_rss};
 
 /// Options of `streetflow bench backfill`.
 #[derive(Debug, Args)]
-pub(crate) struct BenchBackfillArgs {
+pub struct BenchBackfillArgs {
     /// Merchants of the generated export (250 × 400 days ≈ 8.4 M lines, 2.1 GB).
     #[arg(long, default_value_t = 250)]
     merchants: u32,
@@ -77,61 +76,7 @@ struct Export {
     truth: Totals,
 }
 
-const DUCKDB_SCRIPT: &str = r#"
-import json, sys, time
-import duckdb
-
-events, work, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def text(name):
-    with open(f"{work}/sql/{name}.sql") as f:
-        return f.read()
-
-started = time.perf_counter()
-con = duckdb.connect(f"{work}/duck.db")
-con.execute(f"SET threads = {threads}")
-con.execute(f"SET temp_directory = '{work}/duck.tmp'")
-# The generator writes every occurred_at in +08:00 (Asia/Shanghai, no daylight saving),
-# so the business date and local minute are read off the text; streetflow places each
-# event on its operator's calendar instead (a little more work, kept on DuckDB's side).
-con.execute(f"""
-CREATE TABLE events AS
-SELECT
-  operator_id,
-  CAST(substr(occurred_at, 1, 10) AS DATE) AS business_date,
-  event_id, merchant_id, terminal_id, kind, amount_fen, currency,
-  CAST(occurred_at AS TIMESTAMPTZ) AS occurred_at,
-  28800 AS utc_offset_seconds,
-  CAST(substr(occurred_at, 12, 2) AS INTEGER) * 60 + CAST(substr(occurred_at, 15, 2) AS INTEGER)
-    AS local_minute_of_day,
-  channel, ref_event_id, payer_ref,
-  TIMESTAMPTZ '2026-01-01 00:00:00+00' AS knowledge_time,
-  CAST(NULL AS VARCHAR) AS kafka_topic, CAST(NULL AS INTEGER) AS kafka_partition,
-  CAST(NULL AS BIGINT) AS kafka_offset,
-  'events.jsonl' AS source_file, row_number() OVER () AS source_line
-FROM read_json('{events}', format = 'newline_delimited', columns = {{
-  'event_id': 'VARCHAR', 'operator_id': 'VARCHAR', 'merchant_id': 'VARCHAR',
-  'terminal_id': 'VARCHAR', 'kind': 'VARCHAR', 'amount_fen': 'BIGINT', 'currency': 'VARCHAR',
-  'occurred_at': 'VARCHAR', 'channel': 'VARCHAR', 'ref_event_id': 'VARCHAR',
-  'payer_ref': 'VARCHAR'}})
-""")
-with open(f"{work}/sql/steps.txt") as f:
-    for line in f:
-        name, kind = line.split()
-        con.execute(f"CREATE {kind} {name} AS " + text(name))
-columns = [
-    f'CAST("{name}" AS BIGINT) AS "{name}"' if kind == "HUGEINT" else f'"{name}"'
-    for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE daily)").fetchall()
-]
-con.execute(f"COPY (SELECT {', '.join(columns)} FROM daily) TO '{work}/duckdb_daily.parquet' (FORMAT parquet)")
-seconds = time.perf_counter() - started
-days, sales, net, refunds = con.execute(
-    "SELECT count(*), sum(sales_count), sum(net_fen), sum(refund_fen) FROM daily").fetchone()
-with open("/proc/self/status") as f:
-    peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "version": duckdb.__version__, "peak_rss": peak,
-                  "totals": {"days": days, "sales_count": int(sales), "net_fen": int(net),
-                             "refund_fen": int(refunds)}}))
-"#;
+const DUCKDB_SCRIPT: &str = include_str!("../scripts/duckdb_backfill.py");
 
 #[derive(Debug, Deserialize)]
 struct DuckRun {
@@ -271,7 +216,7 @@ pub(crate) fn bench_backfill(args: &BenchBackfillArgs) -> anyhow::Result<()> {
         committed_rows: None,
     };
     let runtime = runtime()?;
-    let settings = crate::settings::silver_settings(&options.config)?;
+    let settings = streetflow_features::SilverSettings::of(&options.config)?;
     reset_peak_rss();
     let started = Instant::now();
     let (report, bronze_seconds, silver) = runtime.block_on(async {

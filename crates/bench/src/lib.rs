@@ -1,4 +1,19 @@
-//! `streetflow bench …`: throughput measurements, run on a release build.
+//! streetflow's benchmarks, the `streetflow bench …` commands: throughput and latency of
+//! each stage on generated data, beside DuckDB where it computes the same thing.
+//!
+//! Entry point: [`run`] with a [`BenchCommand`]. Each benchmark generates its input
+//! (`streetflow-synth`), runs the library calls the commands run, checks the results
+//! against the generator's truth or DuckDB, and prints a table. Figures are kept in
+//! `deploy/SCALING.md`; measure on a release build.
+
+mod backfill;
+mod console;
+mod decide;
+mod features;
+
+pub use backfill::BenchBackfillArgs;
+pub use decide::BenchDecideArgs;
+pub use features::{BenchFeaturesArgs, BenchTrainingArgs};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,12 +35,11 @@ use streetflow_ingest::{
 use streetflow_lake::{Lake, OffsetWriter};
 use streetflow_synth::{GenConfig, generate};
 
-use crate::output::{create, table, thousands};
-use crate::runtime::runtime;
+use crate::console::{create, runtime, table, thousands};
 
 /// The benchmarks.
 #[derive(Debug, Subcommand)]
-pub(crate) enum BenchCommand {
+pub enum BenchCommand {
     /// Synthetic generation written to a file: events per second and bytes per event.
     Gen(BenchGenArgs),
     /// Ingest throughput: bare consumer vs full ingest on one preloaded topic, and the
@@ -33,21 +47,21 @@ pub(crate) enum BenchCommand {
     Ingest(BenchIngestArgs),
     /// As-of features of a city-sized lake: streetflow vs DuckDB on the same SQL and
     /// Parquet, with the results compared.
-    Features(crate::bench_features::BenchFeaturesArgs),
+    Features(BenchFeaturesArgs),
     /// A multi-GB JSON Lines export into bronze + silver, against DuckDB reading the same
     /// file and writing the same daily aggregates.
-    Backfill(crate::bench_backfill::BenchBackfillArgs),
+    Backfill(BenchBackfillArgs),
     /// Credit decisions on a generated district lake: p50 / p99 latency of one-merchant
     /// evaluation over HTTP, and the time of a batch decide over every merchant.
-    Decide(crate::bench_decide::BenchDecideArgs),
+    Decide(BenchDecideArgs),
     /// A training set of many spine rows across as-of dates and knowledge times, on the
     /// lake `bench features` generates.
-    Training(crate::bench_features::BenchTrainingArgs),
+    Training(BenchTrainingArgs),
 }
 
 /// Options of `streetflow bench ingest`.
 #[derive(Debug, Args)]
-pub(crate) struct BenchIngestArgs {
+pub struct BenchIngestArgs {
     /// Events to generate and load (duplicates 1 %, malformed 0.5 % included).
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -71,7 +85,7 @@ pub(crate) struct BenchIngestArgs {
 
 /// Options of `streetflow bench gen`.
 #[derive(Debug, Args)]
-pub(crate) struct BenchGenArgs {
+pub struct BenchGenArgs {
     /// Merchants to generate (300 × 365 days ≈ 9 M events, 2.3 GB).
     #[arg(long, default_value_t = 300)]
     merchants: u32,
@@ -89,14 +103,15 @@ pub(crate) struct BenchGenArgs {
     fault_rate: f64,
 }
 
-pub(crate) fn run(command: &BenchCommand) -> anyhow::Result<()> {
+/// Runs one benchmark.
+pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Gen(args) => bench_gen(args),
         BenchCommand::Ingest(args) => bench_ingest(args),
-        BenchCommand::Features(args) => crate::bench_features::bench_features(args),
-        BenchCommand::Decide(args) => crate::bench_decide::bench_decide(args),
-        BenchCommand::Training(args) => crate::bench_features::bench_training(args),
-        BenchCommand::Backfill(args) => crate::bench_backfill::bench_backfill(args),
+        BenchCommand::Features(args) => crate::features::bench_features(args),
+        BenchCommand::Decide(args) => crate::decide::bench_decide(args),
+        BenchCommand::Training(args) => crate::features::bench_training(args),
+        BenchCommand::Backfill(args) => crate::backfill::bench_backfill(args),
     }
 }
 
