@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -548,14 +547,15 @@ const BROKER_STALL: Duration = Duration::from_secs(60);
 
 /// Reads every record of the topic with a plain consumer, touching each payload.
 fn bare_consume(brokers: &str, topic: &str, partitions: i32, expected: u64) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}.bare"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.min.bytes", "1000000")
-        .set("fetch.wait.max.ms", "200")
-        .set("max.partition.fetch.bytes", "10485760")
-        .create()?;
+    let none: [(&str, &str); 0] = [];
+    let consumer: BaseConsumer = streetflow_ingest::client_config(
+        brokers,
+        none,
+        streetflow_ingest::ClientRole::Reader {
+            group: &format!("{topic}.bare"),
+        },
+    )
+    .create()?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;

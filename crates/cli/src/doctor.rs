@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -137,15 +137,13 @@ fn check_kafka(
     checks: &mut Checks,
 ) -> Option<TopicEnds> {
     let kafka = &config.kafka;
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &kafka.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
-    for (key, value) in &kafka.properties {
-        client.set(key, value);
-    }
+    let client = streetflow_ingest::client_config(
+        &kafka.brokers,
+        &kafka.properties,
+        streetflow_ingest::ClientRole::Inspector {
+            group: &kafka.group,
+        },
+    );
     let consumer: BaseConsumer<Quiet> = match client.create_with_context(Quiet) {
         Ok(consumer) => consumer,
         Err(error) => {

@@ -9,6 +9,7 @@
 
 mod backfill;
 mod batch;
+mod clients;
 pub mod end_probe;
 mod error;
 mod group;
@@ -25,6 +26,7 @@ pub use batch::{
     Appended, DeadLetter, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin,
     RowAppender, restamp_observed,
 };
+pub use clients::{ClientRole, client_config};
 pub use error::{Error, Result};
 pub use produce::{
     PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, create_topic_with,

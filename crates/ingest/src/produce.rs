@@ -18,7 +18,6 @@ use chrono::Utc;
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
@@ -26,6 +25,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use crate::clients::{ClientRole, client_config};
 use crate::error::{Error, Result};
 
 /// How to publish.
@@ -180,14 +180,13 @@ pub fn create_topic_with(
     partitions: i32,
     handle: &tokio::runtime::Handle,
 ) -> Result<()> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for (key, value) in properties {
-        config.set(key, value);
-    }
-    let admin: AdminClient<DefaultClientContext> = config
-        .create()
-        .map_err(Error::kafka("create admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(
+        brokers,
+        properties.iter().map(|(k, v)| (k, v)),
+        ClientRole::Admin,
+    )
+    .create()
+    .map_err(Error::kafka("create admin client"))?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = handle
         .block_on(admin.create_topics(
@@ -297,19 +296,13 @@ pub fn produce_file(path: &Path, options: &ProduceOptions) -> Result<ProduceRepo
         source,
     };
     let counts = Arc::new(DeliveryCounts::default());
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &options.brokers)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
-        .set("enable.idempotence", "false");
-    for (key, value) in &options.properties {
-        config.set(key, value);
-    }
-    let producer: ThreadedProducer<CountingContext> = config
-        .create_with_context(CountingContext(counts.clone()))
-        .map_err(Error::kafka("create producer"))?;
+    let producer: ThreadedProducer<CountingContext> = client_config(
+        &options.brokers,
+        options.properties.iter().map(|(k, v)| (k, v)),
+        ClientRole::Producer,
+    )
+    .create_with_context(CountingContext(counts.clone()))
+    .map_err(Error::kafka("create producer"))?;
 
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
     let mut line = Vec::with_capacity(1024);

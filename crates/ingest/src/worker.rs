@@ -42,6 +42,7 @@ use tokio::runtime::Handle;
 use crate::batch::{
     Appended, DeadLetterRows, EventRows, KafkaTimestamp, KafkaTimestampKind, Origin, RowAppender,
 };
+use crate::clients::{ClientRole, client_config};
 use crate::error::{Error, Result};
 use crate::metrics as names;
 use crate::produce::PartitionWatermarks;
@@ -660,24 +661,14 @@ fn observed_stamp(batch: &RecordBatch) -> Option<DateTime<Utc>> {
 }
 
 fn consumer_config(config: &PipelineConfig, client_id: &str) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client
-        .set("client.id", client_id)
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .set("statistics.interval.ms", "5000")
-        // Larger fetches: measured ~2.5x the default throughput on the test broker.
-        .set("fetch.min.bytes", "1000000")
-        .set("fetch.wait.max.ms", "200")
-        .set("max.partition.fetch.bytes", "10485760");
-    for (key, value) in &config.kafka.properties {
-        client.set(key, value);
-    }
-    client
+    client_config(
+        &config.kafka.brokers,
+        &config.kafka.properties,
+        ClientRole::Worker {
+            group: &config.kafka.group,
+            client_id,
+        },
+    )
 }
 
 /// Runs a worker on the calling thread until `stop` is set (then it flushes, commits and
@@ -743,19 +734,11 @@ pub fn run_worker(
         .map_err(Error::kafka(format!("subscribe to {}", config.kafka.topic)))?;
     let dlq = match &config.kafka.dlq_topic {
         Some(topic) => {
-            let mut producer_config = ClientConfig::new();
-            producer_config.set("bootstrap.servers", &config.kafka.brokers);
-            // Acknowledged by every in-sync replica and never duplicated by a retry: a
-            // flush commits its dead letters only after the DLQ topic has them.
-            // (Unless the pipeline chose its own acknowledgements.)
-            let properties = &config.kafka.properties;
-            if !properties.contains_key("acks") && !properties.contains_key("enable.idempotence") {
-                producer_config.set("enable.idempotence", "true");
-            }
-            producer_config.set("message.timeout.ms", "30000");
-            for (key, value) in &config.kafka.properties {
-                producer_config.set(key, value);
-            }
+            let producer_config = client_config(
+                &config.kafka.brokers,
+                &config.kafka.properties,
+                ClientRole::DeadLetters,
+            );
             let producer: BaseProducer<DlqContext> = producer_config
                 .create_with_context(DlqContext::default())
                 .map_err(Error::kafka("create DLQ producer"))?;
