@@ -47,6 +47,16 @@ pub enum Error {
     /// A producer gave up because the consumers it paces itself by stopped.
     #[error("stopped: {0}")]
     Stopped(String),
+    /// A flush failed; the partitions and offset ranges it held are not stored (a restart
+    /// reads them again).
+    #[error("flushing {ranges}: {source}")]
+    Flush {
+        /// `topic` partitions with their buffered offset ranges, as `p0 5..=8, p3 12..=40`.
+        ranges: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// Reading an input file failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -72,6 +82,7 @@ impl Error {
                 true
             }
             Error::Lake(e) => e.is_retryable(),
+            Error::Flush { source, .. } => source.is_retryable(),
             Error::Arrow { .. } | Error::Config(_) | Error::Backfill(_) | Error::Stopped(_) => {
                 false
             }
