@@ -1,7 +1,7 @@
 //! What the benchmarks print and where they write.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::Context;
@@ -19,14 +19,8 @@ pub(crate) fn table(header: &[&str]) -> Table {
     table
 }
 
-/// Opens `path` for buffered writing; `-` is standard output.
-pub(crate) fn create(path: &Path) -> anyhow::Result<Box<dyn Write>> {
-    if path == Path::new("-") {
-        return Ok(Box::new(BufWriter::with_capacity(
-            1 << 20,
-            io::stdout().lock(),
-        )));
-    }
+/// Opens `path` for buffered writing (the benchmarks' generated inputs).
+pub(crate) fn create(path: &Path) -> anyhow::Result<BufWriter<File>> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    Ok(Box::new(BufWriter::with_capacity(1 << 20, file)))
+    Ok(BufWriter::with_capacity(1 << 20, file))
 }

@@ -12,24 +12,26 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use chrono::{Days, NaiveDate, Offset, TimeZone, Timelike};
+use std::borrow::Cow;
+
+use chrono::{DateTime, Days, FixedOffset, NaiveDate, Offset, TimeZone, Timelike, Utc};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use streetflow_core::tables::{MERCHANT_DAILY_HISTORY, MERCHANT_FEATURES, POS_EVENTS};
-use streetflow_core::{MerchantRecord, OperatorCalendars};
+use streetflow_core::{
+    Channel, Currency, EventKind, Knowledge, LocalPlace, MerchantRecord, OperatorCalendars,
+    PosEvent,
+};
 use streetflow_features::{
     AsOf, FeatureInputs, SilverMode, SilverSettings, compute_features, reference_tables,
     refresh_silver, sql,
 };
-use streetflow_lake::arrow::array::{
-    Array, ArrayRef, Date32Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
-};
+use streetflow_ingest::{EventRows, Origin};
+use streetflow_lake::arrow::array::{Array, ArrayRef, RecordBatch};
 use streetflow_lake::arrow::compute::cast;
 use streetflow_lake::arrow::datatypes::DataType;
 use streetflow_lake::arrow::util::display::array_value_to_string;
@@ -76,7 +78,13 @@ const OPERATORS: [&str; 4] = ["lane-north", "lane-south", "market-east", "market
 const MCCS: [&str; 8] = [
     "5812", "5814", "5411", "5499", "5651", "7230", "5912", "5947",
 ];
-const CHANNELS: [&str; 5] = ["wechat", "alipay", "unionpay_qr", "bank_card", "cash"];
+const CHANNELS: [Channel; 5] = [
+    Channel::Wechat,
+    Channel::Alipay,
+    Channel::UnionpayQr,
+    Channel::BankCard,
+    Channel::Cash,
+];
 
 /// One generated merchant.
 pub(crate) struct BenchMerchant {
@@ -115,30 +123,11 @@ fn district(args: &BenchFeaturesArgs, rng: &mut Pcg64Mcg) -> Vec<BenchMerchant> 
         .collect()
 }
 
-/// Bronze rows under construction, in `pos_events` column order.
+/// Bronze rows under construction: ingest's own `pos_events` builder, fed the rows the
+/// benchmark draws (asserted knowledge, as a backfill may record it).
 #[derive(Default)]
 struct Rows {
-    operator_id: StringBuilder,
-    business_date: Date32Builder,
-    event_id: StringBuilder,
-    merchant_id: StringBuilder,
-    terminal_id: StringBuilder,
-    kind: StringBuilder,
-    amount_fen: Int64Builder,
-    currency: StringBuilder,
-    occurred_at: TimestampMicrosecondBuilder,
-    utc_offset_seconds: Int32Builder,
-    local_minute_of_day: Int32Builder,
-    channel: StringBuilder,
-    ref_event_id: StringBuilder,
-    payer_ref: StringBuilder,
-    knowledge_time: TimestampMicrosecondBuilder,
-    knowledge_source: StringBuilder,
-    kafka_topic: StringBuilder,
-    kafka_partition: Int32Builder,
-    kafka_offset: Int64Builder,
-    source_file: StringBuilder,
-    source_line: Int64Builder,
+    events: EventRows,
     rows: u64,
 }
 
@@ -147,92 +136,58 @@ struct Row<'a> {
     merchant: &'a BenchMerchant,
     business_date: i32,
     event_id: &'a str,
-    kind: &'a str,
+    kind: EventKind,
     amount_fen: i64,
     occurred_micros: i64,
     utc_offset_seconds: i32,
     minute_of_day: i32,
-    channel: &'a str,
+    channel: Channel,
     ref_event_id: Option<&'a str>,
     payer_ref: Option<&'a str>,
     ingested_micros: i64,
 }
 
 impl Rows {
-    fn push(&mut self, row: &Row<'_>, offset: i64) {
-        self.operator_id.append_value(row.merchant.operator);
-        self.business_date.append_value(row.business_date);
-        self.event_id.append_value(row.event_id);
-        self.merchant_id.append_value(&row.merchant.id);
-        self.terminal_id.append_value("t1");
-        self.kind.append_value(row.kind);
-        self.amount_fen.append_value(row.amount_fen);
-        self.currency.append_value("CNY");
-        self.occurred_at.append_value(row.occurred_micros);
-        self.utc_offset_seconds.append_value(row.utc_offset_seconds);
-        self.local_minute_of_day.append_value(row.minute_of_day);
-        self.channel.append_value(row.channel);
-        self.ref_event_id.append_option(row.ref_event_id);
-        self.payer_ref.append_option(row.payer_ref);
-        self.knowledge_time.append_value(row.ingested_micros);
-        // The bench asserts stream-like knowledge times, as a backfill may.
-        self.knowledge_source.append_value("asserted");
-        self.kafka_topic.append_value("bench.features");
-        self.kafka_partition.append_value((offset % 12) as i32);
-        self.kafka_offset.append_value(offset);
-        self.source_file.append_null();
-        self.source_line.append_null();
+    fn push(&mut self, row: &Row<'_>, offset: i64) -> anyhow::Result<()> {
+        let instant = |micros: i64| {
+            DateTime::from_timestamp_micros(micros).context("a generated time out of range")
+        };
+        let zone = FixedOffset::east_opt(row.utc_offset_seconds).context("a UTC offset")?;
+        let event = PosEvent {
+            event_id: Cow::Borrowed(row.event_id),
+            operator_id: Cow::Borrowed(row.merchant.operator),
+            merchant_id: Cow::Borrowed(&row.merchant.id),
+            terminal_id: Some(Cow::Borrowed("t1")),
+            kind: row.kind,
+            amount_fen: row.amount_fen,
+            currency: Currency::Cny,
+            occurred_at: instant(row.occurred_micros)?.with_timezone(&zone),
+            channel: row.channel,
+            ref_event_id: row.ref_event_id.map(Cow::Borrowed),
+            payer_ref: row.payer_ref.map(Cow::Borrowed),
+        };
+        let place = LocalPlace {
+            business_date: NaiveDate::default()
+                + Days::new(u64::try_from(row.business_date).context("a date before 1970")?),
+            minute_of_day: u16::try_from(row.minute_of_day).context("a minute of the day")?,
+        };
+        self.events.append(
+            &event,
+            place,
+            Knowledge::Asserted(instant(row.ingested_micros)?),
+            &Origin::Kafka {
+                topic: "bench.features",
+                partition: (offset % 12) as i32,
+                offset,
+                timestamp: None,
+            },
+        );
         self.rows += 1;
+        Ok(())
     }
 
     fn finish(&mut self) -> anyhow::Result<RecordBatch> {
-        let rows = streetflow_lake::arrow::array::ArrayBuilder::len(&self.operator_id);
-        let utc = |b: &mut TimestampMicrosecondBuilder| -> ArrayRef {
-            Arc::new(b.finish().with_timezone("UTC"))
-        };
-        let business_date = self.business_date.finish();
-        let business_month = streetflow_lake::arrow::array::Date32Array::from_iter_values(
-            business_date
-                .values()
-                .iter()
-                .map(|&day| streetflow_core::tables::month_of(day)),
-        );
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.operator_id.finish()),
-            Arc::new(business_date),
-            Arc::new(self.event_id.finish()),
-            Arc::new(self.merchant_id.finish()),
-            Arc::new(self.terminal_id.finish()),
-            Arc::new(self.kind.finish()),
-            Arc::new(self.amount_fen.finish()),
-            Arc::new(self.currency.finish()),
-            utc(&mut self.occurred_at),
-            Arc::new(self.utc_offset_seconds.finish()),
-            Arc::new(self.local_minute_of_day.finish()),
-            Arc::new(self.channel.finish()),
-            Arc::new(self.ref_event_id.finish()),
-            Arc::new(self.payer_ref.finish()),
-            utc(&mut self.knowledge_time),
-            Arc::new(self.knowledge_source.finish()),
-            Arc::new(self.kafka_topic.finish()),
-            Arc::new(self.kafka_partition.finish()),
-            Arc::new(self.kafka_offset.finish()),
-            streetflow_lake::arrow::array::new_null_array(
-                &streetflow_lake::arrow::datatypes::DataType::Timestamp(
-                    streetflow_lake::arrow::datatypes::TimeUnit::Microsecond,
-                    Some("UTC".into()),
-                ),
-                rows,
-            ),
-            streetflow_lake::arrow::array::new_null_array(
-                &streetflow_lake::arrow::datatypes::DataType::Utf8,
-                rows,
-            ),
-            Arc::new(self.source_file.finish()),
-            Arc::new(self.source_line.finish()),
-            Arc::new(business_month),
-        ];
-        Ok(RecordBatch::try_new(POS_EVENTS.schema.clone(), columns)?)
+        Ok(self.events.finish(Utc::now())?)
     }
 }
 
@@ -307,7 +262,7 @@ async fn generate_bronze(
                     merchant,
                     business_date,
                     event_id: &event_id,
-                    kind: "sale",
+                    kind: EventKind::Sale,
                     amount_fen,
                     occurred_micros: occurred,
                     utc_offset_seconds,
@@ -318,7 +273,7 @@ async fn generate_bronze(
                     ingested_micros: ingested,
                 };
                 offset += 1;
-                rows.push(&sale, offset);
+                rows.push(&sale, offset)?;
                 let draw = rng.random::<f64>();
                 if draw < 0.01 {
                     // Delivered again five minutes later (a POS retry).
@@ -329,7 +284,7 @@ async fn generate_bronze(
                             ..sale
                         },
                         offset,
-                    );
+                    )?;
                 } else if draw < 0.02 {
                     let refund_id = format!("{event_id}-r");
                     let later = (minute + 30).min(24 * 60 - 1) - minute;
@@ -337,7 +292,7 @@ async fn generate_bronze(
                     rows.push(
                         &Row {
                             event_id: &refund_id,
-                            kind: "refund",
+                            kind: EventKind::Refund,
                             amount_fen: (amount_fen / 2).max(1),
                             occurred_micros: occurred + later * MICROS_PER_MINUTE,
                             minute_of_day: minute_of_day + later as i32,
@@ -346,20 +301,20 @@ async fn generate_bronze(
                             ..sale
                         },
                         offset,
-                    );
+                    )?;
                 } else if draw < 0.025 {
                     let void_id = format!("{event_id}-v");
                     offset += 1;
                     rows.push(
                         &Row {
                             event_id: &void_id,
-                            kind: "void",
+                            kind: EventKind::Void,
                             ref_event_id: Some(&event_id),
                             ingested_micros: ingested + MICROS_PER_MINUTE,
                             ..sale
                         },
                         offset,
-                    );
+                    )?;
                 }
             }
         }
