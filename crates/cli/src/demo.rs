@@ -405,7 +405,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|p| (p.product.id.clone(), p))
         .collect();
-    let report = runtime.block_on(crate::report::write_report(
+    let report = runtime.block_on(streetflow_report::write_report(
         &lake,
         today,
         &[],

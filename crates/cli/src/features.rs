@@ -8,8 +8,7 @@ use chrono::{DateTime, FixedOffset, Utc};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use streetflow_features::{
-    AsOf, FeatureInputs, SilverMode, load_registry, load_spine, refresh_silver, write_features,
-    write_training_set,
+    AsOf, FeatureInputs, SilverMode, load_spine, refresh_silver, write_features, write_training_set,
 };
 use streetflow_lake::Lake;
 
@@ -53,14 +52,7 @@ pub(crate) struct FeaturesArgs {
 
 pub(crate) fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     let config = load_pipeline(args.config.as_deref(), serde_json::json!({}))?;
-    let inputs = FeatureInputs {
-        calendars: config.calendars()?,
-        registry: match &args.registry {
-            Some(path) => load_registry(path).map_err(anyhow::Error::msg)?,
-            None => Vec::new(),
-        },
-        knowledge: config.knowledge_rules(),
-    };
+    let inputs = crate::settings::feature_inputs(&config, args.registry.as_deref())?;
     let runtime = runtime()?;
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     // Bitemporal silver up to the settled present first: a scheduled run must not wait

@@ -1,4 +1,5 @@
-//! The `streetflow` command line.
+//! The `streetflow` command line: each command module parses its options, calls the
+//! library crates (ingest, features, credit, serve, report, bench) and prints the outcome.
 
 mod aggregate;
 mod backfill;

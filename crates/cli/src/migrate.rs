@@ -1,36 +1,15 @@
 //! `streetflow migrate`: bring a lake written by an earlier streetflow to the current
 //! table contract.
 //!
-//! Lakes written before knowledge time belonged to the lake have `pos_events.ingested_at`
-//! (the Kafka record timestamp, or a file load's time) where `knowledge_time` and
-//! `knowledge_source` are now, and no `kafka_timestamp` columns. Lakes written before
-//! the month layout partition `pos_events` and `merchant_daily` by (operator, business
-//! date) and `dead_letters` by (operator, ingest date). The migration rewrites each table
-//! that differs from the contract in one commit, keeping every row and the ingest
-//! offsets (and adding the month partition column), then builds
-//! `merchant_daily_history` from bronze.
-//!
-//! What the old times mean afterwards: the lake never recorded when its commits made the
-//! old rows visible, so their `ingested_at` is kept as **asserted** knowledge
-//! (`knowledge_source = 'asserted'`): every vector computed before the migration is
-//! computed again the same, and the rows say that a clock other than the lake's decided
-//! their knowledge time. For Kafka rows it is also their `kafka_timestamp` (type
-//! unknown: NULL). Rows written after the migration are observed.
-
-use std::sync::Arc;
+//! The conversion and what the old knowledge times mean afterwards are documented with
+//! `streetflow_lake::Lake::migrate_table`; then `merchant_daily_history` is built from
+//! bronze.
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use streetflow_core::KnowledgeSource;
-use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_DAILY, POS_EVENTS, TableDef};
+use streetflow_core::tables::{DEAD_LETTERS, MERCHANT_DAILY, POS_EVENTS};
 use streetflow_features::{SilverMode, refresh_silver};
-use streetflow_lake::arrow::array::{
-    ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, new_null_array,
-};
-use streetflow_lake::arrow::compute::kernels::boolean::not;
-use streetflow_lake::arrow::compute::{cast, nullif};
-use streetflow_lake::arrow::datatypes::{DataType, Date32Type, TimeUnit};
 use streetflow_lake::{Lake, Rewritten};
 
 use crate::runtime::runtime;
@@ -50,58 +29,6 @@ pub(crate) struct MigrateArgs {
     json: bool,
 }
 
-/// The column `name` of `batch`, or an error naming the table.
-fn column<'a>(batch: &'a RecordBatch, name: &str, table: &str) -> anyhow::Result<&'a ArrayRef> {
-    batch
-        .column_by_name(name)
-        .with_context(|| format!("{table} has neither {name} nor the current columns"))
-}
-
-/// `times` where the row came from Kafka (`kafka_topic` set), NULL for file loads.
-fn kafka_times(batch: &RecordBatch, times: &ArrayRef, table: &str) -> anyhow::Result<ArrayRef> {
-    let topics = column(batch, "kafka_topic", table)?;
-    let from_files = not(&streetflow_lake::arrow::compute::is_null(topics)?)?;
-    let file_rows = not(&from_files)?;
-    Ok(nullif(times, &file_rows)?)
-}
-
-/// An old-contract batch of `def` in the current contract: columns the old table has
-/// are kept (cast to the contract's type), the new ones derived from `ingested_at`.
-fn convert(def: &TableDef, batch: RecordBatch) -> anyhow::Result<RecordBatch> {
-    let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let ingested = || -> anyhow::Result<ArrayRef> {
-        Ok(cast(column(&batch, "ingested_at", def.name)?, &utc)?)
-    };
-    // The month partition columns of the current layout, from the day columns.
-    let months_of = |day_column: &str| -> anyhow::Result<ArrayRef> {
-        let days = cast(column(&batch, day_column, def.name)?, &DataType::Date32)?;
-        Ok(Arc::new(Date32Array::from_iter(
-            days.as_primitive::<Date32Type>()
-                .iter()
-                .map(|day| day.map(streetflow_core::tables::month_of)),
-        )))
-    };
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(def.schema.fields().len());
-    for field in def.schema.fields() {
-        let name = field.name().as_str();
-        let value: ArrayRef = match (name, batch.column_by_name(name)) {
-            (_, Some(existing)) => cast(existing, field.data_type())?,
-            ("business_month", None) => months_of("business_date")?,
-            ("ingest_month", None) => months_of("ingest_date")?,
-            ("knowledge_time", None) => ingested()?,
-            ("knowledge_source", None) => Arc::new(StringArray::from(vec![
-                KnowledgeSource::Asserted.as_str();
-                batch.num_rows()
-            ])),
-            ("kafka_timestamp", None) => kafka_times(&batch, &ingested()?, def.name)?,
-            ("kafka_timestamp_type", None) => new_null_array(&DataType::Utf8, batch.num_rows()),
-            (other, _) => anyhow::bail!("{} has no column {other} to migrate from", def.name),
-        };
-        columns.push(value);
-    }
-    Ok(RecordBatch::try_new(def.schema.clone(), columns)?)
-}
-
 pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
     let config = load_pipeline(
         args.config.as_deref(),
@@ -111,16 +38,8 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let mut done: Vec<(&str, Rewritten)> = Vec::new();
     for def in [&*POS_EVENTS, &*DEAD_LETTERS, &*MERCHANT_DAILY] {
-        let Some(state) = runtime.block_on(lake.inspect(def))? else {
-            continue;
-        };
-        if state.schema_problem.is_none() {
-            continue;
-        }
         let rewritten = runtime
-            .block_on(lake.rewrite_table(def, |batch| {
-                convert(def, batch).map_err(|e| streetflow_lake::Error::Query(format!("{e:#}")))
-            }))
+            .block_on(lake.migrate_table(def))
             .with_context(|| format!("rewriting {} into the current contract", def.name))?;
         if let Some(rewritten) = rewritten {
             done.push((def.name, rewritten));
@@ -171,11 +90,15 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use chrono::{DateTime, Utc};
     use streetflow_core::Knowledge;
     use streetflow_ingest::{DeadLetterRows, EventRows, Origin, RowAppender};
+    use streetflow_lake::arrow::array::RecordBatch;
     use streetflow_lake::arrow::array::{Array, AsArray};
     use streetflow_lake::arrow::datatypes::{Field, Schema, TimestampMicrosecondType};
+    use streetflow_lake::to_contract as convert;
 
     /// Two bronze rows as an earlier streetflow wrote them: `ingested_at` in place of the
     /// knowledge and Kafka timestamp columns.

@@ -17,7 +17,7 @@ use clap::Args;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::json;
 use streetflow_credit::Policy;
-use streetflow_features::{FeatureInputs, LOOKBACK_DAYS, load_registry};
+use streetflow_features::LOOKBACK_DAYS;
 use streetflow_lake::Lake;
 use streetflow_serve::{Access, Limits, Service, router};
 
@@ -88,14 +88,7 @@ fn access_of(args: &ServeArgs) -> anyhow::Result<Access> {
 /// Builds the service of `args` (policies, registry, calendars, lake).
 async fn service_of(args: &ServeArgs) -> anyhow::Result<Service> {
     let config = load_pipeline(args.config.as_deref(), json!({}))?;
-    let inputs = FeatureInputs {
-        calendars: config.calendars()?,
-        registry: match &args.registry {
-            Some(path) => load_registry(path).map_err(anyhow::Error::msg)?,
-            None => Vec::new(),
-        },
-        knowledge: config.knowledge_rules(),
-    };
+    let inputs = crate::settings::feature_inputs(&config, args.registry.as_deref())?;
     let lake = Lake::new(&args.lake, &config.lake.storage)?;
     let policies = Policy::load_dir(&args.policies).await?;
     // A cache shorter than one lookback would serve no as-of date at all.

@@ -133,6 +133,23 @@ impl AsOfArg {
     }
 }
 
+/// The reference data of a feature run: the pipeline's calendars and knowledge rules,
+/// and the merchant registry file when one is given.
+pub(crate) fn feature_inputs(
+    config: &streetflow_core::PipelineConfig,
+    registry: Option<&std::path::Path>,
+) -> anyhow::Result<streetflow_features::FeatureInputs> {
+    let silver = streetflow_features::SilverSettings::of(config)?;
+    Ok(streetflow_features::FeatureInputs {
+        calendars: silver.calendars,
+        registry: match registry {
+            Some(path) => streetflow_features::load_registry(path)?,
+            None => Vec::new(),
+        },
+        knowledge: silver.knowledge,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

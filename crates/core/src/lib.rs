@@ -11,6 +11,7 @@ pub mod config;
 pub mod csv_mapping;
 pub mod decode;
 pub mod event;
+pub mod health;
 pub mod knowledge;
 pub mod money;
 pub mod payer;

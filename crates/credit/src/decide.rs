@@ -46,6 +46,13 @@ impl Outcome {
             Outcome::Decline => "decline",
         }
     }
+
+    /// The outcome of its stored spelling.
+    pub fn parse(text: &str) -> Option<Outcome> {
+        [Outcome::Approve, Outcome::Refer, Outcome::Decline]
+            .into_iter()
+            .find(|outcome| outcome.as_str() == text)
+    }
 }
 
 /// One merchant's decision.

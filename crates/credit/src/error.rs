@@ -13,17 +13,14 @@ pub enum Error {
     #[error(transparent)]
     Lake(#[from] streetflow_lake::Error),
     /// The policy query failed to plan or run.
-    #[error("{context}: {source}")]
-    Query {
-        /// Which step.
-        context: String,
-        /// DataFusion's error.
-        #[source]
-        source: Box<DataFusionError>,
-    },
+    #[error(transparent)]
+    Query(#[from] streetflow_lake::QueryError),
     /// `merchant_features` has no rows for the date.
     #[error("merchant_features has no rows as of {0}; run `streetflow features --as-of {0}` first")]
     NoFeatures(NaiveDate),
+    /// `credit_decisions` holds no decision for the date.
+    #[error("no credit decisions as of {0}: run `streetflow decide --as-of {0}` first")]
+    NoDecisions(NaiveDate),
     /// Decisions made on newer features are stored for the date and product already.
     #[error(
         "credit_decisions holds {product} decisions as of {as_of_date} made on merchant_features \
@@ -47,10 +44,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(DataFusionError) -> Error {
-        let context = context.into();
-        move |source| Error::Query {
-            context,
-            source: Box::new(source),
-        }
+        let wrap = streetflow_lake::QueryError::during(context);
+        move |source| Error::Query(wrap(source))
     }
 }

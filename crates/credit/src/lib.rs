@@ -7,6 +7,7 @@
 mod decide;
 mod error;
 mod policy;
+mod stored;
 
 pub use decide::{
     Decision, DecisionSummary, Evaluation, Outcome, PreparedPolicy, compile, decide, decision_rows,
@@ -17,3 +18,4 @@ pub use policy::{
     Cap, LIMIT_BELOW_MINIMUM, LimitFormula, ParamValue, Policy, PolicyErrors, PolicyProblem,
     Product, Rule, Term,
 };
+pub use stored::{DecisionRecord, stored_decisions};

@@ -4,7 +4,8 @@
 //! (`repeated_keys.sql` … `resolved.sql`); the SQL stays the specification, and the tests
 //! compare the two on generated and hand-made edge cases. Silver uses this path because
 //! the SQL re-scans all of bronze for every resolution step and holds its hash tables as
-//! strings: on 8.6 M events it took 15 s and 4 GB, where this takes a fraction of both.
+//! strings, which cost several times the time and memory (`deploy/SCALING.md`, "Why
+//! the designs").
 //!
 //! How: every `(operator_id, event_id)` key, and every key a refund or void names, is
 //! interned once into a compact table. Each key keeps its first arrival's content, its

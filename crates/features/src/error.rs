@@ -13,14 +13,8 @@ pub enum Error {
     #[error(transparent)]
     Lake(#[from] streetflow_lake::Error),
     /// A query failed to plan or run.
-    #[error("{context}: {source}")]
-    Query {
-        /// Which step.
-        context: String,
-        /// DataFusion's error.
-        #[source]
-        source: Box<DataFusionError>,
-    },
+    #[error(transparent)]
+    Query(#[from] streetflow_lake::QueryError),
     /// A result did not fit the table schema (a defect in the SQL).
     #[error("{context}: {source}")]
     Arrow {
@@ -56,11 +50,8 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(DataFusionError) -> Error {
-        let context = context.into();
-        move |source| Error::Query {
-            context,
-            source: Box::new(source),
-        }
+        let wrap = streetflow_lake::QueryError::during(context);
+        move |source| Error::Query(wrap(source))
     }
 }
 

@@ -635,9 +635,13 @@ pub async fn write_features(
 }
 
 /// Reads a merchant registry file: CSV with a header, or JSON Lines (`.jsonl`).
-pub fn load_registry(path: &Path) -> std::result::Result<Vec<MerchantRecord>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+pub fn load_registry(path: &Path) -> std::result::Result<Vec<MerchantRecord>, RegistryError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| RegistryError {
+        file: file.clone(),
+        line: None,
+        message: format!("cannot be read: {e}"),
+    })?;
     if path
         .extension()
         .is_some_and(|e| e == "jsonl" || e == "json")
@@ -647,15 +651,35 @@ pub fn load_registry(path: &Path) -> std::result::Result<Vec<MerchantRecord>, St
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))
+                serde_json::from_str(l).map_err(|e| RegistryError {
+                    file: file.clone(),
+                    line: Some(i as u64 + 1),
+                    message: e.to_string(),
+                })
             })
             .collect();
     }
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     reader
         .deserialize()
-        .enumerate()
-        .map(|(i, row)| row.map_err(|e| format!("{} record {}: {e}", path.display(), i + 1)))
+        .map(|row| {
+            row.map_err(|e| RegistryError {
+                file: file.clone(),
+                line: e.position().map(|p| p.line()),
+                message: e.to_string(),
+            })
+        })
         .collect()
+}
+
+/// A registry file that cannot be read, or a line of it that is no merchant record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", line.map_or_else(String::new, |n| format!(" line {n}")))]
+pub struct RegistryError {
+    /// The file.
+    pub file: String,
+    /// Its line (1-based), when one line is at fault.
+    pub line: Option<u64>,
+    /// What is wrong.
+    pub message: String,
 }

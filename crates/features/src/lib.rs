@@ -13,7 +13,9 @@ mod daily;
 mod daily_parallel;
 mod error;
 mod gold;
+mod health;
 mod history;
+mod readers;
 mod reference;
 mod relations;
 mod serving;
@@ -27,11 +29,13 @@ pub use daily::{DAILY_INPUT_COLUMNS, DailyBuilder, HistorySpec, PayerWindow, pay
 pub use daily_parallel::ParallelDaily;
 pub use error::{Error, Result};
 pub use gold::{
-    AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables,
+    AsOf, FEATURE_SET, FeatureInputs, FeatureReport, LOOKBACK_DAYS, ReferenceTables, RegistryError,
     compute_features, compute_merchant_features, load_registry, reference_tables, sql_literal,
     write_features,
 };
+pub use health::check_silver_freshness;
 pub use history::{HORIZON_APP_ID, HistoryReport, SilverSettings, refresh_history};
+pub use readers::{DailyCashFlow, daily_cash_flow, stored_features};
 pub use reference::reference_features;
 pub use serving::{MerchantAsOf, merchant_features};
 pub use silver::{BRONZE_APP_ID, SilverFromLoad, SilverMode, SilverReport, refresh_silver};

@@ -13,6 +13,7 @@ mod clients;
 pub mod end_probe;
 mod error;
 mod group;
+mod health;
 mod line_decoding;
 pub mod metrics;
 mod produce;
@@ -28,6 +29,7 @@ pub use batch::{
 };
 pub use clients::{ClientRole, client_config};
 pub use error::{Error, Result};
+pub use health::{TopicEnds, check_broker, check_ingest_progress};
 pub use produce::{
     PartitionWatermarks, ProduceOptions, ProduceReport, Throttle, create_topic, create_topic_with,
     produce_file,

@@ -5,6 +5,31 @@ use deltalake::DeltaTableError;
 /// Result with the lake's [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A query that failed to plan or run, with the step that ran it: the error the feature
+/// and credit jobs share for their DataFusion stages.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub struct QueryError {
+    /// Which step.
+    pub context: String,
+    /// DataFusion's error (boxed: it is large).
+    #[source]
+    pub source: Box<deltalake::datafusion::error::DataFusionError>,
+}
+
+impl QueryError {
+    /// Wraps DataFusion's errors of the step `context`.
+    pub fn during(
+        context: impl Into<String>,
+    ) -> impl FnOnce(deltalake::datafusion::error::DataFusionError) -> QueryError {
+        let context = context.into();
+        move |source| QueryError {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// What can go wrong with a table.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,6 +90,14 @@ pub enum Error {
     /// A query failed to plan or run.
     #[error("query: {0}")]
     Query(String),
+    /// A table written by an earlier streetflow cannot be brought to the current contract.
+    #[error("migrating {table}: {detail}")]
+    Migration {
+        /// Table name.
+        table: String,
+        /// What is missing or does not convert.
+        detail: String,
+    },
     /// Result rows could not be rendered as JSON.
     #[error("rendering result rows as JSON: {0}")]
     Json(String),
@@ -105,6 +138,7 @@ impl Error {
             | Error::NotAQuery(_)
             | Error::Query(_)
             | Error::Json(_)
+            | Error::Migration { .. }
             | Error::SchemaMismatch { .. }
             | Error::OffsetWouldMoveBack { .. }
             | Error::SourceChanged { .. }

@@ -25,3 +25,19 @@ pub fn rows_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>> {
     }
     serde_json::from_slice(&buffer).map_err(|e| Error::Json(e.to_string()))
 }
+
+/// The value of `key` in a row of [`rows_json`] as text: strings as they are, other
+/// values in their JSON spelling, null or missing as the empty string.
+pub fn json_text(row: &Map<String, Value>, key: &str) -> String {
+    match row.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The value of `key` in a row of [`rows_json`] as an integer, 0 when it is null, missing
+/// or not an integer.
+pub fn json_int(row: &Map<String, Value>, key: &str) -> i64 {
+    row.get(key).and_then(Value::as_i64).unwrap_or(0)
+}

@@ -11,6 +11,7 @@
 mod changes;
 mod error;
 pub mod freeze;
+mod health;
 mod integrity;
 mod json;
 mod lake;
@@ -22,12 +23,12 @@ mod runtime;
 mod writer;
 
 pub use changes::{DataChanges, data_changes};
-pub use error::{Error, Result};
+pub use error::{Error, QueryError, Result};
 pub use integrity::Damage;
-pub use json::rows_json;
+pub use json::{json_int, json_text, rows_json};
 pub use lake::{Lake, TableState};
 pub use maintenance::{CompactReport, ORPHAN_MAX_RETAIN_HOURS, ORPHAN_MIN_HOURS, VacuumReport};
-pub use migrate::Rewritten;
+pub use migrate::{Rewritten, to_contract};
 pub use prepared::{PreparedQuery, RequestTables};
 pub use query::memory_limit;
 pub use runtime::runtime;

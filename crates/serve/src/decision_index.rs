@@ -4,7 +4,8 @@
 //!
 //! Asking the lake per request (the latest decision, then its feature row) planned two
 //! DataFusion queries over the Delta tables and read every `as_of_date` partition of the
-//! merchant: 14–16 ms at p50 on a 10,000-merchant lake, growing with the history. The
+//! merchant, growing with the history (figures in `deploy/SCALING.md`, "Why the
+//! designs"). The
 //! index is read once, and again whenever either table has a new version; rows stay
 //! columnar (a few hundred bytes a merchant) and become JSON only when asked for.
 
