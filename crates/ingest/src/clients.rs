@@ -130,5 +130,12 @@ mod tests {
         let chosen = client_config("b", [("acks", "1")], ClientRole::DeadLetters);
         assert_eq!(chosen.get("enable.idempotence"), None);
         assert_eq!(chosen.get("acks"), Some("1"));
+        let off = client_config(
+            "b",
+            [("enable.idempotence", "false")],
+            ClientRole::DeadLetters,
+        );
+        assert_eq!(off.get("enable.idempotence"), Some("false"));
+        assert_eq!(off.get("message.timeout.ms"), Some("30000"));
     }
 }

@@ -94,6 +94,7 @@ impl Worker {
                     state.bases.dead_letters = Some(p.last_offset);
                 }
             }
+            self.count_dead_letters_committed();
         }
         if !self.commit_events(&mut sink.events, event_batch, &event_progress)? {
             drop(sink);
@@ -139,23 +140,35 @@ impl Worker {
         metrics::histogram!(names::FLUSH_RECORDS).record(records as f64);
         metrics::counter!(names::RECORDS_ACCEPTED).increment(accepted);
         if let Some(committed) = &self.state.options.committed {
-            let dead: u64 = self.state.buffer.dead_by_reason.values().sum();
-            committed.fetch_add(accepted + dead, Ordering::Relaxed);
-        }
-        for (reason, n) in &self.state.buffer.dead_by_reason {
-            metrics::counter!(names::RECORDS_DEAD_LETTERED, "reason" => *reason).increment(*n);
-            *self
-                .state
-                .report
-                .dead_lettered
-                .entry((*reason).to_owned())
-                .or_default() += n;
+            committed.fetch_add(accepted, Ordering::Relaxed);
         }
         self.state.report.accepted += accepted;
         self.state.report.flushes += 1;
         tracing::debug!(records, accepted, "flushed");
         self.state.buffer.clear();
         Ok(())
+    }
+
+    /// Counts the buffered dead letters as stored, once their commit landed. Counted here,
+    /// not after the events commit: when that one is fenced, the dead letters stay in
+    /// the lake, and whoever reads their records again finds them stored (a replay), so
+    /// no one else would ever count them and `consumed = accepted + dead-lettered`
+    /// would miss them.
+    fn count_dead_letters_committed(&mut self) {
+        let buffer = &mut self.state.buffer;
+        let dead: u64 = buffer.dead_by_reason.values().sum();
+        if let Some(committed) = &self.state.options.committed {
+            committed.fetch_add(dead, Ordering::Relaxed);
+        }
+        for (reason, n) in std::mem::take(&mut buffer.dead_by_reason) {
+            metrics::counter!(names::RECORDS_DEAD_LETTERED, "reason" => reason).increment(n);
+            *self
+                .state
+                .report
+                .dead_lettered
+                .entry(reason.to_owned())
+                .or_default() += n;
+        }
     }
 
     /// Runs the after-commit hook (the binary uses it to refresh `merchant_daily`).
