@@ -656,8 +656,8 @@ impl OffsetWriter {
         mode: SaveMode,
     ) -> Result<CommitOutcome> {
         self.refuse_moving_back(progress)?;
-        if let Some(fenced) = self.check_expected(progress).await? {
-            return Ok(fenced);
+        if let Some(settled) = self.check_expected(staged, progress).await? {
+            return Ok(settled);
         }
         let transactions = progress
             .iter()
@@ -720,8 +720,8 @@ impl OffsetWriter {
             }
         }
         let progress = progress.as_slice();
-        if let Some(fenced) = self.check_expected(progress).await? {
-            return Ok(fenced);
+        if let Some(settled) = self.check_expected(staged, progress).await? {
+            return Ok(settled);
         }
         let transactions = progress
             .iter()
@@ -756,7 +756,7 @@ impl OffsetWriter {
                 tracing::warn!(table = self.name, %conflict, "commit lost a race");
                 self.refresh().await?;
                 Ok(self
-                    .check_expected(progress)
+                    .check_expected(staged, progress)
                     .await?
                     .unwrap_or(CommitOutcome::Fenced {
                         app_id: progress
@@ -787,18 +787,59 @@ impl OffsetWriter {
         }
     }
 
-    async fn check_expected(&self, progress: &[AppProgress]) -> Result<Option<CommitOutcome>> {
+    /// Whether the commit must not be made: `Fenced` when a source is not at the version
+    /// this writer expects, or `Committed` when the table already holds this very commit
+    /// (every source at the version it proposes, and every staged file in the table): an
+    /// earlier attempt landed although its caller saw an error, and the retry must not
+    /// take the writer's own commit for another writer's. `None`: commit.
+    async fn check_expected(
+        &self,
+        staged: &StagedFiles,
+        progress: &[AppProgress],
+    ) -> Result<Option<CommitOutcome>> {
+        let mut fenced = None;
+        let mut all_at_proposed = true;
         for p in progress {
             let found = self.stored_app_version(&p.app_id).await?;
-            if found != p.expected {
-                return Ok(Some(CommitOutcome::Fenced {
+            all_at_proposed &= found == Some(p.version);
+            if found != p.expected && fenced.is_none() {
+                fenced = Some(CommitOutcome::Fenced {
                     app_id: p.app_id.clone(),
                     expected: p.expected,
                     found,
-                }));
+                });
             }
         }
-        Ok(None)
+        if fenced.is_some() && all_at_proposed && self.holds_files(staged)? {
+            let version = self.table.version().unwrap_or_default();
+            tracing::info!(
+                table = self.name,
+                version,
+                "an earlier attempt of this commit landed; taking it as committed"
+            );
+            return Ok(Some(CommitOutcome::Committed { version }));
+        }
+        Ok(fenced)
+    }
+
+    /// Whether the newest snapshot the writer holds references every staged file (staged
+    /// file names are unique to one writer's one stage). An offsets-only commit holds no
+    /// files, and a table at its proposed offsets holds what that commit would have made.
+    fn holds_files(&self, staged: &StagedFiles) -> Result<bool> {
+        if staged.adds.is_empty() {
+            return Ok(true);
+        }
+        let wanted: HashSet<&str> = staged.adds.iter().map(|add| add.path.as_str()).collect();
+        let snapshot = self
+            .table
+            .snapshot()
+            .map_err(Error::delta(self.name, "list files"))?;
+        let found = snapshot
+            .log_data()
+            .iter()
+            .filter(|file| wanted.contains(file.path().as_ref()))
+            .count();
+        Ok(found == wanted.len())
     }
 }
 

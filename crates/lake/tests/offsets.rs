@@ -186,3 +186,51 @@ async fn the_log_is_checkpointed_and_offsets_survive_it() {
     );
     assert_eq!(rows(&reopened).await, 55);
 }
+
+/// A commit attempt can land while its caller sees an error (the store wrote the log
+/// entry, the answer was lost). Retried, it finds its own offsets stored: the writer must
+/// recognise its own files instead of taking itself for another worker, or the caller
+/// drops a buffer that is in the lake and counts it nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_commit_that_had_landed_is_recognised_not_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+    let mut a = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    a.set_source(77);
+    a.write(batch("x", &[1, 2, 3])).await.unwrap();
+    let staged = a.stage().await.unwrap();
+    let progress = [PartitionProgress {
+        partition: 0,
+        expected: None,
+        last_offset: 9,
+    }];
+    let first = a.commit(&staged, &progress).await.unwrap();
+    assert!(
+        matches!(first, CommitOutcome::Committed { .. }),
+        "{first:?}"
+    );
+    // The same attempt again, as the retry after a lost answer makes it.
+    let retried = a.commit(&staged, &progress).await.unwrap();
+    assert!(
+        matches!(retried, CommitOutcome::Committed { .. }),
+        "its own landed commit is not a fence: {retried:?}"
+    );
+    assert_eq!(rows(&a).await, 3, "nothing was added twice");
+    assert_eq!(a.committed_offsets(&[0]).await.unwrap(), vec![Some(9)]);
+
+    // Another writer that reached the same offset with files of its own is still fenced:
+    // its rows are not in the table.
+    let mut b = OffsetWriter::new(&lake, &TEST_TABLE, "pipe").await.unwrap();
+    b.set_source(77);
+    b.write(batch("x", &[4, 5, 6])).await.unwrap();
+    let staged_b = b.stage().await.unwrap();
+    assert_eq!(
+        b.commit(&staged_b, &progress).await.unwrap(),
+        CommitOutcome::Fenced {
+            app_id: "pipe-0".to_owned(),
+            expected: None,
+            found: Some(9)
+        }
+    );
+    assert_eq!(rows(&b).await, 3);
+}
