@@ -67,6 +67,46 @@ pub(super) struct Gap {
     pub(super) retry_at: Option<Instant>,
 }
 
+/// What to do about a gap whose first record came later than asked (or not at all),
+/// decided by [`PartitionState::plan_gap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GapPlan {
+    /// Read the record before the gap again (the lake holds it): a broker that serves it
+    /// where asked serves exact offsets, and the gap is offsets without records
+    /// (transaction markers, compaction). Costs one record, not the partition.
+    Probe { before: i64 },
+    /// The broker skipped records it holds: read the partition again from its start
+    /// (once; what the lake holds comes back as replays).
+    Reread { from: i64 },
+    /// The records are gone from the broker (retention) or a re-read did not help:
+    /// continue after them, reporting `lost` records.
+    GiveUp { resume: i64, lost: i64 },
+}
+
+impl PartitionState {
+    /// Decides the next step for a gap after `expected` (first record at `found`, if
+    /// any came) when the broker's log starts at `low`; records the probe or the
+    /// re-read so that neither is tried twice.
+    pub(super) fn plan_gap(&mut self, expected: i64, found: Option<i64>, low: i64) -> GapPlan {
+        let before = expected - 1;
+        if found.is_some() && self.probing.is_none() && !self.repaired && before >= low {
+            self.probing = found.map(|found| (expected, found));
+            return GapPlan::Probe { before };
+        }
+        // The probe's record did not come either: the broker skips records.
+        self.probing = None;
+        if low <= expected && !self.repaired {
+            self.repaired = true;
+            return GapPlan::Reread { from: low };
+        }
+        let resume = found.unwrap_or(low).max(low);
+        GapPlan::GiveUp {
+            resume,
+            lost: (resume - expected).max(0),
+        }
+    }
+}
+
 /// How long a partition that has not reported its end must be silent before the end
 /// check asks the broker for its watermarks. Each such query waits behind the pending
 /// long-poll fetch on the broker's connection (up to `fetch.wait.max.ms`), so asking
@@ -501,5 +541,108 @@ mod tests {
         assert!(parts.buffer.flush_due(&by_age), "by age");
         parts.buffer.clear();
         assert!(!parts.buffer.flush_due(&by_age));
+    }
+
+    /// Positions partition 0 at `offset` as the gap handling does.
+    fn reposition(parts: &mut Parts, offset: i64, watch_first: bool) {
+        let state = parts.partitions.get_mut(&0).expect("partition 0 assigned");
+        state.next = Some(offset);
+        state.expect_first = watch_first.then(|| (offset, Instant::now()));
+    }
+
+    #[test]
+    fn a_gap_of_offsets_without_records_is_probed_once_and_read_on() {
+        let mut parts = Parts::new();
+        parts.assign(Some(9), Some(9));
+        // Asked for 10, came 14 (10–13 are transaction markers).
+        parts.take(0, 14, &event(14));
+        let gap = parts.gaps.remove(0);
+        let state = parts.partitions.get_mut(&0).expect("assigned");
+        let plan = state.plan_gap(gap.expected, gap.found, 0);
+        assert_eq!(plan, GapPlan::Probe { before: 9 });
+        assert_eq!(state.probing, Some((10, 14)));
+        reposition(&mut parts, 9, true);
+        // The record before the gap comes where asked: a replay, and the broker serves
+        // exact offsets, so reading on from it loses nothing.
+        parts.take(0, 9, &event(9));
+        parts.take(0, 14, &event(14));
+        assert!(parts.gaps.is_empty());
+        assert_eq!(parts.partitions[&0].probing, None);
+        assert_eq!(parts.report.replayed, 1);
+        assert_eq!(parts.buffered(), (1, 0));
+        assert_eq!(parts.partitions[&0].first_buffered, Some(14));
+    }
+
+    #[test]
+    fn a_broker_that_skips_records_is_read_again_from_the_start_once() {
+        let mut parts = Parts::new();
+        parts.assign(Some(9), Some(9));
+        parts.take(0, 14, &event(14));
+        let gap = parts.gaps.remove(0);
+        let state = parts.partitions.get_mut(&0).expect("assigned");
+        assert_eq!(
+            state.plan_gap(gap.expected, gap.found, 0),
+            GapPlan::Probe { before: 9 }
+        );
+        reposition(&mut parts, 9, true);
+        // The probe's record does not come either: the broker skips records it holds.
+        parts.take(0, 14, &event(14));
+        let gap = parts.gaps.remove(0);
+        assert_eq!((gap.expected, gap.found), (9, Some(14)));
+        let state = parts.partitions.get_mut(&0).expect("assigned");
+        assert_eq!(
+            state.plan_gap(gap.expected, gap.found, 0),
+            GapPlan::Reread { from: 0 }
+        );
+        assert!(state.repaired && state.probing.is_none());
+        // Re-read from the start, unwatched: what the lake holds are replays, the rest
+        // (10–13 included) is buffered.
+        reposition(&mut parts, 0, false);
+        for offset in 0..=14 {
+            parts.take(0, offset, &event(offset));
+        }
+        assert!(parts.gaps.is_empty());
+        assert_eq!(parts.report.replayed, 10);
+        assert_eq!(parts.buffered(), (5, 0));
+        // A later gap in the same partition is not re-read again (never loop on it).
+        let state = parts.partitions.get_mut(&0).expect("assigned");
+        assert_eq!(
+            state.plan_gap(20, Some(25), 0),
+            GapPlan::GiveUp {
+                resume: 25,
+                lost: 5
+            }
+        );
+    }
+
+    #[test]
+    fn records_gone_from_the_broker_are_given_up_and_counted() {
+        let mut parts = Parts::new();
+        parts.assign(Some(9), Some(9));
+        // Retention removed everything before 30: asked for 10, came 30.
+        parts.take(0, 30, &event(30));
+        let gap = parts.gaps.remove(0);
+        let state = parts.partitions.get_mut(&0).expect("assigned");
+        // No probe (the record before the gap is gone too) and no re-read (the start
+        // is past the gap): 20 records are lost, reported, and reading goes on at 30.
+        assert_eq!(
+            state.plan_gap(gap.expected, gap.found, 30),
+            GapPlan::GiveUp {
+                resume: 30,
+                lost: 20
+            }
+        );
+        // Nothing came at all after the asked offset, and the log starts past it.
+        assert_eq!(
+            state.plan_gap(10, None, 12),
+            GapPlan::GiveUp {
+                resume: 12,
+                lost: 2
+            }
+        );
+        // With the start exactly at the asked offset, there is no record before it to
+        // probe: the partition is read again from its start.
+        let mut fresh = PartitionState::starting_at(Bases::default());
+        assert_eq!(fresh.plan_gap(0, Some(4), 0), GapPlan::Reread { from: 0 });
     }
 }

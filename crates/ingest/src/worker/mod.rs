@@ -312,39 +312,9 @@ pub fn run_worker(
     handle: Handle,
     stop: Arc<AtomicBool>,
 ) -> Result<IngestReport> {
-    let config = &options.config;
-    config
-        .validate()
-        .map_err(|problems| Error::Config(problems.join("; ")))?;
-    let calendars = config
-        .calendars()
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let lake = Lake::new(&config.lake.url, &config.lake.storage)?;
-    let identity = topic_identity(&config.kafka.topic);
-    let sink = handle.block_on(async {
-        let mut sink = Sink {
-            events: OffsetWriter::new(&lake, &POS_EVENTS, &config.pipeline.name).await?,
-            dead_letters: OffsetWriter::new(&lake, &DEAD_LETTERS, &config.pipeline.name).await?,
-        };
-        // Offsets of another topic would skip this one's records as "replayed".
-        for writer in [&mut sink.events, &mut sink.dead_letters] {
-            if let Some(recorded) = writer.recorded_source().await?
-                && recorded != identity
-            {
-                return Err(Error::Config(format!(
-                    "the lake's offsets of pipeline {:?} were recorded from another topic than \
-                     {:?} (see pos_events.kafka_topic): a renamed, recreated or failed-over \
-                     topic starts at offsets of its own, and reading it on those offsets would \
-                     skip its records. Give it a pipeline name of its own ([pipeline] name in \
-                     the pipeline file), or read the topic those offsets belong to",
-                    config.pipeline.name, config.kafka.topic
-                )));
-            }
-            writer.set_source(identity);
-        }
-        Ok::<_, Error>(sink)
-    })?;
-    let sink = Arc::new(Mutex::new(sink));
+    let mut state = State::open(options, handle.clone())?;
+    let config = &state.options.config;
+    let sink = state.sink.clone();
     // Unique per worker: the group check finds this worker's member by it.
     let client_id = format!(
         "streetflow-ingest-{}-{}",
@@ -365,7 +335,7 @@ pub fn run_worker(
     consumer
         .subscribe(&[&config.kafka.topic])
         .map_err(Error::kafka(format!("subscribe to {}", config.kafka.topic)))?;
-    let dlq = match &config.kafka.dlq_topic {
+    state.dlq = match &config.kafka.dlq_topic {
         Some(topic) => {
             let producer_config = client_config(
                 &config.kafka.brokers,
@@ -382,7 +352,7 @@ pub fn run_worker(
     tracing::info!(
         topic = %config.kafka.topic,
         group = %config.kafka.group,
-        lake = %lake.root(),
+        lake = %state.lake.root(),
         pipeline = %config.pipeline.name,
         "ingest worker started"
     );
@@ -398,23 +368,7 @@ pub fn run_worker(
         records_follow_at: None,
         moved_back_probe: BTreeMap::new(),
         record_seen_at: BTreeMap::new(),
-        state: State {
-            topic: config.kafka.topic.clone(),
-            appender: RowAppender::new(config.decode_options(), calendars),
-            lake,
-            dlq,
-            handle,
-            sink,
-            partitions: BTreeMap::new(),
-            buffer: Buffer::default(),
-            report: IngestReport::default(),
-            failed: None,
-            ever_assigned: false,
-            assignments: 0,
-            gaps: Vec::new(),
-            last_after_commit: Instant::now(),
-            options,
-        },
+        state,
     };
     worker.run(&stop)?;
     Ok(worker.state.report)
@@ -579,6 +533,61 @@ impl Worker {
 }
 
 impl State {
+    /// Opens the lake and the bronze writers for a worker of `options`' pipeline, with
+    /// nothing assigned yet and no DLQ producer.
+    fn open(options: IngestOptions, handle: Handle) -> Result<Self> {
+        let config = &options.config;
+        config
+            .validate()
+            .map_err(|problems| Error::Config(problems.join("; ")))?;
+        let calendars = config
+            .calendars()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let lake = Lake::new(&config.lake.url, &config.lake.storage)?;
+        let identity = topic_identity(&config.kafka.topic);
+        let sink = handle.block_on(async {
+            let mut sink = Sink {
+                events: OffsetWriter::new(&lake, &POS_EVENTS, &config.pipeline.name).await?,
+                dead_letters: OffsetWriter::new(&lake, &DEAD_LETTERS, &config.pipeline.name)
+                    .await?,
+            };
+            // Offsets of another topic would skip this one's records as "replayed".
+            for writer in [&mut sink.events, &mut sink.dead_letters] {
+                if let Some(recorded) = writer.recorded_source().await?
+                    && recorded != identity
+                {
+                    return Err(Error::Config(format!(
+                        "the lake's offsets of pipeline {:?} were recorded from another topic than \
+                         {:?} (see pos_events.kafka_topic): a renamed, recreated or failed-over \
+                         topic starts at offsets of its own, and reading it on those offsets would \
+                         skip its records. Give it a pipeline name of its own ([pipeline] name in \
+                         the pipeline file), or read the topic those offsets belong to",
+                        config.pipeline.name, config.kafka.topic
+                    )));
+                }
+                writer.set_source(identity);
+            }
+            Ok::<_, Error>(sink)
+        })?;
+        Ok(Self {
+            topic: config.kafka.topic.clone(),
+            appender: RowAppender::new(config.decode_options(), calendars),
+            lake,
+            dlq: None,
+            handle,
+            sink: Arc::new(Mutex::new(sink)),
+            partitions: BTreeMap::new(),
+            buffer: Buffer::default(),
+            report: IngestReport::default(),
+            failed: None,
+            ever_assigned: false,
+            assignments: 0,
+            gaps: Vec::new(),
+            last_after_commit: Instant::now(),
+            options,
+        })
+    }
+
     fn apply_rebalances(&mut self, events: Vec<RebalanceEvent>) {
         for event in events {
             match event {

@@ -254,49 +254,40 @@ impl Worker {
                 continue;
             };
             // A first record later than asked: offsets without records (a transactional
-            // producer's markers) look the same as records a broker skipped. Ask for the
-            // record before, which the lake holds: a broker that serves it serves exact
-            // offsets, and nothing needs re-reading (costs one record, not the partition).
-            let before = expected - 1;
-            if let Some(found) = found
-                && state.probing.is_none()
-                && !state.repaired
-                && before >= low
-            {
-                state.probing = Some((expected, found));
-                self.reposition(partition, before, true)?;
-                continue;
-            }
-            // The probe's record did not come either: the broker skips records.
-            let probed = state.probing.take();
-            let restart = if low <= expected && !state.repaired {
-                tracing::warn!(
-                    partition,
-                    expected,
-                    ?found,
-                    ?probed,
-                    low,
-                    "the broker skipped records it holds; re-reading the partition from its start"
-                );
-                state.repaired = true;
-                metrics::counter!(names::OFFSET_GAPS, "outcome" => "repaired").increment(1);
-                self.state.report.gaps_repaired += 1;
-                low
-            } else {
-                let resume = found.unwrap_or(low).max(low);
-                let lost = (resume - expected).max(0);
-                tracing::error!(
-                    partition,
-                    expected,
-                    ?found,
-                    low,
-                    lost,
-                    "records are gone from the broker before they were read (retention?); continuing after them"
-                );
-                metrics::counter!(names::OFFSET_GAPS, "outcome" => "lost").increment(1);
-                metrics::counter!(names::RECORDS_LOST).increment(lost as u64);
-                self.state.report.records_lost_on_broker += lost as u64;
-                resume
+            // producer's markers) look the same as records a broker skipped.
+            let probed = state.probing;
+            let restart = match state.plan_gap(expected, found, low) {
+                GapPlan::Probe { before } => {
+                    self.reposition(partition, before, true)?;
+                    continue;
+                }
+                GapPlan::Reread { from } => {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        ?found,
+                        ?probed,
+                        low,
+                        "the broker skipped records it holds; re-reading the partition from its start"
+                    );
+                    metrics::counter!(names::OFFSET_GAPS, "outcome" => "repaired").increment(1);
+                    self.state.report.gaps_repaired += 1;
+                    from
+                }
+                GapPlan::GiveUp { resume, lost } => {
+                    tracing::error!(
+                        partition,
+                        expected,
+                        ?found,
+                        low,
+                        lost,
+                        "records are gone from the broker before they were read (retention?); continuing after them"
+                    );
+                    metrics::counter!(names::OFFSET_GAPS, "outcome" => "lost").increment(1);
+                    metrics::counter!(names::RECORDS_LOST).increment(lost as u64);
+                    self.state.report.records_lost_on_broker += lost as u64;
+                    resume
+                }
             };
             // A re-read from before the asked offset is the worker's own move back: its
             // first records are replays, not a position the broker moved back (taken for
